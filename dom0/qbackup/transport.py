@@ -1,0 +1,147 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Byte streams from dom0 to the qubes.BackupChunk service (PROTOCOL §1).
+
+A Transport is a plain bidirectional byte stream; proto.Session speaks the
+protocol over it. Two kinds exist:
+
+- ProcessTransport: the stdin/stdout pipes of a process that carries the
+  qrexec call. `qrexec()` starts `qrexec-client` itself, which needs nothing
+  beyond the Qubes dom0 tools; the qubes adapter may instead wrap the Popen
+  that qubesadmin's `run_service(..., filter_esc=False)` returns (that one can
+  also start the backup qube first). Either way this module never imports
+  qubesadmin.
+- SocketTransport: a Unix socket, used by the simulation and the tests.
+  `unix_socket()` connects to the daemon's socket and writes the qrexec
+  header itself, as qrexec-agent would.
+"""
+
+import abc
+import re
+import socket
+import subprocess
+
+from .errors import QbackupError
+
+SERVICE = "qubes.BackupChunk"
+REPO_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+# Qubes qube names (qubes/vm/__init__.py validate_name), at most 31 characters.
+QUBE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
+MAX_HEADER = 256
+
+
+def check_repo_name(repo: str) -> str:
+    """Return `repo` if it is a valid repository name (PROTOCOL §1), else raise."""
+    if not REPO_NAME_RE.fullmatch(repo) or ".." in repo:
+        raise QbackupError(f"invalid repository name {repo!r}: use letters, digits, "
+                           "'_', '.', '-' (at most 64, no '..')")
+    return repo
+
+
+class Transport(abc.ABC):
+    """A bidirectional byte stream to the backup qube's service."""
+
+    @abc.abstractmethod
+    def read(self, n: int) -> bytes:
+        """Up to `n` bytes (at least one), b"" at end of stream."""
+
+    @abc.abstractmethod
+    def write(self, data: bytes) -> None:
+        """Write all of `data`."""
+
+    @abc.abstractmethod
+    def close_write(self) -> None:
+        """Signal end of input to the service (half-close)."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Tear the stream down now, waking any thread blocked in read/write."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the stream (waits for a carrying process to exit)."""
+
+
+class SocketTransport(Transport):
+    """A connected stream socket."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+
+    def read(self, n: int) -> bytes:
+        return self._sock.recv(n)
+
+    def write(self, data: bytes) -> None:
+        self._sock.sendall(data)
+
+    def close_write(self) -> None:
+        self._sock.shutdown(socket.SHUT_WR)
+
+    def abort(self) -> None:
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # already shut down or never connected: nothing to wake
+
+    def close(self) -> None:
+        self.abort()
+        self._sock.close()
+
+
+class ProcessTransport(Transport):
+    """The stdin/stdout pipes (binary) of a process carrying the call."""
+
+    def __init__(self, popen: subprocess.Popen):
+        if popen.stdin is None or popen.stdout is None:
+            raise ValueError("ProcessTransport needs a Popen with stdin and stdout pipes")
+        self._proc = popen
+
+    def read(self, n: int) -> bytes:
+        return self._proc.stdout.read(n)
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while len(view):
+            view = view[self._proc.stdin.write(view):]
+        self._proc.stdin.flush()
+
+    def close_write(self) -> None:
+        self._proc.stdin.close()
+
+    def abort(self) -> None:
+        self._proc.kill()
+
+    def close(self) -> None:
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            try:
+                pipe.close()
+            except OSError:
+                pass  # unflushed data to a dead process: nothing more to do
+        self._proc.wait()
+
+
+def qrexec(backup_vm: str, repo: str) -> Transport:
+    """Call qubes.BackupChunk+REPO in `backup_vm` with qrexec-client (real dom0).
+
+    The qube must be running: qrexec-client does not start it.
+    """
+    if not QUBE_NAME_RE.fullmatch(backup_vm):
+        raise QbackupError(f"invalid qube name {backup_vm!r}")
+    call = f"DEFAULT:QUBESRPC {SERVICE}+{check_repo_name(repo)} dom0"
+    proc = subprocess.Popen(["qrexec-client", "-d", backup_vm, call],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    return ProcessTransport(proc)
+
+
+def unix_socket(path: str, repo: str, source: str = "dom0") -> Transport:
+    """Connect to the daemon's socket and send the qrexec header (simulation)."""
+    header = f"{SERVICE}+{check_repo_name(repo)} {source}\0".encode()
+    if not source.isprintable() or " " in source or len(header) > MAX_HEADER:
+        raise ValueError(f"invalid source name {source!r}")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+        sock.sendall(header)
+    except OSError as exc:
+        sock.close()
+        raise QbackupError(f"cannot connect to {path}: {exc.strerror or exc}") from exc
+    return SocketTransport(sock)
