@@ -1,0 +1,176 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The simulated dom0's qube inventory (`inventory.json` in a sim directory).
+
+Format (JSON object):
+
+    {"backup_vm": "backup",
+     "qubes": {NAME: {"class": "AppVM", "label": "red", "template": "fedora",
+                      "netvm": "sys-firewall", "properties": {...},
+                      "features": {...}, "tags": [...],
+                      "volumes": {VOL: {"pool": "varlibqubes", "size": BYTES,
+                                        "path": "volumes/NAME/VOL.img",
+                                        "rw": true, "save_on_stop": true,
+                                        "snap_on_start": false,
+                                        "revisions_to_keep": 1}}}}}
+
+`label`, `template` and `netvm` are optional and join `properties`; volume
+paths are relative to the sim directory. `create_sim` writes a new sim
+directory with sparse (all-zero) image files of the given sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from qbackup.errors import QbackupError
+from qbackup.qubes import QubeInfo, VolumeInfo, restorable_properties
+
+INVENTORY = "inventory.json"
+CLASSES = ("AppVM", "TemplateVM", "StandaloneVM", "DispVM", "DispVMTemplate")
+_QUBE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
+_VOLUME_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
+_TOP_PROPERTIES = ("label", "template", "netvm")
+
+
+class SimError(QbackupError):
+    """A problem with the simulated dom0 (inventory, images, daemon)."""
+
+
+def _check(condition: bool, where: str, what: str) -> None:
+    if not condition:
+        raise SimError(f"sim inventory: {where}: {what}")
+
+
+def _volume_defaults(klass: str, volume: str) -> dict[str, Any]:
+    """Volume flags as Qubes sets them for a qube of class `klass`."""
+    own = volume == "private" or (volume == "root" and klass in ("TemplateVM", "StandaloneVM"))
+    return {"pool": "varlibqubes", "rw": volume != "root" or own,
+            "save_on_stop": own, "snap_on_start": volume == "root" and not own,
+            "revisions_to_keep": 1 if own else 0}
+
+
+def create_sim(directory: str | os.PathLike, qubes: dict[str, dict[str, Any]],
+               backup_vm: str = "backup") -> Path:
+    """Create a sim directory holding `qubes` and the backup qube.
+
+    Each qube is `{"class": ..., optional label/template/netvm/properties/
+    features/tags, "volumes": {VOL: SIZE or full volume dict}}`; volume
+    flags default to what Qubes uses for that class. Image files are created
+    sparse (all zeros). The backup qube is added as an AppVM if not listed.
+    """
+    root = Path(directory).absolute()
+    if (root / INVENTORY).exists():
+        raise SimError(f"{root} already holds a sim")
+    qubes = dict(qubes)
+    qubes.setdefault(backup_vm, {"class": "AppVM", "label": "black",
+                                 "volumes": {"private": 1 << 20}})
+    inventory: dict[str, Any] = {"backup_vm": backup_vm, "qubes": {}}
+    for name, spec in qubes.items():
+        entry = {k: v for k, v in spec.items() if k != "volumes"}
+        entry["volumes"] = {}
+        for vol, value in spec.get("volumes", {}).items():
+            settings = _volume_defaults(spec.get("class", ""), vol)
+            settings.update(value if isinstance(value, dict) else {"size": value})
+            settings.setdefault("path", f"volumes/{name}/{vol}.img")
+            entry["volumes"][vol] = settings
+        inventory["qubes"][name] = entry
+    _validate(inventory)
+    root.mkdir(parents=True, exist_ok=True)
+    for entry in inventory["qubes"].values():
+        for vol in entry["volumes"].values():
+            image = root / vol["path"]
+            image.parent.mkdir(parents=True, exist_ok=True)
+            with open(image, "wb") as f:
+                f.truncate(vol["size"])
+    (root / "storage").mkdir(exist_ok=True)
+    save_inventory(root, inventory)
+    return root
+
+
+def save_inventory(directory: str | os.PathLike, inventory: dict[str, Any]) -> None:
+    """Validate and atomically write `inventory` into `directory`."""
+    _validate(inventory)
+    path = Path(directory) / INVENTORY
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(inventory, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def load_inventory(directory: str | os.PathLike) -> dict[str, Any]:
+    """The validated inventory of the sim in `directory`."""
+    path = Path(directory) / INVENTORY
+    try:
+        inventory = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SimError(f"{directory} is not a sim directory (no {INVENTORY}); "
+                       f"create one with: python -m qbackup_sim create DIR") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SimError(f"cannot read {path}: {e}") from None
+    _validate(inventory)
+    return inventory
+
+
+def _validate(inventory: Any) -> None:
+    _check(isinstance(inventory, dict), "top level", "not an object")
+    _check(set(inventory) == {"backup_vm", "qubes"}, "top level",
+           "needs exactly the keys backup_vm and qubes")
+    _check(isinstance(inventory["qubes"], dict), "qubes", "not an object")
+    for name, qube in inventory["qubes"].items():
+        _validate_qube(name, qube)
+    _check(isinstance(inventory["backup_vm"], str)
+           and inventory["backup_vm"] in inventory["qubes"], "backup_vm",
+           f"{inventory['backup_vm']!r} is not a qube of the inventory")
+
+
+def _validate_qube(name: str, qube: Any) -> None:
+    _check(bool(_QUBE_NAME.fullmatch(name)), repr(name), "invalid qube name")
+    _check(isinstance(qube, dict), name, "not an object")
+    allowed = {"class", "volumes", "properties", "features", "tags", *_TOP_PROPERTIES}
+    _check(set(qube) <= allowed, name, f"unknown keys {sorted(set(qube) - allowed)}")
+    _check(qube.get("class") in CLASSES, name, f"class must be one of {', '.join(CLASSES)}")
+    _check(isinstance(qube.get("properties", {}), dict), name, "properties not an object")
+    features = qube.get("features", {})
+    _check(isinstance(features, dict) and all(isinstance(v, str) for v in features.values()),
+           name, "features must map names to strings")
+    tags = qube.get("tags", [])
+    _check(isinstance(tags, list) and all(isinstance(t, str) for t in tags),
+           name, "tags must be a list of strings")
+    volumes = qube.get("volumes", {})
+    _check(isinstance(volumes, dict), name, "volumes not an object")
+    for vol, settings in volumes.items():
+        where = f"{name}.{vol}"
+        _check(bool(_VOLUME_NAME.fullmatch(vol)), where, "invalid volume name")
+        _check(isinstance(settings, dict), where, "not an object")
+        expected = {"pool": str, "size": int, "path": str, "rw": bool,
+                    "save_on_stop": bool, "snap_on_start": bool, "revisions_to_keep": int}
+        _check(set(settings) == set(expected), where,
+               f"needs exactly the keys {', '.join(sorted(expected))}")
+        for key, kind in expected.items():
+            _check(type(settings[key]) is kind, where, f"{key} must be {kind.__name__}")
+        _check(settings["size"] >= 0, where, "negative size")
+
+
+def qube_infos(directory: str | os.PathLike, inventory: dict[str, Any]) -> list[QubeInfo]:
+    """The inventory's qubes as the client sees them (derived properties
+    dropped, volume paths made absolute)."""
+    root = Path(directory).absolute()
+    qubes = []
+    for name, qube in sorted(inventory["qubes"].items()):
+        properties = dict(qube.get("properties", {}))
+        properties.update({k: qube[k] for k in _TOP_PROPERTIES if k in qube})
+        volumes = {
+            vol: VolumeInfo(name=vol, pool=s["pool"], size=s["size"],
+                            path=str(root / s["path"]), rw=s["rw"],
+                            save_on_stop=s["save_on_stop"],
+                            snap_on_start=s["snap_on_start"],
+                            revisions_to_keep=s["revisions_to_keep"])
+            for vol, s in sorted(qube.get("volumes", {}).items())}
+        qubes.append(QubeInfo(name=name, klass=qube["class"],
+                              properties=restorable_properties(properties),
+                              features=dict(qube.get("features", {})),
+                              tags=sorted(qube.get("tags", [])), volumes=volumes))
+    return qubes
