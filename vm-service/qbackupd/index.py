@@ -1,0 +1,198 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""SQLite (WAL) index of a repository's sealed packs.
+
+Maps blob id -> (pack, offset, length, type) and keeps each blob's clear ref
+list, on disk so memory stays bounded for millions of blobs.  The index is
+derived data: it only ever names sealed, fsynced packs, and it can be rebuilt
+from the pack trailers at any time.  A missing, unreadable or incomplete
+index is reported as ``IndexUnusable`` so the caller can rebuild it; the
+``format`` row in ``meta`` is written last, so an interrupted rebuild is
+incomplete, never half-trusted.  Schema: docs/FORMAT.md.
+"""
+
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from .pack import Entry
+
+INDEX_FORMAT = 1
+_QUERY_CHUNK = 500  # ids per "IN (...)" query
+_CACHE_KIB = 32768  # SQLite page cache per connection (an upper bound, filled lazily)
+
+_SCHEMA = """
+BEGIN;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE packs (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, size INTEGER NOT NULL);
+CREATE TABLE blobs (
+    id BLOB PRIMARY KEY, pack INTEGER NOT NULL, pos INTEGER NOT NULL,
+    length INTEGER NOT NULL, type INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX blobs_by_pack ON blobs (pack);
+CREATE TABLE refs (id BLOB PRIMARY KEY, refs BLOB NOT NULL) WITHOUT ROWID;
+COMMIT;
+"""
+
+
+class IndexUnusable(Exception):
+    """The index is missing, not a database, damaged, incomplete or of another format."""
+
+
+def is_corruption(e: sqlite3.Error) -> bool:
+    """True if SQLite says the file is damaged or not a database."""
+    code = getattr(e, "sqlite_errorcode", 0) & 0xFF
+    return code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _connect(path: Path, create: bool) -> sqlite3.Connection:
+    uri = path.resolve().as_uri() + ("?mode=rwc" if create else "?mode=rw")
+    conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
+    try:
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+class Index:
+    """One connection to a repository's index (used by one thread at a time)."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+
+    @classmethod
+    def open(cls, path: Path) -> "Index":
+        """Open an existing, complete index, or raise ``IndexUnusable``."""
+        if not path.exists():
+            raise IndexUnusable("missing")
+        try:
+            conn = _connect(path, create=False)
+        except sqlite3.Error as e:
+            if is_corruption(e):
+                raise IndexUnusable(f"unreadable ({e})") from e
+            raise
+        try:
+            row = None
+            if conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone():
+                row = conn.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        except sqlite3.Error as e:
+            conn.close()
+            if is_corruption(e):
+                raise IndexUnusable(f"unreadable ({e})") from e
+            raise
+        if row is None or row[0] != INDEX_FORMAT:
+            conn.close()
+            raise IndexUnusable("incomplete" if row is None else f"unknown index format {row[0]!a}")
+        return cls(conn)
+
+    @classmethod
+    def create(cls, path: Path) -> "Index":
+        """Replace whatever is at ``path`` by an empty, not yet complete index."""
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        conn = _connect(path, create=True)
+        try:
+            conn.executescript(_SCHEMA)
+        except BaseException:
+            conn.close()
+            raise
+        return cls(conn)
+
+    def mark_complete(self) -> None:
+        """Record that every pack has been added (last step of a build)."""
+        self._conn.execute("INSERT INTO meta (key, value) VALUES ('format', ?)", (INDEX_FORMAT,))
+
+    def quick_check(self) -> str | None:
+        """SQLite's own consistency check: None if fine, else what is wrong."""
+        try:
+            rows = self._conn.execute("PRAGMA quick_check(3)").fetchall()
+        except sqlite3.DatabaseError as e:
+            if is_corruption(e):
+                return str(e)
+            raise
+        result = "; ".join(str(r[0]) for r in rows)
+        return None if result == "ok" else result
+
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass  # the original error says more; SQLite rolls back on close anyway
+            raise
+        self._conn.execute("COMMIT")
+
+    def add_pack(self, name: str, size: int, entries: Sequence[Entry]) -> int:
+        """Insert a sealed pack and its blobs in one transaction.
+
+        An id already indexed (in another pack) keeps its first location.
+        Returns the number of blobs newly indexed.  Rows go in id order: the
+        B-tree is then walked once instead of at random.
+        """
+        entries = sorted(entries, key=lambda e: e.id)
+        with self._transaction():
+            pack = self._conn.execute("INSERT INTO packs (name, size) VALUES (?, ?)", (name, size)).lastrowid
+            before = self._conn.total_changes
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO blobs (id, pack, pos, length, type) VALUES (?, ?, ?, ?, ?)",
+                ((e.id, pack, e.offset, e.length, e.type) for e in entries),
+            )
+            added = self._conn.total_changes - before
+            self._conn.executemany(
+                "INSERT OR IGNORE INTO refs (id, refs) VALUES (?, ?)",
+                ((e.id, e.refs) for e in entries if e.refs),
+            )
+        return added
+
+    def lookup(self, id: bytes) -> tuple[str, int, int, int] | None:
+        """(pack name, record offset, data length, type) of a blob, or None."""
+        return self._conn.execute(
+            "SELECT p.name, b.pos, b.length, b.type FROM blobs AS b JOIN packs AS p ON p.id = b.pack"
+            " WHERE b.id = ?",
+            (id,),
+        ).fetchone()
+
+    def missing(self, ids: Sequence[bytes]) -> list[int]:
+        """Indexes (ascending) into ``ids`` of the ids not indexed."""
+        found: set[bytes] = set()
+        for start in range(0, len(ids), _QUERY_CHUNK):
+            chunk = ids[start : start + _QUERY_CHUNK]
+            query = f"SELECT id FROM blobs WHERE id IN ({','.join('?' * len(chunk))})"
+            found.update(row[0] for row in self._conn.execute(query, chunk))
+        return [i for i, id in enumerate(ids) if id not in found]
+
+    def packs(self) -> dict[str, int]:
+        """Every indexed pack: name -> file size."""
+        return dict(self._conn.execute("SELECT name, size FROM packs"))
+
+    def has_pack(self, name: str) -> bool:
+        return self._conn.execute("SELECT 1 FROM packs WHERE name = ?", (name,)).fetchone() is not None
+
+    def pack_entries(self, name: str) -> dict[bytes, tuple[int, int, int]]:
+        """The blobs indexed in one pack: id -> (record offset, data length, type)."""
+        rows = self._conn.execute(
+            "SELECT b.id, b.pos, b.length, b.type FROM blobs AS b JOIN packs AS p ON p.id = b.pack"
+            " WHERE p.name = ?",
+            (name,),
+        )
+        return {row[0]: tuple(row[1:]) for row in rows}
+
+    def iter_refs(self) -> Iterator[tuple[bytes, bytes]]:
+        """(id, concatenated refs) of every indexed blob that has refs."""
+        return iter(self._conn.execute("SELECT id, refs FROM refs"))
+
+    def stats(self) -> dict:
+        packs, pack_bytes = self._conn.execute("SELECT count(*), total(size) FROM packs").fetchone()
+        blobs, data_bytes = self._conn.execute("SELECT count(*), total(length) FROM blobs").fetchone()
+        return {"packs": packs, "pack_bytes": int(pack_bytes), "blobs": blobs, "bytes": int(data_bytes)}
+
+    def close(self) -> None:
+        self._conn.close()
