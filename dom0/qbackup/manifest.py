@@ -1,0 +1,173 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Snapshot manifest: what one backup holds, as a msgpack map (format 1).
+
+The manifest names its repository, its own id, time, host and predecessor,
+the chunk size, and per qube its settings (class, properties, features, tags,
+optional extra metadata) and per volume its size and chunk map root. It is
+sealed with crypto.seal_snapshot; decode() runs on authenticated plaintext
+only and still checks every type and bound. See docs/SNAPSHOTS.md.
+"""
+
+import math
+import re
+from dataclasses import dataclass
+
+import msgpack
+
+from qbackup.chunkmap import ID_SIZE, MAX_DEPTH, depth_for
+from qbackup.errors import IntegrityError, QbackupError, RollbackError
+
+FORMAT = "qbackup-manifest"
+VERSION = 1
+MAX_VALUE_DEPTH = 8
+MAX_SIZE = 1 << 62
+QUBE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
+VOLUME_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
+EXTRA_KEY = re.compile(r"[a-z][a-z0-9_]{0,31}")
+QUBE_KEYS = {"class", "properties", "features", "tags", "volumes"}
+VOLUME_KEYS = {"size", "chunks", "root", "depth", "settings"}
+TOP_KEYS = {"format", "version", "repo_id", "snapshot_id", "time", "host", "predecessor",
+            "chunk_size", "qubes"}
+
+
+@dataclass
+class Manifest:
+    repo_id: bytes
+    snapshot_id: bytes
+    time: float
+    host: str
+    predecessor: bytes | None
+    chunk_size: int
+    qubes: dict  # qube name -> {class, properties, features, tags, volumes, ...} (docs/SNAPSHOTS.md §3)
+
+
+class _Invalid(Exception):
+    pass
+
+
+def _check(cond: bool, what: str) -> None:
+    if not cond:
+        raise _Invalid(what)
+
+
+def _check_value(value, where: str, depth: int = 0) -> None:
+    """A generic metadata value: scalars, lists and str-keyed maps, bounded depth."""
+    _check(depth <= MAX_VALUE_DEPTH, f"{where} is nested too deeply")
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return
+    if isinstance(value, int):
+        _check(-(1 << 63) <= value < (1 << 64), f"{where} is out of range")
+    elif isinstance(value, float):
+        _check(math.isfinite(value), f"{where} is not finite")
+    elif isinstance(value, list):
+        for item in value:
+            _check_value(item, where, depth + 1)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check(isinstance(key, str), f"{where} has a non-string key")
+            _check_value(item, f"{where}.{key}", depth + 1)
+    else:
+        raise _Invalid(f"{where} has a value of type {type(value).__name__}")
+
+
+def _check_map(value, where: str) -> None:
+    _check(isinstance(value, dict), f"{where} is not a map")
+    _check_value(value, where)
+
+
+def _check_int(value, low: int, high: int, where: str) -> None:
+    _check(isinstance(value, int) and not isinstance(value, bool) and low <= value <= high,
+           f"{where} is not an integer in {low}..{high}")
+
+
+def _check_id(value, where: str) -> None:
+    _check(isinstance(value, bytes) and len(value) == ID_SIZE, f"{where} is not a {ID_SIZE}-byte id")
+
+
+def _check_volume(vol: dict, where: str, chunk_size: int) -> None:
+    _check(isinstance(vol, dict) and set(vol) == VOLUME_KEYS, f"{where} does not have exactly {sorted(VOLUME_KEYS)}")
+    _check_int(vol["size"], 0, MAX_SIZE, f"{where}.size")
+    _check(vol["chunks"] == -(-vol["size"] // chunk_size), f"{where}.chunks does not match its size")
+    _check_int(vol["depth"], 1, MAX_DEPTH, f"{where}.depth")
+    _check(vol["depth"] == depth_for(vol["chunks"]), f"{where}.depth does not match its chunk count")
+    _check_id(vol["root"], f"{where}.root")
+    _check_map(vol["settings"], f"{where}.settings")
+
+
+def _check_qube(qube: dict, where: str, chunk_size: int) -> None:
+    _check(isinstance(qube, dict) and QUBE_KEYS <= set(qube), f"{where} lacks one of {sorted(QUBE_KEYS)}")
+    _check(isinstance(qube["class"], str) and qube["class"].isidentifier(), f"{where}.class is not a class name")
+    _check_map(qube["properties"], f"{where}.properties")
+    _check_map(qube["features"], f"{where}.features")
+    _check(isinstance(qube["tags"], list) and all(isinstance(t, str) for t in qube["tags"]),
+           f"{where}.tags is not a list of strings")
+    _check(isinstance(qube["volumes"], dict), f"{where}.volumes is not a map")
+    for name, vol in qube["volumes"].items():
+        _check(isinstance(name, str) and VOLUME_NAME.fullmatch(name) is not None, f"{where} has a bad volume name")
+        _check_volume(vol, f"{where}.volumes.{name}", chunk_size)
+    for key in set(qube) - QUBE_KEYS:
+        _check(isinstance(key, str) and EXTRA_KEY.fullmatch(key) is not None, f"{where} has a bad key")
+        _check_value(qube[key], f"{where}.{key}")
+
+
+def _check_qubes(qubes: dict, chunk_size: int) -> None:
+    _check(isinstance(qubes, dict), "qubes is not a map")
+    for name, qube in qubes.items():
+        _check(isinstance(name, str) and QUBE_NAME.fullmatch(name) is not None, "a qube has a bad name")
+        _check_qube(qube, f"qube {name}", chunk_size)
+
+
+def check_qubes(qubes: dict, chunk_size: int) -> None:
+    """Raise QbackupError unless `qubes` is valid manifest content (our own input)."""
+    try:
+        _check_qubes(qubes, chunk_size)
+    except _Invalid as e:
+        raise QbackupError(f"invalid qube metadata: {e}") from None
+
+
+def _to_map(m: Manifest) -> dict:
+    return {"format": FORMAT, "version": VERSION, "repo_id": m.repo_id, "snapshot_id": m.snapshot_id,
+            "time": m.time, "host": m.host, "predecessor": m.predecessor, "chunk_size": m.chunk_size,
+            "qubes": m.qubes}
+
+
+def _check_manifest(doc, repo_id: bytes, snapshot_id: bytes, chunk_size: int) -> None:
+    _check(isinstance(doc, dict) and set(doc) == TOP_KEYS, "manifest does not have exactly the format 1 fields")
+    _check(doc["format"] == FORMAT and doc["version"] == VERSION, "manifest is not format 1")
+    _check_id(doc["repo_id"], "repo_id")
+    if doc["repo_id"] != repo_id:
+        raise RollbackError(f"snapshot {snapshot_id.hex()} belongs to repository {doc['repo_id'].hex()},"
+                            f" not to this one ({repo_id.hex()})")
+    _check_id(doc["snapshot_id"], "snapshot_id")
+    _check(doc["snapshot_id"] == snapshot_id, "manifest names another snapshot id")
+    _check(isinstance(doc["time"], float) and math.isfinite(doc["time"]) and doc["time"] >= 0, "time is invalid")
+    _check(isinstance(doc["host"], str) and len(doc["host"]) <= 255 and doc["host"].isprintable(), "host is invalid")
+    if doc["predecessor"] is not None:
+        _check_id(doc["predecessor"], "predecessor")
+    _check(doc["chunk_size"] == chunk_size, f"manifest chunk size is not {chunk_size}")
+    _check_qubes(doc["qubes"], chunk_size)
+
+
+def encode(m: Manifest) -> bytes:
+    """Validated msgpack plaintext of a manifest."""
+    doc = _to_map(m)
+    try:
+        _check_manifest(doc, m.repo_id, m.snapshot_id, m.chunk_size)
+    except _Invalid as e:
+        raise QbackupError(f"invalid manifest: {e}") from None
+    return msgpack.packb(doc, use_bin_type=True)
+
+
+def decode(plain: bytes, *, repo_id: bytes, snapshot_id: bytes, chunk_size: int) -> Manifest:
+    """Manifest from authenticated plaintext.
+
+    IntegrityError if it is not a valid manifest with this id; RollbackError
+    if it names another repository (never acceptable, even on override).
+    """
+    try:
+        doc = msgpack.unpackb(plain, raw=False, strict_map_key=True, use_list=True)
+        _check_manifest(doc, repo_id, snapshot_id, chunk_size)
+    except (_Invalid, ValueError, TypeError, msgpack.UnpackException) as e:
+        raise IntegrityError(f"snapshot {snapshot_id.hex()}: bad manifest: {e}") from None
+    return Manifest(doc["repo_id"], doc["snapshot_id"], doc["time"], doc["host"], doc["predecessor"],
+                    doc["chunk_size"], doc["qubes"])

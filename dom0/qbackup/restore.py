@@ -1,0 +1,309 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Reading snapshots back: history, verify, restore, delete.
+
+load_history authenticates every manifest and applies the rollback rules
+(qbackup.state). verify and restore stream each volume's chunk map and
+chunks through Session.get with bounded memory and no scratch files: every
+chunk is authenticated, decrypted, decompressed (bounded), re-identified and
+length-checked before anything is done with it. restore writes a regular
+file target as PATH.qbackup-partial (zero chunks stay holes) and renames it
+into place only once the whole volume is verified; a block device target is
+written in place, zeros included.
+"""
+
+import os
+import re
+import stat
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from qbackup import chunkmap, crypto, manifest
+from qbackup.chunkmap import Leaf
+from qbackup.crypto import ZERO_ID
+from qbackup.errors import IntegrityError, QbackupError
+from qbackup.volume import volume_size
+
+DATA_TYPE = crypto.TYPE_DATA
+MAX_ERRORS = 100
+GET_BYTES = 16 << 20  # chunk data fetched ahead while verifying or restoring
+PARTIAL_SUFFIX = ".qbackup-partial"
+SNAPSHOT_PREFIX = re.compile(r"[0-9a-f]{8,64}")
+
+
+@dataclass
+class SnapshotInfo:
+    id: bytes
+    time: float
+    host: str
+    predecessor: bytes | None
+    qubes: dict  # the manifest's qubes map (see docs/SNAPSHOTS.md)
+    bytes_total: int
+
+
+@dataclass
+class CheckResult:
+    ok: bool
+    errors: list[str]
+    chunks: int  # stored chunks authenticated (and, for restore, written)
+    bytes: int  # their plaintext bytes
+
+
+def load_history(session, keys: crypto.Keys, state, *, allow_rollback: bool = False) -> list[SnapshotInfo]:
+    """Every snapshot of the repository, authenticated, oldest first.
+
+    IntegrityError names a snapshot that fails authentication or
+    validation; RollbackError if the history contradicts the local state.
+    """
+    history = []
+    for untrusted_id, _size, _time in session.list():
+        untrusted_blob = session.get_snapshot(untrusted_id)
+        try:
+            plain = crypto.open_snapshot(keys, untrusted_id, untrusted_blob)
+        except IntegrityError as e:
+            raise IntegrityError(f"snapshot {untrusted_id.hex()} fails authentication: {e}") from None
+        m = manifest.decode(plain, repo_id=keys.repo_id, snapshot_id=untrusted_id, chunk_size=keys.chunk_size)
+        total = sum(v["size"] for q in m.qubes.values() for v in q["volumes"].values())
+        history.append(SnapshotInfo(m.snapshot_id, m.time, m.host, m.predecessor, m.qubes, total))
+    history.sort(key=lambda s: (s.time, s.id))
+    state.accept(keys.repo_id, history, allow_rollback=allow_rollback)
+    return history
+
+
+def resolve_snapshot(history: list[SnapshotInfo], spec: str) -> SnapshotInfo:
+    """The snapshot named by a full hex id, a unique prefix of 8+ hex digits, or "latest"."""
+    if spec == "latest":
+        if not history:
+            raise QbackupError("the repository holds no snapshots")
+        return history[-1]
+    prefix = spec.lower()
+    if not SNAPSHOT_PREFIX.fullmatch(prefix):
+        raise QbackupError(f"invalid snapshot {spec!r}: give 8 to 64 hex digits of its id, or 'latest'")
+    matches = [s for s in history if s.id.hex().startswith(prefix)]
+    if not matches:
+        raise QbackupError(f"no snapshot {prefix} in the repository")
+    if len(matches) > 1:
+        raise QbackupError(f"snapshot prefix {prefix} is ambiguous: {len(matches)} snapshots match")
+    return matches[0]
+
+
+def delete_snapshot(session, keys: crypto.Keys, state, snapshot: SnapshotInfo) -> None:
+    """Delete a snapshot, and record it so its absence is not taken for a rollback."""
+    session.delete_snapshot(snapshot.id)
+    state.record_deleted(keys.repo_id, snapshot.id)
+
+
+class _Errors:
+    """Error lines, capped at MAX_ERRORS (the rest only counted)."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.dropped = 0
+
+    def add(self, line: str) -> None:
+        if len(self.lines) < MAX_ERRORS:
+            self.lines.append(line)
+        else:
+            self.dropped += 1
+
+    def result(self) -> list[str]:
+        return self.lines + ([f"... and {self.dropped} more errors"] if self.dropped else [])
+
+    def reporter(self, label: str, *, stop: bool) -> Callable[[int, str], None]:
+        """fail(offset, reason) for one volume; with `stop`, it also raises _Stop."""
+        def fail(offset: int, reason: str) -> None:
+            self.add(f"{label} at offset {offset}: {reason}")
+            if stop:
+                raise _Stop()
+        return fail
+
+
+class _Stop(Exception):
+    """Restore gives up on a volume at its first bad chunk."""
+
+
+class _Sink:
+    """Where authenticated chunks go: nowhere (verify), a sparse file, or a device."""
+
+    def __init__(self, fd: int | None = None, write_zeros: bool = False):
+        self.fd = fd
+        self.write_zeros = write_zeros
+        self._zero = b""
+
+    def chunk(self, offset: int, data: bytes | memoryview) -> None:
+        if self.fd is not None:
+            view = memoryview(data)
+            while view:
+                view = view[os.pwrite(self.fd, view, offset + len(data) - len(view)):]
+
+    def zero(self, offset: int, length: int) -> None:
+        if self.write_zeros:
+            if len(self._zero) < length:
+                self._zero = bytes(length)
+            self.chunk(offset, memoryview(self._zero)[:length])
+
+
+def _open_chunk(keys: crypto.Keys, chunk_id: bytes, untrusted_type: int | None,
+                untrusted_data: bytes | None) -> bytes | str:
+    """The authenticated plaintext of a chunk, or why there is none."""
+    if untrusted_type is None:
+        return "chunk missing from the repository"
+    if untrusted_type != DATA_TYPE:
+        return f"blob has type {untrusted_type}, not a data chunk"
+    try:
+        return crypto.open_blob(keys, DATA_TYPE, chunk_id, untrusted_data, keys.chunk_size)
+    except IntegrityError as e:
+        return f"chunk fails authentication: {e}"
+
+
+def _check_leaf(session, keys: crypto.Keys, leaf: Leaf, size: int, sink: _Sink,
+                fail: Callable[[int, str], None]) -> tuple[int, int]:
+    """Fetch, authenticate and sink the chunks of one leaf: (chunks, bytes) good."""
+    cs = keys.chunk_size
+    positions: dict[bytes, list[int]] = {}
+    for k, chunk_id in enumerate(leaf.ids):
+        index = leaf.start + k
+        if chunk_id == ZERO_ID:
+            sink.zero(index * cs, min(cs, size - index * cs))
+        else:
+            positions.setdefault(chunk_id, []).append(index)
+    good = nbytes = 0
+    window = max(4, GET_BYTES // cs)
+    for want, untrusted_type, untrusted_data, error in chunkmap.get_each(session, list(positions), window):
+        if error is not None:
+            plain = f"cannot fetch chunk: {error}"
+        else:
+            plain = _open_chunk(keys, want, untrusted_type, untrusted_data)
+        for index in positions[want]:
+            expected = min(cs, size - index * cs)
+            if isinstance(plain, str):
+                fail(index * cs, plain)
+            elif len(plain) != expected:
+                fail(index * cs, f"chunk has {len(plain)} bytes, expected {expected}")
+            else:
+                sink.chunk(index * cs, plain)
+                good, nbytes = good + 1, nbytes + expected
+    return good, nbytes
+
+
+def _check_volume(session, keys: crypto.Keys, label: str, vol: dict, sink: _Sink,
+                  fail: Callable[[int, str], None], progress) -> tuple[int, int]:
+    """Walk one volume's chunk map and check (and sink) all its chunks."""
+    cs = keys.chunk_size
+    good = nbytes = 0
+    if progress is not None:
+        progress.start(label, vol["size"])
+    try:
+        for leaf in chunkmap.iter_leaves(session, keys, vol["root"], vol["depth"], vol["chunks"]):
+            if leaf.ids is None:
+                fail(leaf.start * cs, leaf.error)
+            else:
+                g, n = _check_leaf(session, keys, leaf, vol["size"], sink, fail)
+                good, nbytes = good + g, nbytes + n
+            if progress is not None:
+                progress.advance(min(leaf.count * cs, vol["size"] - leaf.start * cs))
+    finally:
+        if progress is not None:
+            progress.done()
+    return good, nbytes
+
+
+def _volumes(snapshot: SnapshotInfo) -> list[tuple[str, str, dict]]:
+    return [(q, v, snapshot.qubes[q]["volumes"][v])
+            for q in sorted(snapshot.qubes) for v in sorted(snapshot.qubes[q]["volumes"])]
+
+
+def verify(session, keys: crypto.Keys, snapshot: SnapshotInfo, *, progress=None) -> CheckResult:
+    """Fetch and authenticate every chunk map node and chunk of a snapshot; write nothing."""
+    errors = _Errors()
+    chunks = nbytes = 0
+    for qube, name, vol in _volumes(snapshot):
+        label = f"{qube}:{name}"
+        good, n = _check_volume(session, keys, label, vol, _Sink(), errors.reporter(label, stop=False), progress)
+        chunks, nbytes = chunks + good, nbytes + n
+    lines = errors.result()
+    return CheckResult(not lines, lines, chunks, nbytes)
+
+
+def _target_is_device(path: str, size: int, force: bool) -> bool:
+    """Check a restore target; True if it is a block device (written in place)."""
+    if not os.path.lexists(path):
+        return False
+    if not force:
+        raise QbackupError(f"{path} exists: refusing to overwrite it without --force")
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:  # a dangling symlink: replaced by the file
+        return False
+    if stat.S_ISREG(mode):
+        return False
+    if not stat.S_ISBLK(mode):
+        raise QbackupError(f"{path} is neither a regular file nor a block device")
+    device_size = volume_size(path)
+    if device_size < size:
+        raise QbackupError(f"{path} holds {device_size} bytes, the volume needs {size}")
+    return True
+
+
+def _restore_file(session, keys, label: str, vol: dict, path: str, fail, progress) -> tuple[int, int]:
+    partial = path + PARTIAL_SUFFIX
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.ftruncate(fd, vol["size"])
+        result = _check_volume(session, keys, label, vol, _Sink(fd), fail, progress)
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(partial)
+        raise
+    os.close(fd)
+    os.replace(partial, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return result
+
+
+def _restore_device(session, keys, label: str, vol: dict, path: str, fail, progress) -> tuple[int, int]:
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        result = _check_volume(session, keys, label, vol, _Sink(fd, write_zeros=True), fail, progress)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return result
+
+
+def restore(session, keys: crypto.Keys, snapshot: SnapshotInfo, targets: dict[tuple[str, str], str], *,
+            force: bool = False, progress=None) -> CheckResult:
+    """Restore volumes of a snapshot: targets = {(qube, volume): path}.
+
+    Every target is checked first (exists without force → QbackupError,
+    nothing written). A volume that fails is reported in the result: its
+    partial file is removed (a device is left partly written, and said so).
+    """
+    if len(set(targets.values())) != len(targets):
+        raise QbackupError("two volumes cannot be restored to the same path")
+    plan = []
+    for (qube, name), path in sorted(targets.items()):
+        vol = snapshot.qubes.get(qube, {}).get("volumes", {}).get(name)
+        if vol is None:
+            raise QbackupError(f"snapshot {snapshot.id.hex()} has no volume {qube}:{name}")
+        plan.append((f"{qube}:{name}", vol, path, _target_is_device(path, vol["size"], force)))
+    errors = _Errors()
+    chunks = nbytes = 0
+    for label, vol, path, device in plan:
+        write = _restore_device if device else _restore_file
+        try:
+            good, n = write(session, keys, label, vol, path, errors.reporter(label, stop=True), progress)
+        except _Stop:
+            if device:
+                errors.add(f"{label}: {path} is left partly written")
+            continue
+        except OSError as e:
+            errors.add(f"{label}: cannot write {path}: {e.strerror}")
+            continue
+        chunks, nbytes = chunks + good, nbytes + n
+    lines = errors.result()
+    return CheckResult(not lines, lines, chunks, nbytes)

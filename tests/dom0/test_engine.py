@@ -1,0 +1,525 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""End-to-end tests of the dom0 engine (backup, history, verify, restore,
+delete) against the real daemon, started as a subprocess, through
+transport.unix_socket and proto.Session."""
+
+import contextlib
+import itertools
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from engine_helpers import write_file
+
+from qbackup import crypto, manifest, proto, transport
+from qbackup.backup import VolumeSource, backup
+from qbackup.chunkmap import TreeWriter
+from qbackup.errors import IntegrityError, QbackupError, RollbackError
+from qbackup.restore import (delete_snapshot, load_history, resolve_snapshot, restore,
+                             verify)
+from qbackup.state import State
+
+CS = 64 << 10  # the smallest chunk size: more chunks per byte of test data
+START_TIMEOUT = 30  # guard against a daemon that never comes up, not a performance check
+
+
+@pytest.fixture(scope="module")
+def daemon(tmp_path_factory):
+    base = tmp_path_factory.mktemp("daemon")
+    sock, storage = base / "sock", base / "storage"
+    storage.mkdir()
+    with open(base / "daemon.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "qbackupd", "serve", "--socket", str(sock),
+                                 "--storage", str(storage), "--log-level", "warning"],
+                                stdout=log, stderr=log)
+    deadline = time.monotonic() + START_TIMEOUT
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"qbackupd did not start: {(base / 'daemon.log').read_text()}")
+        time.sleep(0.05)
+    yield sock, storage
+    proc.terminate()
+    proc.wait(timeout=START_TIMEOUT)
+
+
+_names = itertools.count()
+
+
+class Repo:
+    """A fresh repository on the test daemon, with its keys and a dom0 state dir."""
+
+    def __init__(self, daemon, tmp_path: Path):
+        self.socket, storage = daemon
+        self.name = f"repo{next(_names)}"
+        self.dir = storage / self.name
+        self.keys = crypto.create_keys(CS)
+        self.state = State(str(tmp_path / "state"))
+        with self.session(init=True):
+            pass
+
+    @contextlib.contextmanager
+    def session(self, write: bool = True, init: bool = False):
+        session = proto.Session(transport.unix_socket(str(self.socket), self.name))
+        try:
+            if init:
+                session.init(crypto.wrap_keys(self.keys, b"pw", scrypt_n=2 ** 14), 8 << 20)
+            else:
+                session.open(write)
+            yield session
+        finally:
+            session.close()
+
+    def backup(self, sources, meta=None, **kwargs):
+        meta = meta if meta is not None else {s.qube: qube_meta() for s in sources}
+        with self.session() as s:
+            return backup(s, self.keys, sources, meta, state=self.state, **kwargs)
+
+    def history(self, **kwargs):
+        with self.session(write=False) as s:
+            return load_history(s, self.keys, self.state, **kwargs)
+
+    def verify(self, snapshot):
+        with self.session(write=False) as s:
+            return verify(s, self.keys, snapshot)
+
+    def restore(self, snapshot, targets, **kwargs):
+        with self.session(write=False) as s:
+            return restore(s, self.keys, snapshot, targets, **kwargs)
+
+    def packs(self) -> list[Path]:
+        return sorted(self.dir.glob("packs/*/*.pack"))
+
+
+@pytest.fixture
+def repo(daemon, tmp_path):
+    return Repo(daemon, tmp_path)
+
+
+def qube_meta(klass="AppVM"):
+    return {"class": klass, "properties": {"label": "red", "netvm": ""}, "features": {}, "tags": ["t"]}
+
+
+def source(qube, volume, path):
+    return VolumeSource(qube, volume, str(path), os.path.getsize(path), {"pool": "varlibqubes", "rw": True})
+
+
+def read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = []
+
+    def start(self, label, total_bytes):
+        self.calls.append(("start", label, total_bytes))
+
+    def advance(self, n):
+        self.calls.append(("advance", n))
+
+    def done(self):
+        self.calls.append(("done",))
+
+    def per_volume(self):
+        """{label: (total, sum of advances)}, checking start/advance/done nesting."""
+        out, label, total = {}, None, 0
+        for call in self.calls:
+            if call[0] == "start":
+                assert label is None
+                label, total, out[call[1]] = call[1], 0, (call[2], 0)
+            elif call[0] == "advance":
+                total += call[1]
+            else:
+                out[label] = (out[label][0], total)
+                label = None
+        assert label is None
+        return out
+
+
+def test_round_trip_of_assorted_volumes(repo, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    rand = os.urandom(5 * CS + 1234)
+    vols = {
+        ("work", "private"): write_file(src / "random", len(rand), [(0, rand)]),
+        ("work", "root"): write_file(src / "sparse", 200 * CS + 77, [(3 * CS, os.urandom(CS)),
+                                                                      (100 * CS + 5, b"hello"),
+                                                                      (200 * CS, os.urandom(77))]),
+        ("zero", "private"): write_file(src / "zeros", 16 * CS, [(0, bytes(16 * CS))]),
+        ("tiny", "private"): write_file(src / "one", 1, [(0, b"\x01")]),
+        ("empty", "private"): write_file(src / "empty", 0, []),
+        ("text", "private"): write_file(src / "text", 3 * CS - 1, [(0, b"compressible " * 15000)]),
+    }
+    sources = [source(q, v, p) for (q, v), p in vols.items()]
+    meta = {q: qube_meta() for q, _ in vols}
+    meta["settings-only"] = qube_meta("DispVM")
+    progress = Recorder()
+    stats = repo.backup(sources, meta, progress=progress, workers=2)
+    total = sum(s.size for s in sources)
+    assert (stats.volumes, stats.bytes_total) == (6, total)
+    assert stats.chunks_total == sum(-(-s.size // CS) for s in sources)
+    assert stats.chunks_total == stats.chunks_zero + stats.chunks_new + stats.chunks_dedup
+    assert stats.chunks_zero >= 16 + 197
+    assert stats.bytes_read < total - 150 * CS  # the sparse file's holes were not read
+    assert progress.per_volume() == {f"{s.qube}:{s.volume}": (s.size, s.size) for s in sources}
+
+    [snap] = repo.history()
+    assert snap.id == stats.snapshot_id and snap.bytes_total == total
+    assert snap.qubes["settings-only"]["volumes"] == {}
+    assert snap.qubes["work"]["class"] == "AppVM"
+    assert snap.qubes["work"]["volumes"]["root"]["settings"] == {"pool": "varlibqubes", "rw": True}
+    result = repo.verify(snap)
+    assert result.ok and result.errors == []
+    assert result.chunks == stats.chunks_total - stats.chunks_zero
+
+    out = tmp_path / "out"
+    out.mkdir()
+    targets = {key: str(out / f"{key[0]}-{key[1]}") for key in vols}
+    result = repo.restore(snap, targets)
+    assert result.ok, result.errors
+    for key, path in vols.items():
+        assert read(targets[key]) == read(path), key
+    assert not list(out.glob("*.qbackup-partial"))
+    # zero chunks are holes in the restored files
+    assert os.stat(targets["zero", "private"]).st_blocks == 0
+    assert os.stat(targets["work", "root"]).st_blocks * 512 <= 4 * CS
+
+
+def test_dedup_across_volumes_and_snapshots(repo, tmp_path):
+    data = os.urandom(20 * CS)
+    a = write_file(tmp_path / "a", len(data), [(0, data)])
+    b = write_file(tmp_path / "b", len(data), [(0, data)])
+    sources = [source("one", "private", a), source("two", "private", b)]
+    first = repo.backup(sources, workers=3)
+    assert first.chunks_new == 20 and first.chunks_dedup == 20
+    assert first.bytes_sent > 20 * CS
+
+    second = repo.backup(sources)
+    assert second.chunks_new == 0 and second.chunks_dedup == 40
+    assert second.bytes_read == 2 * len(data)
+    assert second.bytes_sent < CS  # only metadata: leaves already stored, a new manifest
+
+    with open(a, "r+b") as f:
+        f.seek(7 * CS + 3)
+        f.write(b"changed")
+    third = repo.backup(sources)
+    assert third.chunks_new == 1 and third.chunks_dedup == 39
+    assert CS < third.bytes_sent < 2 * CS  # one chunk, one leaf, the manifest
+
+    history = repo.history()
+    assert [s.id for s in history] == [first.snapshot_id, second.snapshot_id, third.snapshot_id]
+    assert [s.predecessor for s in history] == [None, first.snapshot_id, second.snapshot_id]
+    out = tmp_path / "restored"
+    assert repo.restore(history[0], {("one", "private"): str(out)}).ok
+    assert read(out) == data
+    os.unlink(out)
+    assert repo.restore(history[2], {("one", "private"): str(out)}).ok
+    assert read(out) == read(a)
+
+
+def test_large_volume_with_a_deep_tree(repo, tmp_path):
+    """More than FANOUT chunks: a two-level chunk map, mostly holes."""
+    size = 1500 * CS + 10
+    path = write_file(tmp_path / "big", size, [(k * 97 * CS, os.urandom(1000)) for k in range(16)])
+    stats = repo.backup([source("big", "private", path)])
+    [snap] = repo.history()
+    assert snap.qubes["big"]["volumes"]["private"]["depth"] == 2
+    assert stats.chunks_new == 16
+    assert repo.verify(snap).ok
+    out = tmp_path / "out"
+    assert repo.restore(snap, {("big", "private"): str(out)}).ok
+    assert read(out) == read(path)
+
+
+def corrupt_middle(path: Path) -> None:
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(size // 2)
+        byte = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([byte[0] ^ 0x40]))
+
+
+def test_verify_and_restore_detect_a_corrupted_pack(repo, tmp_path):
+    data = os.urandom(40 * CS)
+    path = write_file(tmp_path / "v", len(data), [(0, data)])
+    repo.backup([source("work", "private", path)])
+    [snap] = repo.history()
+    [pack] = repo.packs()
+    corrupt_middle(pack)
+    result = repo.verify(snap)
+    assert not result.ok
+    assert 1 <= len(result.errors) <= 2
+    assert all(e.startswith("work:private at offset ") for e in result.errors)
+    assert result.chunks >= 38
+
+    target = tmp_path / "out"
+    result = repo.restore(snap, {("work", "private"): str(target)})
+    assert not result.ok and result.errors[0].startswith("work:private at offset ")
+    assert not target.exists() and not Path(str(target) + ".qbackup-partial").exists()
+
+
+def test_verify_reports_every_chunk_of_a_lost_pack(repo, tmp_path):
+    data = os.urandom(10 * CS)
+    path = write_file(tmp_path / "v", len(data), [(0, data)])
+    repo.backup([source("work", "private", path)])
+    more = os.urandom(3 * CS)
+    other = write_file(tmp_path / "w", len(more), [(0, more)])
+    repo.backup([source("work", "private", path), source("other", "private", other)])
+    history = repo.history()
+    first_packs = set(repo.packs())
+    assert len(first_packs) >= 2
+    oldest = min(first_packs, key=lambda p: p.stat().st_mtime_ns)
+    oldest.unlink()  # the first backup's pack: its chunks and tree nodes are gone
+    result = repo.verify(history[1])
+    assert not result.ok
+    assert any(e.startswith("work:private at offset 0:") for e in result.errors)
+    assert not any(e.startswith("other:") for e in result.errors)
+
+
+class Tamper:
+    """A session whose get answers a malicious backup qube has altered."""
+
+    def __init__(self, session, alter):
+        self._session, self._alter = session, alter
+
+    def __getattr__(self, name):
+        return getattr(self._session, name)
+
+    def get(self, ids, *, window=64):
+        for item in self._session.get(ids, window=window):
+            yield self._alter(*item)
+
+
+def flip(blob: bytes) -> bytes:
+    return blob[:len(blob) // 2] + bytes([blob[len(blob) // 2] ^ 1]) + blob[len(blob) // 2 + 1:]
+
+
+@pytest.mark.parametrize("attack,reason", [
+    (lambda i, t, d, other: (i, t, flip(d)), "fails authentication"),
+    (lambda i, t, d, other: (i, t, other), "fails authentication"),  # another chunk's blob
+    (lambda i, t, d, other: (i, None, None), "chunk missing"),
+    (lambda i, t, d, other: (i, 2, d), "blob has type 2"),
+    (lambda i, t, d, other: (i, t, d[:40]), "fails authentication"),
+])
+def test_tampered_chunks_are_caught(repo, tmp_path, attack, reason):
+    data = os.urandom(6 * CS)
+    path = write_file(tmp_path / "v", len(data), [(0, data)])
+    repo.backup([source("work", "private", path)])
+    [snap] = repo.history()
+    blobs = {}
+
+    def alter(i, t, d):
+        blobs.setdefault(t, {})[i] = d
+        if t == crypto.TYPE_DATA and len(blobs[t]) == 4:  # the fourth chunk
+            other = next(iter(blobs[t].values()))
+            return attack(i, t, d, other)
+        return i, t, d
+
+    with repo.session(write=False) as s:
+        result = verify(Tamper(s, alter), repo.keys, snap)
+    assert not result.ok and result.chunks == 5
+    assert result.errors == [f"work:private at offset {3 * CS}: " + result.errors[0].split(": ", 1)[1]]
+    assert reason in result.errors[0]
+    blobs.clear()
+    target = tmp_path / "out"
+    with repo.session(write=False) as s:
+        result = restore(Tamper(s, alter), repo.keys, snap, {("work", "private"): str(target)})
+    assert not result.ok and reason in result.errors[0]
+    assert not target.exists() and not Path(str(target) + ".qbackup-partial").exists()
+
+
+def test_authentic_map_with_wrong_chunk_lengths(repo, tmp_path):
+    """A chunk map (authentic, as a dom0 bug could write it) naming a short chunk
+    at full-size positions: verify reports each bad position."""
+    data = os.urandom(CS + 10)
+    path = write_file(tmp_path / "v", len(data), [(0, data)])
+    first = repo.backup([source("work", "private", path)]).snapshot_id
+    short_id = repo.keys.chunk_id(data[CS:])
+    sealer = crypto.Sealer(repo.keys)
+    snapshot_id = os.urandom(32)
+    with repo.session() as s:
+        def put_node(level, node_id, plain, refs):
+            s.put(node_id, crypto.TYPE_TREE, sealer.seal(crypto.TYPE_TREE, node_id, plain), refs).result()
+        writer = TreeWriter(repo.keys, put_node)
+        for _ in range(3):
+            writer.add(short_id)
+        root, depth = writer.finish()
+        qubes = {"work": {**qube_meta(), "volumes": {"private": {
+            "size": 3 * CS, "chunks": 3, "root": root, "depth": depth, "settings": {}}}}}
+        plain = manifest.encode(manifest.Manifest(repo.keys.repo_id, snapshot_id, time.time(), "dom0",
+                                                  first, CS, qubes))
+        s.commit(snapshot_id, crypto.seal_snapshot(repo.keys, snapshot_id, plain), [root])
+    snap = resolve_snapshot(repo.history(), snapshot_id.hex())
+    result = repo.verify(snap)
+    assert [e.split(": ")[0] for e in result.errors] == [f"work:private at offset {k * CS}" for k in range(3)]
+    assert all(e.endswith(f"chunk has 10 bytes, expected {CS}") for e in result.errors)
+
+
+def test_restore_refuses_existing_targets(repo, tmp_path):
+    data = os.urandom(3 * CS)
+    path = write_file(tmp_path / "v", len(data), [(0, data)])
+    repo.backup([source("work", "private", path)])
+    [snap] = repo.history()
+    target = tmp_path / "existing"
+    target.write_bytes(b"precious")
+    fresh = tmp_path / "fresh"
+    targets = {("work", "private"): str(target)}
+    with pytest.raises(QbackupError, match="exists"):
+        repo.restore(snap, targets)
+    assert target.read_bytes() == b"precious"
+    with pytest.raises(QbackupError, match="no volume work:nope"):
+        repo.restore(snap, {("work", "nope"): str(fresh)})
+    with pytest.raises(QbackupError, match="same path"):
+        repo.restore(snap, {("work", "private"): str(fresh), ("work", "other"): str(fresh)})
+    assert not fresh.exists()
+    assert repo.restore(snap, targets, force=True).ok
+    assert read(target) == data
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(QbackupError, match="neither a regular file nor a block device"):
+        repo.restore(snap, {("work", "private"): str(tmp_path / "dir")}, force=True)
+
+
+def test_restore_goes_on_after_an_unwritable_target(repo, tmp_path):
+    a = write_file(tmp_path / "a", CS, [(0, os.urandom(CS))])
+    b = write_file(tmp_path / "b", 2 * CS, [(0, os.urandom(2 * CS))])
+    repo.backup([source("a", "private", a), source("b", "private", b)])
+    [snap] = repo.history()
+    out = tmp_path / "out-b"
+    result = repo.restore(snap, {("a", "private"): str(tmp_path / "no-such-dir" / "a"),
+                                 ("b", "private"): str(out)})
+    assert not result.ok
+    assert result.errors == [f"a:private: cannot write {tmp_path}/no-such-dir/a: No such file or directory"]
+    assert read(out) == read(b) and result.chunks == 2
+
+
+@pytest.mark.root
+def test_restore_to_a_block_device(repo, tmp_path):
+    data = os.urandom(CS) + bytes(2 * CS) + os.urandom(100)
+    path = write_file(tmp_path / "v", len(data), [(0, data)])
+    repo.backup([source("work", "private", path)])
+    [snap] = repo.history()
+    image = write_file(tmp_path / "img", 4 * CS, [(0, b"\xff" * 4 * CS)])
+    dev = subprocess.run(["losetup", "--find", "--show", image], check=True,
+                         capture_output=True, text=True).stdout.strip()
+    try:
+        with pytest.raises(QbackupError, match="exists"):
+            repo.restore(snap, {("work", "private"): dev})
+        assert repo.restore(snap, {("work", "private"): dev}, force=True).ok
+        with open(dev, "rb") as f:
+            assert f.read(len(data)) == data  # zero chunks written over the old bytes
+    finally:
+        subprocess.run(["losetup", "-d", dev], check=True)
+
+
+def test_history_rollback_and_own_deletion(repo, tmp_path):
+    path = write_file(tmp_path / "v", CS, [(0, os.urandom(CS))])
+    ids = [repo.backup([source("work", "private", path)]).snapshot_id for _ in range(3)]
+    history = repo.history()
+    assert [s.id for s in history] == ids
+    assert resolve_snapshot(history, "latest").id == ids[2]
+    assert resolve_snapshot(history, ids[1].hex()[:8].upper()).id == ids[1]
+    with pytest.raises(QbackupError, match="8 to 64 hex digits"):
+        resolve_snapshot(history, ids[1].hex()[:7])
+    with pytest.raises(QbackupError, match="no snapshot"):
+        resolve_snapshot(history, "0" * 64 if not ids[0].hex().startswith("0" * 8) else "f" * 64)
+
+    with repo.session() as s:
+        delete_snapshot(s, repo.keys, repo.state, history[2])
+    assert [s.id for s in repo.history()] == ids[:2]  # our own deletion: no rollback
+
+    # the backup qube hides the newest snapshot
+    hidden = [p for p in repo.dir.rglob("*") if p.is_file() and ids[1].hex() in p.name]
+    assert len(hidden) == 1
+    hidden[0].unlink()
+    with pytest.raises(RollbackError, match=f"{ids[1].hex()}.*--allow-rollback"):
+        repo.history()
+    assert [s.id for s in repo.history(allow_rollback=True)] == ids[:1]
+    assert [s.id for s in repo.history()] == ids[:1]
+
+
+def test_forged_manifest_is_an_integrity_error(repo, tmp_path):
+    path = write_file(tmp_path / "v", CS, [(0, os.urandom(CS))])
+    repo.backup([source("work", "private", path)])
+    forged = os.urandom(32)
+    with repo.session() as s:
+        s.commit(forged, os.urandom(200), [])
+    with pytest.raises(IntegrityError, match=f"snapshot {forged.hex()} fails authentication"):
+        repo.history()
+
+
+def test_snapshot_of_another_repository_is_refused(daemon, tmp_path):
+    """Same keys, two repositories: a manifest moved across is refused."""
+    a, b = Repo(daemon, tmp_path / "a"), Repo(daemon, tmp_path / "b")
+    b.keys = crypto.Keys(a.keys._master, os.urandom(32), CS, 0)
+    path = write_file(tmp_path / "v", CS, [(0, os.urandom(CS))])
+    stats = a.backup([source("work", "private", path)])
+    with a.session(write=False) as s:
+        blob = s.get_snapshot(stats.snapshot_id)
+    with b.session() as s:
+        s.commit(stats.snapshot_id, blob, [])
+    with pytest.raises(IntegrityError):  # other repo_id: other subkeys, fails authentication
+        b.history()
+
+
+class Interrupt(Recorder):
+    """Progress that interrupts the backup (as Ctrl-C would) after `after` bytes."""
+
+    def __init__(self, after: int):
+        super().__init__()
+        self.after, self.seen = after, 0
+
+    def advance(self, n):
+        self.seen += n
+        if self.seen >= self.after:
+            raise KeyboardInterrupt
+
+
+def test_interrupted_backup_resumes(repo, tmp_path):
+    data = os.urandom(12 * CS)
+    good = write_file(tmp_path / "good", len(data), [(0, data)])
+    with pytest.raises(KeyboardInterrupt):
+        repo.backup([source("work", "private", good)], progress=Interrupt(5 * CS))
+    assert repo.history() == []  # nothing committed
+    stats = repo.backup([source("work", "private", good)])
+    assert stats.chunks_dedup >= 5  # what was sent before the interruption is reused
+    assert stats.chunks_new + stats.chunks_dedup == 12
+    [snap] = repo.history()
+    assert repo.verify(snap).ok
+
+
+def test_unreadable_volume_fails_cleanly(repo, tmp_path):
+    good = write_file(tmp_path / "good", CS, [(0, os.urandom(CS))])
+    bad = VolumeSource("work", "root", str(tmp_path / "missing"), CS, {})
+    with pytest.raises(QbackupError, match="cannot open volume .*missing"):
+        repo.backup([source("work", "private", good), bad])
+    assert repo.history() == []
+    assert repo.state.load(repo.keys.repo_id).head is None
+
+
+def test_bad_metadata_fails_before_sending(repo, tmp_path):
+    path = write_file(tmp_path / "v", CS, [(0, os.urandom(CS))])
+    with pytest.raises(QbackupError, match="without metadata"):
+        repo.backup([source("work", "private", path)], meta={})
+    with pytest.raises(QbackupError, match="listed twice"):
+        repo.backup([source("work", "private", path)] * 2)
+    with pytest.raises(QbackupError, match="invalid qube metadata"):
+        repo.backup([source("work", "private", path)], meta={"work": {"properties": {}}})
+    with pytest.raises(QbackupError, match="invalid qube metadata"):
+        repo.backup([source("work", "private", path)], meta={"work": {"class": "AppVM", "tags": "x"}})
+    with repo.session(write=False) as s:
+        assert s.stats()["blobs"] == 0
+
+
+def test_volume_changing_size_fails_cleanly(repo, tmp_path):
+    path = write_file(tmp_path / "v", 2 * CS, [(0, os.urandom(2 * CS))])
+    src = source("work", "private", path)
+    src.size = 4 * CS  # the volume shrank after it was measured
+    with pytest.raises(QbackupError, match="expected"):
+        repo.backup([src])
+    assert repo.history() == []
