@@ -102,7 +102,7 @@ class TreeWriter:
             node_id = ZERO_ID
         else:
             plain = encode_node(level, ids)
-            node_id = self._keys.chunk_id(plain)
+            node_id = self._keys.chunk_id(plain, NODE_TYPE)
             refs = list(dict.fromkeys(ids[i:i + ID_SIZE] for i in range(0, len(ids), ID_SIZE)))
             self._put_node(level, node_id, plain, [r for r in refs if r != ZERO_ID])
         self._push(level + 1, node_id)

@@ -59,7 +59,8 @@ MAX_SCRYPT_WORK = 2**24              # n * r * p (default: 2**20)
 SCRYPT_SALT_LEN = 16
 BAD_PASSPHRASE = "wrong passphrase or corrupted key file"
 
-_LABEL_ID, _LABEL_DATA, _LABEL_META = b"qbackup v1 chunk-id", b"qbackup v1 data", b"qbackup v1 meta"
+_LABEL_ID, _LABEL_TREE_ID = b"qbackup v1 chunk-id", b"qbackup v1 tree-id"
+_LABEL_DATA, _LABEL_META = b"qbackup v1 data", b"qbackup v1 meta"
 _LABEL_SESSION = b"qbackup v1 session"
 _tls = threading.local()   # zstd contexts are not thread-safe: one per thread
 
@@ -84,7 +85,10 @@ class Keys:
         _check_chunk_size(chunk_size)
         self._master = master
         self.repo_id, self.chunk_size, self.created = repo_id, chunk_size, created
-        self._id_key = _hkdf(master, repo_id, _LABEL_ID)
+        # Data chunks and chunk-map nodes are keyed apart, so a data chunk that
+        # happened to equal a node's plaintext could never share its id.
+        self._id_keys = {TYPE_DATA: _hkdf(master, repo_id, _LABEL_ID),
+                         TYPE_TREE: _hkdf(master, repo_id, _LABEL_TREE_ID)}
         self._kind_keys = {TYPE_DATA: _hkdf(master, repo_id, _LABEL_DATA),
                            TYPE_TREE: _hkdf(master, repo_id, _LABEL_META)}
         self._kind_keys[TYPE_SNAPSHOT] = self._kind_keys[TYPE_TREE]
@@ -94,9 +98,10 @@ class Keys:
     def __repr__(self) -> str:
         return f"Keys(repo_id={self.repo_id.hex()}, chunk_size={self.chunk_size})"
 
-    def chunk_id(self, plaintext: bytes) -> bytes:
-        """Keyed id: HMAC-SHA256 of the plaintext under the chunk-id key."""
-        return hmac.digest(self._id_key, plaintext, "sha256")
+    def chunk_id(self, plaintext: bytes, type: int = TYPE_DATA) -> bytes:
+        """Keyed id: HMAC-SHA256 of the plaintext under the id key of its type
+        (data chunk or chunk-map node)."""
+        return hmac.digest(self._id_keys[type], plaintext, "sha256")
 
     def _derive_aead(self, type: int, salt: bytes) -> AESGCM:
         """The AEAD of one sealing session for blobs of this type."""
@@ -270,7 +275,7 @@ def open_blob(keys: Keys, type: int, id: bytes, untrusted_blob: bytes, max_plain
         plain = _decompress(payload, max_plain, what)
     else:
         raise IntegrityError(f"{what}: unknown codec {body[0]}")
-    if type in CONTENT_ADDRESSED and not hmac.compare_digest(keys.chunk_id(plain), id):
+    if type in CONTENT_ADDRESSED and not hmac.compare_digest(keys.chunk_id(plain, type), id):
         raise IntegrityError(f"{what}: content does not match its id")
     return plain
 

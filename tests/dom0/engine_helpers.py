@@ -33,7 +33,7 @@ class MemoryStore:
 
     def store_raw(self, plain: bytes, type: int = crypto.TYPE_TREE) -> bytes:
         """Seal and store any plaintext under its keyed id (a forged-but-authentic node)."""
-        node_id = self.keys.chunk_id(plain)
+        node_id = self.keys.chunk_id(plain, crypto.TYPE_TREE)
         self.blobs[node_id] = (type, self.sealer.seal(type, node_id, plain))
         return node_id
 

@@ -7,7 +7,7 @@ from engine_helpers import MemoryStore, random_ids
 from qbackup import crypto
 from qbackup.chunkmap import (FANOUT, MAGIC, TreeWriter, decode_node, depth_for, encode_node,
                               get_each, iter_ids, iter_leaves)
-from qbackup.crypto import ZERO_ID
+from qbackup.crypto import TYPE_TREE, ZERO_ID
 from qbackup.errors import IntegrityError, ProtocolError, QbackupError
 
 
@@ -174,7 +174,7 @@ def test_missing_leaf_reported_and_walk_continues(keys):
     store = MemoryStore(keys)
     ids = random_ids(n)
     root, depth = build(keys, store, ids)
-    leaf_ids = [keys.chunk_id(encode_node(0, b"".join(ids[k:k + FANOUT]))) for k in range(0, n, FANOUT)]
+    leaf_ids = [keys.chunk_id(encode_node(0, b"".join(ids[k:k + FANOUT])), TYPE_TREE) for k in range(0, n, FANOUT)]
     del store.blobs[leaf_ids[1]]
     leaves = list(iter_leaves(store, keys, root, depth, n))
     assert [leaf.ids is None for leaf in leaves] == [False, True, False]
@@ -193,7 +193,7 @@ def test_missing_interior_node_covers_its_range(keys):
     level1 = [k for k, (t, _) in store.blobs.items()
               if k != root and decode_level(keys, store, k) == 1]
     assert len(level1) == 2
-    first = keys.chunk_id(encode_node(1, keys.chunk_id(encode_node(0, b"".join(ids[:FANOUT]))) * FANOUT))
+    first = keys.chunk_id(encode_node(1, keys.chunk_id(encode_node(0, b"".join(ids[:FANOUT])), TYPE_TREE) * FANOUT), TYPE_TREE)
     del store.blobs[first]
     leaves = list(iter_leaves(store, keys, root, depth, n))
     assert (leaves[0].start, leaves[0].count, leaves[0].ids) == (0, FANOUT ** 2, None)

@@ -34,7 +34,7 @@ def keyfile(keys):
 
 
 def seal(keys, plain, type=TYPE_DATA, **kw):
-    blob_id = keys.chunk_id(plain)
+    blob_id = keys.chunk_id(plain, type)
     return blob_id, Sealer(keys).seal(type, blob_id, plain, **kw)
 
 
@@ -180,7 +180,9 @@ def test_chunk_ids_are_keyed(keys):
     assert keys.chunk_id(plain) != keys.chunk_id(plain + b"\0")
     assert create_keys(CHUNK).chunk_id(plain) != keys.chunk_id(plain)
     assert keys.chunk_id(plain) != hashlib.sha256(plain).digest()
-    assert keys.chunk_id(plain) == hmac.new(keys._id_key, plain, "sha256").digest()
+    assert keys.chunk_id(plain) == hmac.new(keys._id_keys[TYPE_DATA], plain, "sha256").digest()
+    # A data chunk and a chunk-map node with the same bytes get different ids.
+    assert keys.chunk_id(plain, TYPE_TREE) != keys.chunk_id(plain, TYPE_DATA)
     assert len(keys.chunk_id(b"")) == 32 and keys.chunk_id(b"") != crypto.ZERO_ID
 
 
@@ -356,13 +358,13 @@ def test_nonces_never_repeat_across_threads(keys):
 def test_session_salt_rotates_at_the_limit(keys):
     sealer = Sealer(keys)
     sealer.session_limit = 3
-    blobs = [sealer.seal(TYPE_TREE, keys.chunk_id(b"%d" % i), b"%d" % i) for i in range(7)]
+    blobs = [sealer.seal(TYPE_TREE, keys.chunk_id(b"%d" % i, TYPE_TREE), b"%d" % i) for i in range(7)]
     salts = [b[1:17] for b in blobs]
     nonces = [int.from_bytes(b[17:29], "big") for b in blobs]
     assert nonces == [0, 1, 2, 0, 1, 2, 0]
     assert salts[0] == salts[2] != salts[3] == salts[5] != salts[6] != salts[0]
     for i, b in enumerate(blobs):
-        assert open_blob(keys, TYPE_TREE, keys.chunk_id(b"%d" % i), b, 10) == b"%d" % i
+        assert open_blob(keys, TYPE_TREE, keys.chunk_id(b"%d" % i, TYPE_TREE), b, 10) == b"%d" % i
 
 
 def test_session_keys_are_cached(keys, keyfile):

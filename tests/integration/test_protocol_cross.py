@@ -95,7 +95,7 @@ def test_every_operation(daemon):
     assert [f.result(TIMEOUT) for f in puts] == [True] * 6
     assert s.put(ids[0], crypto.TYPE_DATA, b"again").result(TIMEOUT) is False
     tree = b"".join(ids)
-    tree_id = keys.chunk_id(tree)
+    tree_id = keys.chunk_id(tree, crypto.TYPE_TREE)
     assert s.put(tree_id, crypto.TYPE_TREE, sealer.seal(crypto.TYPE_TREE, tree_id, tree),
                  refs=ids).result(TIMEOUT)
     assert s.have([ident(1), ids[2], tree_id, ident(2)]).result(TIMEOUT) == [0, 3]
