@@ -1,0 +1,385 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""A malicious backup qube must be detected, never trusted (DESIGN §2).
+
+Each test puts a tampering proxy (tests/integration/adversary.py) between the
+real dom0 client code and the real daemon, and checks that verify / restore /
+history loading fail with a precise error, that nothing unauthenticated is
+written, and that the client neither crashes nor hangs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from adversary import Daemon, Proxy, Tamper, frame
+from qbackup import crypto, transport
+from qbackup.backup import VolumeSource, backup
+from qbackup.errors import BadPassphrase, IntegrityError, ProtocolError, QbackupError, RollbackError
+from qbackup.proto import Session
+from qbackup.restore import load_history, restore, verify
+from qbackup.state import State
+
+CHUNK = 64 * 1024
+PASS = b"correct horse"
+TYPE_DATA = 1
+HANG_LIMIT = 60  # seconds; a client that takes longer is hung
+META = {"class": "AppVM", "properties": {}, "features": {}, "tags": []}
+
+
+def within(fn, *args, **kwargs):
+    """Run fn in a thread; fail the test if it hangs."""
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed back to the test
+            box["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(HANG_LIMIT)
+    assert not t.is_alive(), f"client hung in {fn.__name__}"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+@dataclass
+class World:
+    tmp: Path
+    daemon: Daemon
+    keys: crypto.Keys
+    state_dir: Path
+    image: Path
+    snapshots: list[bytes]
+
+    def session(self, sock: Path | None = None) -> Session:
+        s = Session(transport.unix_socket(str(sock or self.daemon.sock), "repo"))
+        s.open(write=False)
+        return s
+
+    def attacked(self, tamper: Tamper) -> Session:
+        path = self.tmp / f"proxy-{random.getrandbits(32)}.sock"
+        Proxy(path, self.daemon.sock, tamper)
+        return self.session(path)
+
+    def history(self, session: Session, **kw):
+        return load_history(session, self.keys, State(str(self.state_dir)), **kw)
+
+
+def make_image(path: Path, rng: random.Random) -> None:
+    """24 chunks of random data, 4 zero chunks, a short tail."""
+    with open(path, "wb") as f:
+        for i in range(28):
+            f.write(bytes(CHUNK) if i % 7 == 3 else rng.randbytes(CHUNK))
+        f.write(rng.randbytes(1000))
+
+
+def run_backup(w_keys, daemon, state_dir, image, predecessor):
+    s = Session(transport.unix_socket(str(daemon.sock), "repo"))
+    s.open(write=True)
+    src = VolumeSource(qube="work", volume="private", path=str(image),
+                       size=image.stat().st_size, settings={"pool": "sim"})
+    stats = backup(s, w_keys, [src], {"work": META},
+                   state=State(str(state_dir)), predecessor=predecessor)
+    s.close()
+    return stats.snapshot_id
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    tmp = tmp_path_factory.mktemp("adv")
+    daemon = Daemon(tmp)
+    try:
+        keys = crypto.create_keys(CHUNK)
+        s = Session(transport.unix_socket(str(daemon.sock), "repo"))
+        s.init(crypto.wrap_keys(keys, PASS, scrypt_n=2**14), 8 << 20)
+        s.close()
+        rng = random.Random(7)
+        image = tmp / "private.img"
+        make_image(image, rng)
+        state_dir = tmp / "state"
+        first = run_backup(keys, daemon, state_dir, image, None)
+        with open(image, "r+b") as f:  # change two chunks
+            f.seek(5 * CHUNK)
+            f.write(rng.randbytes(CHUNK))
+            f.seek(20 * CHUNK + 17)
+            f.write(b"changed")
+        second = run_backup(keys, daemon, state_dir, image, first)
+        yield World(tmp, daemon, keys, state_dir, image, [first, second])
+    finally:
+        daemon.stop()
+
+
+def latest(w: World, s: Session):
+    return w.history(s)[-1]
+
+
+# --- tampering strategies ----------------------------------------------------
+
+class OnDataBlobs(Tamper):
+    """Applies ``change`` to data-chunk blob frames sent to the client."""
+
+    def __init__(self, change, limit: int = 1) -> None:
+        self.change, self.limit, self.count = change, limit, 0
+
+    def to_client(self, msg):
+        if msg.get("op") == "blob" and msg.get("type") == TYPE_DATA and self.count < self.limit:
+            self.count += 1
+            return self.change(msg)
+        return [frame(msg)]
+
+
+def flip_bit(msg):
+    data = bytearray(msg["data"])
+    data[len(data) // 2] ^= 0x10
+    return [frame(dict(msg, data=bytes(data)))]
+
+
+def truncate(msg):
+    return [frame(dict(msg, data=msg["data"][: len(msg["data"]) // 2]))]
+
+
+def drop(msg):
+    return [frame({"op": "missing", "rid": msg["rid"], "id": msg["id"]})]
+
+
+def as_tree_blob(msg):
+    return [frame(dict(msg, type=2))]
+
+
+class SwapTwo(Tamper):
+    """Swaps the contents of the first two data blobs (ids stay in place)."""
+
+    def __init__(self) -> None:
+        self.held = None
+        self.done = False
+
+    def to_client(self, msg):
+        if self.done or msg.get("op") != "blob" or msg.get("type") != TYPE_DATA:
+            return [frame(msg)]
+        if self.held is None:
+            self.held = msg
+            return []
+        self.done = True
+        a, b = self.held, msg
+        return [frame(dict(a, data=b["data"])), frame(dict(b, data=a["data"]))]
+
+
+class WrongId(Tamper):
+    """Answers every data request with the first data blob it saw."""
+
+    def __init__(self) -> None:
+        self.first = None
+
+    def to_client(self, msg):
+        if msg.get("op") == "blob" and msg.get("type") == TYPE_DATA:
+            if self.first is None:
+                self.first = msg["data"]
+            else:
+                return [frame(dict(msg, data=self.first))]
+        return [frame(msg)]
+
+
+def assert_detected(result, *needles: str):
+    assert not result.ok
+    text = "\n".join(result.errors)
+    assert "work:private" in text and "offset" in text, text
+    for n in needles:
+        assert n in text.lower(), text
+
+
+@pytest.mark.parametrize(
+    "tamper, needle",
+    [
+        (lambda: OnDataBlobs(flip_bit), ""),
+        (lambda: OnDataBlobs(truncate), ""),
+        (lambda: OnDataBlobs(drop), "missing"),
+        (lambda: OnDataBlobs(as_tree_blob), ""),
+        (SwapTwo, ""),
+        (WrongId, ""),
+    ],
+    ids=["flipped-bit", "truncated", "dropped", "data-as-metadata", "swapped", "wrong-id"],
+)
+def test_verify_detects_tampered_chunks(world, tamper, needle):
+    s = world.attacked(tamper())
+    snap = latest(world, s)
+    result = within(verify, s, world.keys, snap)
+    assert_detected(result, needle)
+    s.close()
+
+
+def test_restore_writes_nothing_unauthenticated(world, tmp_path):
+    s = world.attacked(OnDataBlobs(flip_bit))
+    snap = latest(world, s)
+    target = tmp_path / "restored.img"
+    try:
+        result = within(restore, s, world.keys, snap, {("work", "private"): str(target)})
+    except QbackupError:
+        result = None
+    if result is not None:
+        assert not result.ok
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []  # no partial or scratch file left behind
+    s.close()
+
+
+def test_honest_restore_matches_source(world, tmp_path):
+    s = world.session()
+    snap = latest(world, s)
+    target = tmp_path / "restored.img"
+    result = restore(s, world.keys, snap, {("work", "private"): str(target)})
+    s.close()
+    assert result.ok, result.errors
+    assert hashlib.sha256(target.read_bytes()).digest() == hashlib.sha256(world.image.read_bytes()).digest()
+
+
+class OlderUnderNewerName(Tamper):
+    """Serves the (genuine) older snapshot blob when the newer one is asked for."""
+
+    def __init__(self, new: bytes, old_blob: bytes) -> None:
+        self.new, self.old_blob = new, old_blob
+
+    def to_client(self, msg):
+        if msg.get("op") == "snapshot" and msg["id"] == self.new:
+            return [frame(dict(msg, data=self.old_blob))]
+        return [frame(msg)]
+
+
+def test_older_snapshot_under_newer_name_is_refused(world):
+    first, second = world.snapshots
+    honest = world.session()
+    old_blob = honest.get_snapshot(first)
+    honest.close()
+    s = world.attacked(OlderUnderNewerName(second, old_blob))
+    with pytest.raises(IntegrityError):
+        within(world.history, s)
+    s.close()
+
+
+class HideNewest(Tamper):
+    def __init__(self, newest: bytes) -> None:
+        self.newest = newest
+
+    def to_client(self, msg):
+        if msg.get("op") == "list":
+            snaps = [x for x in msg["snapshots"] if x["id"] != self.newest]
+            return [frame(dict(msg, snapshots=snaps))]
+        return [frame(msg)]
+
+
+def test_rollback_is_refused(world):
+    s = world.attacked(HideNewest(world.snapshots[1]))
+    with pytest.raises(RollbackError, match="--allow-rollback"):
+        within(world.history, s)
+    s.close()
+
+
+class ForgedKeyFile(Tamper):
+    """Serves a key file the attacker made (it cannot know the passphrase)."""
+
+    def to_client(self, msg):
+        if msg.get("op") == "opened":
+            forged = crypto.wrap_keys(crypto.create_keys(CHUNK), b"attacker", scrypt_n=2**14)
+            return [frame(dict(msg, config=forged))]
+        return [frame(msg)]
+
+
+def test_forged_key_file_is_refused(world):
+    path = world.tmp / "proxy-keyfile.sock"
+    Proxy(path, world.daemon.sock, ForgedKeyFile())
+    s = Session(transport.unix_socket(str(path), "repo"))
+    untrusted_config, _ = s.open(write=False)
+    with pytest.raises(BadPassphrase):
+        crypto.unwrap_keys(untrusted_config, PASS)
+    s.close()
+
+
+class OversizedFrame(Tamper):
+    def to_client(self, msg):
+        if msg.get("op") == "blob":
+            return [b"\xff\xff\xff\xf0" + b"\0" * 64]
+        return [frame(msg)]
+
+
+class Garbage(Tamper):
+    def to_client(self, msg):
+        if msg.get("op") == "blob":
+            payload = os.urandom(200)
+            return [len(payload).to_bytes(4, "big") + payload]
+        return [frame(msg)]
+
+
+class ExtraBlob(Tamper):
+    def to_client(self, msg):
+        if msg.get("op") == "blob":
+            return [frame(msg), frame(msg)]
+        return [frame(msg)]
+
+
+@pytest.mark.parametrize("tamper", [OversizedFrame, Garbage, ExtraBlob],
+                         ids=["oversized-frame", "garbage", "extra-answer"])
+def test_malformed_stream_fails_cleanly(world, tamper):
+    s = world.attacked(tamper())
+    snap = latest(world, s)
+    with pytest.raises(ProtocolError):
+        result = within(verify, s, world.keys, snap)
+        # A verify that reports instead of raising must still have failed.
+        if not result.ok:
+            raise ProtocolError("; ".join(result.errors))
+
+
+class LieAboutHave(Tamper):
+    """Claims to hold every chunk, and hides the dangling references from the
+    honest store underneath so the commit goes through: the backup "succeeds"
+    and holds nothing. verify must find every lost chunk."""
+
+    def to_client(self, msg):
+        if msg.get("op") == "have":
+            return [frame(dict(msg, missing=[]))]
+        return [frame(msg)]
+
+    def to_daemon(self, msg):
+        if msg.get("op") == "put":
+            msg = {k: v for k, v in msg.items() if k != "refs"}
+        elif msg.get("op") == "commit":
+            msg = dict(msg, refs=[])
+        return [frame(msg)]
+
+
+def test_have_lies_are_caught_by_verify(tmp_path):
+    daemon = Daemon(tmp_path)
+    try:
+        keys = crypto.create_keys(CHUNK)
+        s = Session(transport.unix_socket(str(daemon.sock), "repo"))
+        s.init(crypto.wrap_keys(keys, PASS, scrypt_n=2**14), 8 << 20)
+        s.close()
+        image = tmp_path / "fresh.img"
+        image.write_bytes(random.Random(99).randbytes(6 * CHUNK))
+        proxy_path = tmp_path / "liar.sock"
+        Proxy(proxy_path, daemon.sock, LieAboutHave())
+        s = Session(transport.unix_socket(str(proxy_path), "repo"))
+        s.open(write=True)
+        src = VolumeSource(qube="work", volume="private", path=str(image),
+                           size=image.stat().st_size, settings={})
+        stats = within(backup, s, keys, [src], {"work": META}, state=State(str(tmp_path / "st")))
+        s.close()
+        assert stats.chunks_new == 0  # the liar made the client send nothing
+
+        honest = Session(transport.unix_socket(str(daemon.sock), "repo"))
+        honest.open(write=False)
+        snap = load_history(honest, keys, State(str(tmp_path / "st")))[-1]
+        result = verify(honest, keys, snap)
+        honest.close()
+        assert not result.ok
+        assert sum("missing" in e.lower() for e in result.errors) >= 1
+    finally:
+        daemon.stop()
