@@ -1,0 +1,306 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Hostile clients against the real daemon subprocess: malformed headers and
+frames, wrong types, oversized lengths and arrays, garbage, disconnects in
+the middle of a PUT. The daemon must answer an error frame or close, store
+nothing half-way, release the lock, and keep serving everyone else."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+import socket
+import struct
+import time
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from qbackupd import frames
+
+MiB = 1 << 20
+_names = itertools.count()
+
+
+@pytest.fixture
+def daemon(shared_daemon):
+    """One daemon survives every hostile client of this module."""
+    return shared_daemon
+
+
+@pytest.fixture
+def repo() -> str:
+    """A repository name no other test of the module uses."""
+    return f"r{next(_names)}"
+
+
+def blob_id(name: object) -> bytes:
+    return hashlib.sha256(repr(name).encode()).digest()
+
+
+def raw_frame(payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + payload
+
+
+def frame(msg: dict) -> bytes:
+    return raw_frame(msgpack.packb(msg, use_bin_type=True))
+
+
+def send_quietly(client, data: bytes) -> None:
+    """Send, ignoring that the daemon may already have closed on us."""
+    try:
+        client.send_raw(data)
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
+def expect_fatal(client, code: str, rid=None) -> None:
+    answer = client.recv()
+    assert answer is not None and answer["op"] == "error", answer
+    assert answer["code"] == code and answer["rid"] == rid, answer
+    assert isinstance(answer["message"], str) and answer["message"]
+    client.expect_eof()
+    client.close()
+
+
+def assert_serving(daemon) -> None:
+    client = daemon.client("never-created")
+    client.expect_error("no_repository", "stats")
+    client.bye()
+
+
+# --- qrexec header ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"",  # EOF before any byte
+        b"qubes.BackupChunk+repo dom0",  # EOF before the NUL
+        b"q" * 300,  # no NUL within 256 bytes
+        b"qubes.BackupChunk+" + b"r" * 240 + b" dom0\0",  # NUL beyond 256 bytes
+    ],
+)
+def test_header_eof_or_oversized_closes(daemon, header):
+    client = daemon.raw_client(header)
+    client.close_write()
+    client.expect_eof()
+    assert_serving(daemon)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [b"\0", b"qubes.Other+repo dom0\0", b"qubes.BackupChunk+repo\0", b"qubes.BackupChunk+repo dom0 x\0", b"\xff\0"],
+)
+def test_malformed_header_error_then_close(daemon, header):
+    client = daemon.raw_client(header)
+    expect_fatal(client, "bad_request")
+    assert_serving(daemon)
+
+
+def test_header_and_frames_in_one_write(daemon):
+    client = daemon.raw_client(b"")
+    hello = {"op": "hello", "rid": 0, "versions": [1], "client": "x"}
+    client.send_raw(b"qubes.BackupChunk+repo dom0\0" + frame(hello) + frame({"op": "bye", "rid": 1}))
+    assert client.recv()["op"] == "hello"
+    assert client.recv() == {"op": "bye", "rid": 1, "status": "ok"}
+    client.expect_eof()
+
+
+# --- frames ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("before_hello", [False, True])
+@pytest.mark.parametrize(
+    "data, code",
+    [
+        (b"\0\0\0\0", "bad_frame"),
+        (struct.pack(">I", 2**32 - 1), "frame_too_large"),
+        (struct.pack(">I", frames.MAX_FRAME + 1) + bytes(1000), "frame_too_large"),
+        (raw_frame(msgpack.packb([1, 2, 3])), "bad_frame"),
+        (raw_frame(msgpack.packb({"op": "stats", "rid": 1}) + b"\xc0"), "bad_frame"),
+        (raw_frame(b"\x81\xa2op\xdd\xff\xff\xff\xff"), "bad_frame"),  # array of 2^32-1 items
+        (raw_frame(b"\x81\xa2op\xc6\x7f\xff\xff\xff"), "bad_frame"),  # bin of 2 GiB
+        (raw_frame(b"\x81\xa2op\xd4\x05\x00"), "bad_frame"),  # ext type
+        (raw_frame(b"\x82\xa2op\xa5stats\x01\x01"), "bad_frame"),  # int key
+        (frame({"op": "have", "rid": 1, "ids": [None] * 1_000_000}), "bad_frame"),  # huge array
+        (frame({"op": "have", "rid": 1, "ids": [[]] * 1_000_000}), "bad_frame"),  # nested arrays
+    ],
+)
+def test_bad_frames_are_fatal(daemon, data, code, before_hello):
+    client = daemon.client(hello=not before_hello)
+    client.send_raw(data)
+    expect_fatal(client, code)
+    assert_serving(daemon)
+
+
+@pytest.mark.parametrize(
+    "msg, rid",
+    [
+        ({"op": 1, "rid": 1}, 1),
+        ({"op": "stats", "rid": -5}, None),
+        ({"op": "stats", "rid": "1"}, None),
+        ({"op": "stats"}, None),
+        ({"op": "open", "rid": 1, "write": "yes"}, 1),
+        ({"op": "open", "rid": 1, "write": True, "force": True}, 1),
+        ({"op": "have", "rid": 1, "ids": [bytes(31)]}, 1),
+        ({"op": "have", "rid": 1, "ids": [bytes(33)]}, 1),
+        ({"op": "get", "rid": 1, "ids": [bytes(32)] * 4097}, 1),
+        ({"op": "get_snapshot", "rid": 1, "id": "x" * 32}, 1),
+        ({"op": "put", "rid": 1, "id": bytes(32), "type": 1.0, "data": b""}, 1),
+    ],
+)
+def test_wrong_types_are_bad_request(daemon, msg, rid):
+    client = daemon.client()
+    client.send(msg)
+    expect_fatal(client, "bad_request", rid)
+    assert_serving(daemon)
+
+
+def vm_hwm_mib(pid: int) -> int:
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) >> 10
+    raise AssertionError("no VmHWM")
+
+
+def test_small_frame_cannot_expand_into_huge_memory(daemon):
+    # 8 MiB of empty arrays would decode into ~8M Python lists (~600 MiB) without the shape check
+    payload = b"\x82\xa2op\xa4have\xa3rid\xdd" + struct.pack(">I", frames.MAX_FRAME - 16)
+    payload += b"\x90" * (frames.MAX_FRAME - len(payload))
+    for _ in range(3):
+        client = daemon.client()
+        client.send_raw(raw_frame(payload))
+        expect_fatal(client, "bad_frame")
+    assert vm_hwm_mib(daemon.proc.pid) < 300
+
+
+def test_responses_before_a_fatal_error_are_sent_in_order(daemon, repo):
+    client = daemon.open_repo(repo, create=True)
+    client.send_raw(
+        frame({"op": "put", "rid": 5, "id": blob_id(1), "type": 1, "data": b"one"})
+        + frame({"op": "frobnicate", "rid": 6})
+        + frame({"op": "have", "rid": 7, "ids": [bytes(31)]})
+        + frame({"op": "stats", "rid": 8})  # never answered: the connection is closed before
+    )
+    assert client.recv() == {"op": "ok", "rid": 5, "stored": True}
+    assert client.recv()["code"] == "unknown_op"
+    expect_fatal(client, "bad_request", 7)
+    reader = daemon.open_repo(repo, write=False)  # what was put before the error is kept
+    assert reader.call("have", ids=[blob_id(1)])["missing"] == []
+    reader.bye()
+
+
+@pytest.mark.parametrize("how", ["half-close", "close"])
+@pytest.mark.parametrize("cut", [2, 4, 100, 600_000])
+def test_disconnect_mid_put(daemon, repo, how, cut):
+    client = daemon.open_repo(repo, create=True)
+    for n in range(3):
+        assert client.call("put", id=blob_id(n), type=1, data=os.urandom(200_000))["stored"]
+    partial = frame({"op": "put", "rid": 99, "id": blob_id("cut"), "type": 1, "data": os.urandom(1 * MiB)})
+    client.send_raw(partial[:cut])
+    if how == "half-close":
+        client.close_write()
+        expect_fatal(client, "bad_frame")
+    else:
+        client.sock.close()
+        daemon.wait_for_log(f"repo={repo} ops=")  # the connection has ended
+
+    writer = daemon.open_repo(repo)  # the lock was released
+    ids = [blob_id(n) for n in range(3)] + [blob_id("cut")]
+    assert writer.call("have", ids=ids)["missing"] == [3]  # sealed what was put, nothing half-way
+    writer.bye()
+    check = daemon.check(repo)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_stalled_hostile_client_does_not_block_others(daemon, repo):
+    stalled = daemon.open_repo(repo, create=True)
+    stalled.send_raw(struct.pack(">I", 5 * MiB) + bytes(1000))  # then nothing more
+    other = daemon.open_repo(repo + "-other", create=True)
+    assert other.call("put", id=blob_id(1), type=1, data=b"x")["stored"]
+    other.bye()
+    stalled.close()
+
+
+def test_garbage_after_header(daemon):
+    for seed in range(5):
+        client = daemon.client()
+        send_quietly(client, hashlib.sha512(bytes([seed])).digest() * 50)
+        answer = client.recv()
+        if answer is not None:
+            assert answer["op"] == "error" and answer["code"] in ("bad_frame", "frame_too_large"), answer
+        client.close()
+    assert_serving(daemon)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    hello=st.booleans(),
+    chunks=st.lists(
+        st.one_of(
+            st.binary(max_size=64),
+            st.builds(raw_frame, st.binary(max_size=64)),
+            st.builds(
+                frame,
+                st.dictionaries(
+                    st.sampled_from(["op", "rid", "id", "ids", "write", "data", "type", "x"]),
+                    st.one_of(
+                        st.sampled_from(["open", "put", "have", "get", "stats", "list", "bye", "hello"]),
+                        st.integers(-3, 2**64 - 1),
+                        st.binary(max_size=40),
+                        st.booleans(),
+                        st.lists(st.binary(min_size=30, max_size=34), max_size=3),
+                    ),
+                ),
+            ),
+        ),
+        max_size=6,
+    ),
+)
+def test_fuzz_stream(daemon, hello, chunks):
+    client = daemon.client("fuzz", hello=hello)
+    for chunk in chunks:
+        send_quietly(client, chunk)
+    try:
+        client.close_write()
+    except OSError:
+        pass
+    while (answer := client.recv()) is not None:  # error frames or answers, then EOF
+        assert answer["op"] != "error" or answer["code"] in {
+            "bad_frame", "frame_too_large", "bad_request", "unknown_op", "bad_repo_name",
+            "no_repository", "read_only", "not_found", "too_large", "exists",
+        }, answer  # fmt: skip
+    client.close()
+    assert "error internal" not in daemon.log_text() and "Traceback" not in daemon.log_text()
+
+
+def test_daemon_survives_all_of_the_above_at_once(daemon):
+    closed = daemon.closed_connections()
+    clients = [daemon.client() for _ in range(20)]
+    for n, client in enumerate(clients):
+        send_quietly(client, [b"\0\0\0\0", struct.pack(">I", 2**32 - 1), b"\xde\xad" * 10][n % 3])
+    for client in clients:
+        client.close()
+    daemon.wait_connections_closed(closed + 20)
+    assert_serving(daemon)
+    assert "Traceback" not in daemon.log_text()
+
+
+def test_reset_by_peer_while_daemon_writes(daemon, repo):
+    client = daemon.open_repo(repo, create=True)
+    data = os.urandom(4 * MiB)
+    assert client.call("put", id=blob_id("big"), type=1, data=data)["stored"]
+    for _ in range(5):  # ask for ~400 MiB of answers and vanish without reading them
+        client.request("get", ids=[blob_id("big")] * 20)
+    assert client.recv()["op"] == "blob"  # the daemon is in the middle of answering
+    time.sleep(0.5)  # let it fill its answer queue and block on it (not an assertion on time)
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.sock.close()
+    daemon.wait_for_log(f"repo={repo} ops=")
+    writer = daemon.open_repo(repo)
+    assert writer.call("have", ids=[blob_id("big")])["missing"] == []
+    writer.bye()
+    assert "error internal" not in daemon.log_text() and "Traceback" not in daemon.log_text()

@@ -1,0 +1,363 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Daemon-side wire codec: qrexec header, length-prefixed msgpack frames and
+per-operation request validation (docs/PROTOCOL.md, version 1).
+
+Everything here parses bytes from the client, which the daemon treats as
+hostile. Parsing is sans-IO (the server feeds bytes in) and every failure is
+a `ProtocolError` carrying the protocol error code, or a `HeaderError` for the
+qrexec header; nothing else escapes.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (PROTOCOL_VERSION,)
+SERVICE = "qubes.BackupChunk"
+ALLOWED_SOURCE = "dom0"
+
+MAX_HEADER = 256
+MAX_FRAME = 8 << 20
+MAX_BATCH = 4096
+MAX_COMMIT_REFS = 65536
+MAX_BLOB = (4 << 20) + (64 << 10)
+MAX_SNAPSHOT = 4 << 20
+MAX_CONFIG = 64 << 10
+MIN_PACK_SIZE = 8 << 20
+MAX_PACK_SIZE = 512 << 20
+ID_LEN = 32
+MAX_RID = 1 << 63
+# Shape of any valid request: a map whose values are scalars or arrays of
+# scalars, with at most a commit's refs and a few fields. Checked before
+# decoding, so a small frame cannot expand into millions of Python objects.
+MAX_DEPTH = 2
+MAX_OBJECTS = MAX_COMMIT_REFS + 64
+
+_LENGTH = struct.Struct(">I")
+_REPO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+# Codes after which the daemon closes the connection (PROTOCOL.md §6).
+FATAL_CODES = frozenset(
+    {"bad_frame", "frame_too_large", "bad_request", "unsupported_version", "forbidden", "internal"}
+)
+
+
+class ProtocolError(Exception):
+    """A violation of the protocol, reported to the client as an error frame."""
+
+    def __init__(self, code: str, message: str, rid: int | None = None, **extra: Any):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.rid = rid
+        self.extra = extra
+
+    @property
+    def fatal(self) -> bool:
+        return self.code in FATAL_CODES
+
+
+class HeaderError(Exception):
+    """The qrexec header is missing, oversized or malformed: close at once."""
+
+
+def describe(untrusted: bytes | str, limit: int = 64) -> str:
+    """Printable, escaped and truncated rendering of untrusted data for messages."""
+    text = untrusted[:limit]
+    if isinstance(text, bytes):
+        text = text.decode("latin-1")
+    return ascii(text)[1:-1] + ("..." if len(untrusted) > limit else "")
+
+
+# --- qrexec header ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Header:
+    """The qrexec header: calling qube and the (validated) repository name."""
+
+    untrusted_source: bytes  # only ever compared with ALLOWED_SOURCE
+    repo: str | None
+    repo_problem: str | None  # why there is no usable name (None when repo is set)
+
+    @property
+    def from_allowed_source(self) -> bool:
+        return self.untrusted_source == ALLOWED_SOURCE.encode()
+
+
+def valid_repo_name(name: str) -> bool:
+    return _REPO_NAME.fullmatch(name) is not None and ".." not in name
+
+
+def parse_header(untrusted_header: bytes) -> Header:
+    """Parse `SERVICE[+ARG] SP SOURCE` (without the NUL).
+
+    A wrong service or an unparsable header raises HeaderError (fatal). A
+    missing or invalid repository name is not fatal here: it is recorded and
+    reported as `bad_repo_name` when an operation needs the repository.
+    """
+    parts = untrusted_header.split(b" ")
+    if len(parts) != 2 or not parts[1]:
+        raise HeaderError(f"malformed qrexec header \"{describe(untrusted_header)}\"")
+    untrusted_service, untrusted_source = parts
+    untrusted_name, plus, untrusted_arg = untrusted_service.partition(b"+")
+    if untrusted_name != SERVICE.encode():
+        raise HeaderError(f"unexpected service \"{describe(untrusted_name)}\"")
+    if not plus or not untrusted_arg:
+        return Header(untrusted_source, None, "no repository name given")
+    if untrusted_arg.isascii() and valid_repo_name(untrusted_arg.decode("ascii")):
+        return Header(untrusted_source, untrusted_arg.decode("ascii"), None)
+    return Header(untrusted_source, None, f"invalid repository name \"{describe(untrusted_arg)}\"")
+
+
+# --- frames -----------------------------------------------------------------
+
+
+# msgpack scalar types by first byte: (bytes of length field, fixed size after it)
+_SCALARS: dict[int, tuple[int, int]] = {
+    0xC0: (0, 0), 0xC2: (0, 0), 0xC3: (0, 0),  # nil, false, true
+    0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0),  # bin 8/16/32
+    0xCA: (0, 4), 0xCB: (0, 8),  # float 32/64
+    0xCC: (0, 1), 0xCD: (0, 2), 0xCE: (0, 4), 0xCF: (0, 8),  # uint 8..64
+    0xD0: (0, 1), 0xD1: (0, 2), 0xD2: (0, 4), 0xD3: (0, 8),  # int 8..64
+    0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0),  # str 8/16/32
+}  # fmt: skip
+# containers: first byte -> (bytes of count field, objects per counted item)
+_CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
+
+
+def check_shape(untrusted_payload: bytes) -> None:
+    """Walk the msgpack encoding without building objects: bound nesting and object count.
+
+    Ext types and the never-used byte are refused here too; exactness (one
+    object, no trailing bytes, valid UTF-8) is left to the decoder.
+    """
+    data = untrusted_payload
+    pos = objects = 0
+    pending = [1]  # objects still to read at each open nesting level
+    while pending:
+        if pending[-1] == 0:
+            pending.pop()
+            continue
+        pending[-1] -= 1
+        objects += 1
+        if objects > MAX_OBJECTS or pos >= len(data):
+            raise ProtocolError("bad_frame", "frame payload too complex or truncated")
+        first = data[pos]
+        pos += 1
+        count = per_item = 0
+        if first <= 0x7F or first >= 0xE0:  # fixint
+            continue
+        if 0xA0 <= first <= 0xBF:  # fixstr
+            pos += first & 0x1F
+        elif 0x80 <= first <= 0x9F:  # fixmap, fixarray
+            count, per_item = first & 0x0F, 2 if first <= 0x8F else 1
+        elif first in _SCALARS:
+            length_size, fixed = _SCALARS[first]
+            pos += length_size + fixed + int.from_bytes(data[pos : pos + length_size], "big")
+        elif first in _CONTAINERS:
+            count_size, per_item = _CONTAINERS[first]
+            count = int.from_bytes(data[pos : pos + count_size], "big")
+            pos += count_size
+        else:
+            raise ProtocolError("bad_frame", f"msgpack type 0x{first:02x} not allowed")
+        if per_item:
+            if len(pending) > MAX_DEPTH:
+                raise ProtocolError("bad_frame", f"frame payload nested deeper than {MAX_DEPTH}")
+            if objects + count * per_item > MAX_OBJECTS:
+                raise ProtocolError("bad_frame", "frame payload has too many objects")
+            pending.append(count * per_item)
+    if pos > len(data):
+        raise ProtocolError("bad_frame", "frame payload truncated")
+
+
+def _no_ext(code: int, data: bytes) -> None:
+    raise ValueError(f"ext type {code} not allowed")
+
+
+def decode_payload(untrusted_payload: bytes) -> dict[str, Any]:
+    """Decode one frame payload: exactly one msgpack map with string keys."""
+    check_shape(untrusted_payload)
+    try:
+        obj = msgpack.unpackb(
+            untrusted_payload,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_FRAME,
+            max_str_len=MAX_FRAME,
+            max_array_len=MAX_FRAME,
+            max_map_len=MAX_FRAME,
+            max_ext_len=0,
+            ext_hook=_no_ext,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ProtocolError("bad_frame", f"invalid msgpack payload: {type(exc).__name__}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("bad_frame", "frame payload is not a map")
+    if not all(type(key) is str for key in obj):
+        raise ProtocolError("bad_frame", "frame map has non-string keys")
+    return obj
+
+
+def encode_frame(message: dict[str, Any]) -> bytes:
+    """Encode one message as a frame; raises ProtocolError("internal") if oversized."""
+    payload = msgpack.packb(message, use_bin_type=True)
+    if len(payload) > MAX_FRAME:
+        raise ProtocolError("internal", f"response of {len(payload)} bytes exceeds MAX_FRAME")
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def error_message(rid: int | None, code: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"op": "error", "rid": rid, "code": code, "message": message, **extra}
+
+
+class Decoder:
+    """Incremental decoder of the byte stream from the client.
+
+    Feed it bytes as they arrive; take the qrexec header once, then frames.
+    It never holds more than the header limit or one frame plus what was fed
+    beyond it, and checks a frame's length before waiting for its body.
+    """
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    @property
+    def pending(self) -> int:
+        """Bytes received but not yet consumed."""
+        return len(self._buf)
+
+    def header(self) -> bytes | None:
+        """The raw header (without NUL), or None until the NUL has arrived."""
+        end = self._buf.find(b"\0", 0, MAX_HEADER)
+        if end < 0:
+            if len(self._buf) >= MAX_HEADER:
+                raise HeaderError(f"qrexec header longer than {MAX_HEADER} bytes")
+            return None
+        raw = bytes(self._buf[:end])
+        del self._buf[: end + 1]
+        return raw
+
+    def frame(self) -> dict[str, Any] | None:
+        """The next decoded frame payload, or None until it is complete."""
+        if len(self._buf) < _LENGTH.size:
+            return None
+        (length,) = _LENGTH.unpack_from(self._buf)
+        if length == 0:
+            raise ProtocolError("bad_frame", "frame of length 0")
+        if length > MAX_FRAME:
+            raise ProtocolError("frame_too_large", f"frame of {length} bytes exceeds {MAX_FRAME}")
+        end = _LENGTH.size + length
+        if len(self._buf) < end:
+            return None
+        with memoryview(self._buf) as view:
+            payload = bytes(view[_LENGTH.size : end])
+        del self._buf[:end]
+        return decode_payload(payload)
+
+
+# --- request validation -----------------------------------------------------
+
+# Field kinds and what each must be; bin sizes over a limit are checked last
+# (after every type is known to be right) and answer `too_large`.
+_SCHEMAS: dict[str, dict[str, str]] = {
+    "hello": {"versions": "versions", "client": "str"},
+    "init": {"config": "config", "pack_size": "pack_size"},
+    "open": {"write": "bool"},
+    "set_config": {"config": "config", "expect": "config"},
+    "have": {"ids": "ids"},
+    "put": {"id": "id", "type": "type", "data": "blob", "refs": "ids"},
+    "flush": {},
+    "commit": {"id": "id", "data": "snapshot", "refs": "commit_refs"},
+    "list": {},
+    "get_snapshot": {"id": "id"},
+    "get": {"ids": "ids"},
+    "delete_snapshot": {"id": "id"},
+    "stats": {},
+    "bye": {},
+}
+_OPTIONAL = {"put": frozenset({"refs"})}
+WRITE_OPS = frozenset({"set_config", "put", "flush", "commit", "delete_snapshot"})
+_SIZE_LIMITS = {"blob": MAX_BLOB, "snapshot": MAX_SNAPSHOT, "config": MAX_CONFIG}
+_ID_LIMITS = {"ids": MAX_BATCH, "commit_refs": MAX_COMMIT_REFS}
+
+
+@dataclass(frozen=True)
+class Request:
+    """A validated request: every field present has its exact type and bounds."""
+
+    op: str
+    rid: int
+    args: dict[str, Any]
+
+
+def _is_id(untrusted: Any) -> bool:
+    return type(untrusted) is bytes and len(untrusted) == ID_LEN
+
+
+def _type_problem(kind: str, untrusted: Any) -> str | None:
+    """What is wrong with the type or shape of a field, or None."""
+    if kind == "id":
+        return None if _is_id(untrusted) else f"must be bin of {ID_LEN} bytes"
+    if kind in _ID_LIMITS:
+        if type(untrusted) is not list:
+            return "must be an array of ids"
+        if len(untrusted) > _ID_LIMITS[kind]:
+            return f"has {len(untrusted)} ids, limit {_ID_LIMITS[kind]}"
+        return None if all(map(_is_id, untrusted)) else f"holds an id that is not {ID_LEN} bytes"
+    if kind in _SIZE_LIMITS:
+        return None if type(untrusted) is bytes else "must be bin"
+    if kind == "type":
+        return None if type(untrusted) is int and 0 <= untrusted <= 255 else "must be an int 0..255"
+    if kind == "bool":
+        return None if type(untrusted) is bool else "must be a bool"
+    if kind == "str":
+        return None if type(untrusted) is str else "must be a str"
+    if kind == "versions":
+        ok = type(untrusted) is list and all(type(v) is int for v in untrusted)
+        return None if ok else "must be an array of ints"
+    if kind == "pack_size":
+        ok = type(untrusted) is int and MIN_PACK_SIZE <= untrusted <= MAX_PACK_SIZE
+        return None if ok else f"must be an int {MIN_PACK_SIZE}..{MAX_PACK_SIZE}"
+    raise AssertionError(f"unknown field kind {kind}")
+
+
+def validate_request(untrusted_msg: dict[str, Any]) -> Request:
+    """Check a decoded frame against its operation's schema (exact keys, types, bounds)."""
+    untrusted_rid = untrusted_msg.get("rid")
+    if type(untrusted_rid) is not int or not 0 <= untrusted_rid < MAX_RID:
+        raise ProtocolError("bad_request", "rid must be an int 0 <= rid < 2^63")
+    rid = untrusted_rid
+    untrusted_op = untrusted_msg.get("op")
+    if type(untrusted_op) is not str:
+        raise ProtocolError("bad_request", "op must be a str", rid)
+    schema = _SCHEMAS.get(untrusted_op)
+    if schema is None:
+        raise ProtocolError("unknown_op", f"unknown op \"{describe(untrusted_op)}\"", rid)
+    op = untrusted_op
+    fields = set(untrusted_msg) - {"op", "rid"}
+    unknown = fields - schema.keys()
+    if unknown:
+        raise ProtocolError("bad_request", f"{op}: unknown field \"{describe(min(unknown))}\"", rid)
+    missing = schema.keys() - fields - _OPTIONAL.get(op, frozenset())
+    if missing:
+        raise ProtocolError("bad_request", f"{op}: missing field {min(missing)}", rid)
+    for name in sorted(fields):
+        problem = _type_problem(schema[name], untrusted_msg[name])
+        if problem:
+            raise ProtocolError("bad_request", f"{op}: {name} {problem}", rid)
+    for name in sorted(fields):
+        limit = _SIZE_LIMITS.get(schema[name])
+        if limit is not None and len(untrusted_msg[name]) > limit:
+            size = len(untrusted_msg[name])
+            raise ProtocolError("too_large", f"{op}: {name} of {size} bytes exceeds {limit}", rid)
+    return Request(op, rid, {name: untrusted_msg[name] for name in fields})

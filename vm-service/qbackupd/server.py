@@ -1,0 +1,458 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""The daemon's trio server: a Unix socket that qrexec connects to, one
+session per connection (qrexec header, hello, requests), in-band errors.
+
+Per connection three tasks run: a reader decodes and validates frames into a
+bounded channel, a worker executes requests strictly in order (storage calls
+block, so they run in a thread), and a writer sends the encoded responses.
+The daemon keeps reading while it writes, and a full response channel stops
+the worker and then the reader (back-pressure), so a client that reads
+concurrently never deadlocks. However a connection ends, its repository is
+closed: what was put is sealed and the writer lock released.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import signal
+import socket
+import stat
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from . import frames
+from .frames import ProtocolError, Request
+from .storage import Locked, MissingRefs, Repository, Storage, StorageError
+
+log = logging.getLogger("qbackupd")
+
+SERVER_NAME = f"qbackupd/{version('qbackupd')}"
+REQUEST_QUEUE = 4  # decoded requests waiting for the worker (each up to MAX_FRAME)
+RESPONSE_QUEUE = 8  # encoded frames waiting for the writer
+RECV_SIZE = 256 << 10
+WRITE_COALESCE = 1 << 20  # small frames are joined into one send up to this size
+MAX_LISTED_REFS = 64  # ids named in a missing_refs error
+GET_CHUNK = 4 << 20  # a get reads blobs in a worker thread until this many bytes, then sends them
+STAT_KEYS = ("packs", "blobs", "bytes", "snapshots", "pack_bytes")
+
+
+class ServerError(Exception):
+    """The server cannot start (socket path in use, not a socket, ...)."""
+
+
+class Connection:
+    """One client session, from the qrexec header to the close."""
+
+    def __init__(self, storage: Storage, stream: trio.SocketStream, number: int):
+        self.storage = storage
+        self.stream = stream
+        self.number = number
+        self.decoder = frames.Decoder()
+        self.header: frames.Header | None = None
+        self.repo: Repository | None = None
+        self.writable = False
+        self.hello_done = False
+        self.ops = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.result = "closed before header"
+        self.peer_gone = False  # the client stopped reading before all answers were sent
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            if await self._accept_header():
+                await self._session()
+        except Exception:
+            log.exception("conn %d: unexpected failure", self.number)
+            self.result = "internal error"
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._close_repository()
+                await self.stream.aclose()
+            log.info(
+                "conn %d: source=%s repo=%s ops=%d in=%d out=%d result=%s%s",
+                self.number,
+                frames.describe(self.header.untrusted_source) if self.header else "-",
+                self.header.repo if self.header and self.header.repo else "-",
+                self.ops,
+                self.bytes_in,
+                self.bytes_out,
+                self.result,
+                " (client went away)" if self.peer_gone else "",
+            )
+
+    async def _accept_header(self) -> bool:
+        """Read and check the qrexec header; False if the connection must close."""
+        try:
+            while (raw := self.decoder.header()) is None:
+                if not await self._receive():
+                    return False
+        except frames.HeaderError as exc:
+            self.result = f"bad header: {exc}"
+            return False
+        try:
+            self.header = frames.parse_header(raw)
+        except frames.HeaderError as exc:
+            await self._send_fatal(ProtocolError("bad_request", str(exc)))
+            return False
+        if not self.header.from_allowed_source:
+            await self._send_fatal(ProtocolError("forbidden", "only dom0 may use this service"))
+            return False
+        self.result = "closed without bye"
+        return True
+
+    async def _send_fatal(self, error: ProtocolError) -> None:
+        """Answer an error before the session started, then let the caller close."""
+        self.result = f"error {error.code}: {error.message}"
+        log.warning("conn %d: %s", self.number, self.result)
+        try:
+            await self._send_bytes(frames.encode_frame(self._error_frame(error)))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _session(self) -> None:
+        requests_in, requests_out = trio.open_memory_channel[Request | ProtocolError](REQUEST_QUEUE)
+        frames_in, frames_out = trio.open_memory_channel[bytes](RESPONSE_QUEUE)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._reader, requests_in)
+            nursery.start_soon(self._worker, requests_out, frames_in)
+            await self._writer(frames_out)
+            nursery.cancel_scope.cancel()
+
+    async def _close_repository(self) -> None:
+        if self.repo is None:
+            return
+        repo, self.repo = self.repo, None
+        try:
+            await trio.to_thread.run_sync(repo.close)
+        except (StorageError, OSError) as exc:
+            log.error("conn %d: closing repository failed: %s", self.number, exc)
+            self.result = f"close failed: {exc}"
+
+    # --- the three tasks -------------------------------------------------------------
+
+    async def _receive(self) -> bool:
+        """Feed the decoder with what arrives; False at EOF or on a reset."""
+        try:
+            data = await self.stream.receive_some(RECV_SIZE)
+        except trio.BrokenResourceError:
+            data = b""
+        self.bytes_in += len(data)
+        self.decoder.feed(data)
+        return bool(data)
+
+    async def _next_request(self) -> Request | None:
+        """The next validated request, None at a clean EOF; raises ProtocolError."""
+        while (untrusted_msg := self.decoder.frame()) is None:
+            if not await self._receive():
+                if self.decoder.pending:
+                    raise ProtocolError("bad_frame", "stream ended inside a frame")
+                return None
+        return frames.validate_request(untrusted_msg)
+
+    async def _reader(self, requests: trio.MemorySendChannel[Request | ProtocolError]) -> None:
+        async with requests:
+            while True:
+                item: Request | ProtocolError | None
+                try:
+                    item = await self._next_request()
+                except ProtocolError as exc:
+                    item = exc
+                if item is None:
+                    return
+                try:
+                    await requests.send(item)
+                except trio.BrokenResourceError:
+                    return  # the worker has finished the session
+                last = item.fatal if isinstance(item, ProtocolError) else item.op == "bye"
+                if last:
+                    return
+
+    async def _worker(
+        self,
+        requests: trio.MemoryReceiveChannel[Request | ProtocolError],
+        responses: trio.MemorySendChannel[bytes],
+    ) -> None:
+        async with requests, responses:
+            try:
+                async for item in requests:
+                    if await self._handle(item, responses):
+                        break
+            except trio.BrokenResourceError:
+                return  # the writer is gone (client went away); the session's close does the rest
+            await self._close_repository()  # before the writer's EOF tells the client we are done
+
+    async def _writer(self, responses: trio.MemoryReceiveChannel[bytes]) -> None:
+        try:
+            async with responses:
+                async for data in responses:
+                    chunks = [data]
+                    size = len(data)
+                    while size < WRITE_COALESCE:
+                        try:
+                            chunks.append(responses.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        size += len(chunks[-1])
+                    await self._send_bytes(b"".join(chunks) if len(chunks) > 1 else data)
+            await self.stream.send_eof()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.peer_gone = True
+
+    async def _send_bytes(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+        self.bytes_out += len(data)
+
+    # --- requests --------------------------------------------------------------------
+
+    def _error_frame(self, error: ProtocolError) -> dict[str, Any]:
+        return frames.error_message(error.rid, error.code, error.message, **error.extra)
+
+    async def _handle(self, item: Request | ProtocolError, responses: trio.MemorySendChannel[bytes]) -> bool:
+        """Answer one request (or report why it was invalid); True when the session ends."""
+
+        async def reply(message: dict[str, Any]) -> None:
+            await responses.send(frames.encode_frame(message))
+
+        error: ProtocolError
+        if isinstance(item, ProtocolError):
+            error = item
+            if not self.hello_done and not error.fatal:
+                error = ProtocolError("bad_request", "first frame must be hello", error.rid)
+        else:
+            self.ops += 1
+            try:
+                return await self._dispatch(item, reply)
+            except trio.BrokenResourceError:
+                raise  # from `reply`: nobody reads the answers any more
+            except ProtocolError as exc:
+                error = exc
+            except Locked as exc:
+                error = ProtocolError(exc.code, str(exc), item.rid, holder=exc.holder)
+            except MissingRefs as exc:
+                error = ProtocolError(exc.code, str(exc), item.rid, ids=list(exc.ids[:MAX_LISTED_REFS]))
+            except StorageError as exc:
+                error = ProtocolError(exc.code, str(exc), item.rid)
+            except OSError as exc:
+                error = ProtocolError("io", f"storage error: {exc}", item.rid)
+            except Exception:
+                log.exception("conn %d: internal error in %s", self.number, item.op)
+                error = ProtocolError("internal", f"internal error in {item.op}", item.rid)
+            if error.rid is None:
+                error.rid = item.rid
+        log.warning("conn %d: error %s (rid %s): %s", self.number, error.code, error.rid, error.message)
+        if error.fatal:
+            self.result = f"error {error.code}: {error.message}"
+        await reply(self._error_frame(error))
+        return error.fatal
+
+    async def _dispatch(self, req: Request, reply: Callable[[dict[str, Any]], Awaitable[None]]) -> bool:
+        """Execute one request and send its answer(s); True when the session ends."""
+        if req.op == "hello":
+            await reply(self._hello(req))
+            return False
+        if not self.hello_done:
+            raise ProtocolError("bad_request", "first frame must be hello", req.rid)
+        if req.op == "bye":
+            if self.repo is not None:
+                repo, self.repo = self.repo, None
+                await trio.to_thread.run_sync(repo.close)  # a failure to seal answers an error
+            await reply({"op": "bye", "rid": req.rid, "status": "ok"})
+            self.result = "ok"
+            return True
+        if req.op in ("init", "open"):
+            await reply(await self._open(req))
+            return False
+        if self.repo is None:
+            raise ProtocolError("no_repository", "no repository is open", req.rid)
+        if req.op in frames.WRITE_OPS and not self.writable:
+            raise ProtocolError("read_only", f"{req.op} needs the repository opened for writing", req.rid)
+        if req.op == "get":
+            ids = req.args["ids"]
+            while ids:
+                found = await trio.to_thread.run_sync(self._read_blobs, self.repo, ids)
+                for id_, blob in zip(ids, found):
+                    if blob is None:
+                        await reply({"op": "missing", "rid": req.rid, "id": id_})
+                    else:
+                        await reply({"op": "blob", "rid": req.rid, "id": id_, "type": blob[0], "data": blob[1]})
+                ids = ids[len(found) :]
+            await reply({"op": "done", "rid": req.rid})
+            return False
+        answer = await trio.to_thread.run_sync(self._call_storage, self.repo, req)
+        await reply({**answer, "rid": req.rid})
+        return False
+
+    def _hello(self, req: Request) -> dict[str, Any]:
+        if self.hello_done:
+            raise ProtocolError("bad_request", "hello sent twice", req.rid)
+        common = set(req.args["versions"]) & set(frames.SUPPORTED_VERSIONS)
+        if not common:
+            raise ProtocolError(
+                "unsupported_version",
+                "no common protocol version",
+                req.rid,
+                versions=list(frames.SUPPORTED_VERSIONS),
+            )
+        self.hello_done = True
+        log.debug("conn %d: hello from %s", self.number, frames.describe(req.args["client"]))
+        assert self.header is not None
+        return {
+            "op": "hello",
+            "rid": req.rid,
+            "version": max(common),
+            "server": SERVER_NAME,
+            "max_frame": frames.MAX_FRAME,
+            "max_batch": frames.MAX_BATCH,
+            "repo": self.header.repo,
+        }
+
+    async def _open(self, req: Request) -> dict[str, Any]:
+        assert self.header is not None
+        if self.repo is not None:
+            raise ProtocolError("bad_request", f"{req.op}: a repository is already open", req.rid)
+        name = self.header.repo
+        if name is None:
+            raise ProtocolError("bad_repo_name", self.header.repo_problem or "no repository name", req.rid)
+        holder = f"qbackupd connection {self.number} from dom0"
+
+        def open_repository() -> None:
+            # set from the thread, so that a cancelled wait cannot lose (and leak) the Repository
+            if req.op == "init":
+                self.repo = self.storage.create(name, req.args["config"], req.args["pack_size"], holder)
+            else:
+                self.repo = self.storage.open(name, req.args["write"], holder)
+
+        await trio.to_thread.run_sync(open_repository)
+        assert self.repo is not None
+        self.writable = req.op == "init" or req.args["write"]
+        if req.op == "init":
+            return {"op": "ok", "rid": req.rid}
+        return {
+            "op": "opened",
+            "rid": req.rid,
+            "config": self.repo.config,
+            "pack_size": self.repo.pack_size,
+            "format": self.repo.format,
+        }
+
+    @staticmethod
+    def _read_blobs(repo: Repository, ids: list[bytes]) -> list[tuple[int, bytes] | None]:
+        """Read the first blobs of `ids`, at least one, up to GET_CHUNK bytes; in a thread."""
+        found: list[tuple[int, bytes] | None] = []
+        size = 0
+        for id_ in ids:
+            if size >= GET_CHUNK:
+                break
+            blob = repo.get(id_)
+            found.append(blob)
+            size += len(blob[1]) if blob else 0
+        return found
+
+    @staticmethod
+    def _call_storage(repo: Repository, req: Request) -> dict[str, Any]:
+        """Run one simple (single-answer) request against the repository; in a thread."""
+        args = req.args
+        if req.op == "have":
+            return {"op": "have", "missing": repo.have(args["ids"])}
+        if req.op == "put":
+            return {"op": "ok", "stored": repo.put(args["id"], args["type"], args["data"], args.get("refs"))}
+        if req.op == "flush":
+            repo.flush()
+        elif req.op == "commit":
+            repo.commit(args["id"], args["data"], args["refs"])
+        elif req.op == "set_config":
+            repo.set_config(args["config"], args["expect"])
+        elif req.op == "delete_snapshot":
+            repo.delete_snapshot(args["id"])
+        elif req.op == "list":
+            snapshots = [{"id": id_, "size": size, "time": stime} for id_, size, stime in repo.list_snapshots()]
+            return {"op": "list", "snapshots": snapshots}
+        elif req.op == "get_snapshot":
+            data, refs = repo.get_snapshot(args["id"])
+            return {"op": "snapshot", "id": args["id"], "data": data, "refs": refs}
+        elif req.op == "stats":
+            stats = repo.stats()
+            return {"op": "stats", **{key: stats[key] for key in STAT_KEYS}}
+        else:
+            raise AssertionError(f"unhandled op {req.op}")
+        return {"op": "ok"}
+
+
+# --- listening socket and process lifecycle ---------------------------------------
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket left by a dead daemon; refuse anything else at `path`."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ServerError(f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            os.unlink(path)
+            return
+    raise ServerError(f"another process is listening on {path}")
+
+
+async def _bind(path: Path) -> trio.socket.SocketType:
+    _clear_stale_socket(path)
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o117)  # no window with a wider mode than 0660
+    try:
+        await sock.bind(str(path))
+    except OSError as exc:
+        sock.close()
+        raise ServerError(f"cannot bind {path}: {exc.strerror or exc}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o660)
+    sock.listen(128)
+    return sock
+
+
+async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            log.info("received %s, closing repositories and stopping", signal.Signals(signum).name)
+            cancel_scope.cancel()
+            return
+
+
+async def serve(storage: Storage, socket_path: Path) -> None:
+    """Serve connections on `socket_path` until SIGTERM/SIGINT."""
+    sock = await _bind(socket_path)
+    inode = os.stat(socket_path).st_ino
+    counter = itertools.count(1)
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await Connection(storage, stream, next(counter)).run()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+            await nursery.start(trio.serve_listeners, handler, [trio.SocketListener(sock)])
+            log.info("%s listening on %s", SERVER_NAME, socket_path)
+    finally:
+        try:
+            if os.stat(socket_path).st_ino == inode:
+                os.unlink(socket_path)
+        except FileNotFoundError:
+            pass
+        log.info("stopped")
+
+
+def run(storage: Storage, socket_path: Path) -> None:
+    """Run the server in the foreground until a signal stops it."""
+    trio.run(serve, storage, socket_path)
