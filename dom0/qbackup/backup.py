@@ -318,6 +318,9 @@ def backup(session, keys: crypto.Keys, sources: list[VolumeSource], qubes_meta: 
                 pipeline.end(vol)
             pipeline.drain()
         except BaseException:
+            # Workers may be blocked sending to a backup qube that stopped
+            # reading: kill the session first so they wake, then join them.
+            session.abort("backup interrupted")
             pool.shutdown(cancel_futures=True)
             raise
     session.flush()

@@ -594,6 +594,11 @@ class Session:
             m, "stats", packs=count, blobs=count, bytes=count, snapshots=count,
             pack_bytes=count)).result()
 
+    def abort(self, reason: str = "session aborted") -> None:
+        """Kill the session at once (an error or an interrupt elsewhere): every
+        blocked or later call fails, and the daemon sees the connection drop."""
+        self._fail(QbackupError(reason))
+
     def close(self) -> None:
         """Say bye and wait for the daemon's final status; then release the transport.
 

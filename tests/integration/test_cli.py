@@ -337,10 +337,15 @@ def test_interrupted_backup_exits_130(sim):
     client = subprocess.Popen(sim.argv("backup", "work"), stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     wait_for(lambda: any(packs.rglob("*.pack")) or client.poll() is not None, "a pack")
-    client.send_signal(signal.SIGINT)
-    out, err = client.communicate(timeout=DEADLINE)
-    if client.returncode == 0:
-        pytest.skip("the backup ended before the interrupt arrived")
+    # Freeze the backup qube so the backup cannot finish before the interrupt lands.
+    frozen = daemon_pid(sim.dir)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        assert client.poll() is None, "the backup ended before the interrupt"
+        client.send_signal(signal.SIGINT)
+        out, err = client.communicate(timeout=DEADLINE)
+    finally:
+        os.kill(frozen, signal.SIGCONT)
     assert client.returncode == 130
     assert err.strip().splitlines()[-1] == "qbackup: error: interrupted"
     wait_for(lambda: writer_lock_free(sim), "the lock")
