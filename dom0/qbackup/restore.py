@@ -14,7 +14,7 @@ written in place, zeros included.
 import os
 import re
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from qbackup import chunkmap, crypto, manifest
@@ -86,10 +86,13 @@ def resolve_snapshot(history: list[SnapshotInfo], spec: str) -> SnapshotInfo:
     return matches[0]
 
 
-def delete_snapshot(session, keys: crypto.Keys, state, snapshot: SnapshotInfo) -> None:
-    """Delete a snapshot, and record it so its absence is not taken for a rollback."""
+def delete_snapshot(session, keys: crypto.Keys, state, snapshot: SnapshotInfo,
+                    history: Sequence[SnapshotInfo] = ()) -> None:
+    """Delete a snapshot of `history` (from load_history), and record it so its
+    absence is not taken for a rollback (and, if it was the newest, that the
+    newest one left must not disappear)."""
     session.delete_snapshot(snapshot.id)
-    state.record_deleted(keys.repo_id, snapshot.id)
+    state.record_deleted(keys.repo_id, snapshot.id, history)
 
 
 class _Errors:
@@ -168,7 +171,8 @@ def _check_leaf(session, keys: crypto.Keys, leaf: Leaf, size: int, sink: _Sink,
             positions.setdefault(chunk_id, []).append(index)
     good = nbytes = 0
     window = max(4, GET_BYTES // cs)
-    for want, untrusted_type, untrusted_data, error in chunkmap.get_each(session, list(positions), window):
+    for want, untrusted_type, untrusted_data, error in chunkmap.get_each(
+            session, list(positions), window, crypto.max_blob_size(cs)):
         if error is not None:
             plain = f"cannot fetch chunk: {error}"
         else:

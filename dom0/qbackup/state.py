@@ -140,11 +140,22 @@ class State:
             record.head, record.head_time = snapshot_id, time
             self._save(repo_id, record)
 
-    def record_deleted(self, repo_id: bytes, snapshot_id: bytes) -> None:
-        """Record that this dom0 deleted a snapshot (its absence is then no rollback)."""
+    def record_deleted(self, repo_id: bytes, snapshot_id: bytes,
+                       history: Sequence[SnapshotRef] = ()) -> None:
+        """Record that this dom0 deleted a snapshot (its absence is then no rollback).
+
+        `history` is the authenticated history the deletion was chosen from.
+        If the head was deleted, the newest snapshot left in it becomes the
+        head at once: otherwise the repository could hide that one, too,
+        before the next accept() and no rule would notice.
+        """
         with self._locked(repo_id):
             record = self.load(repo_id)
             record.deleted.add(snapshot_id)
+            left = [s for s in history if s.id not in record.deleted]
+            if record.head == snapshot_id and left:
+                newest = max(left, key=lambda s: (s.time, s.id))
+                record.head, record.head_time = newest.id, newest.time
             self._save(repo_id, record)
 
     def accept(self, repo_id: bytes, snapshots: Sequence[SnapshotRef], *, allow_rollback: bool = False) -> None:

@@ -148,6 +148,25 @@ def test_own_deletion_of_head_is_not_rollback(state):
     assert state.load(REPO).head == sid(4)
 
 
+def test_hiding_the_newest_left_after_deleting_the_head_is_rollback(state):
+    """Deleting the head moves it to the newest snapshot left at once: the
+    repository cannot hide that one before the next listing."""
+    state.accept(REPO, chain(3))
+    state.record_deleted(REPO, sid(3), chain(3))
+    record = state.load(REPO)
+    assert (record.head, record.head_time, record.deleted) == (sid(2), 1002.0, {sid(3)})
+    with pytest.raises(RollbackError, match=f"{sid(2).hex()}.*missing"):
+        state.accept(REPO, chain(1))
+    state.accept(REPO, chain(2))
+    assert state.load(REPO).head == sid(2)
+
+
+def test_deleting_an_older_snapshot_keeps_the_head(state):
+    state.accept(REPO, chain(3))
+    state.record_deleted(REPO, sid(1), chain(3))
+    assert state.load(REPO).head == sid(3)
+
+
 def test_deleting_everything(state):
     state.accept(REPO, chain(1))
     state.record_deleted(REPO, sid(1))
