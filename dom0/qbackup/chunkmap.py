@@ -176,11 +176,12 @@ def _fetch_nodes(session, keys, level: int, node_ids: list[bytes], first: int, c
     return result
 
 
-def get_each(session, ids: list[bytes], window: int = 64
+def get_each(session, ids: list[bytes], window: int, max_size: int
              ) -> Iterator[tuple[bytes, int | None, bytes | None, str | None]]:
     """(id, untrusted_type, untrusted_data, error) for each of `ids`, in order.
 
-    Session.get (at most `window` blobs waiting), going on past errors. The
+    Session.get (at most `window` blobs of at most `max_size` bytes waiting:
+    a bigger one is a protocol violation), going on past errors. The
     daemon may answer a whole batch with one error, so after a RemoteError
     the ids are asked one at a time until one fails on its own: that id
     gets the error, and batching resumes after it.
@@ -190,7 +191,8 @@ def get_each(session, ids: list[bytes], window: int = 64
         batch = ids[done:done + 1] if single else ids[done:]
         start = done
         try:
-            for _, untrusted_type, untrusted_data in session.get(batch, window=window):
+            for _, untrusted_type, untrusted_data in session.get(batch, window=window,
+                                                                 max_size=max_size):
                 done += 1
                 yield ids[done - 1], untrusted_type, untrusted_data, None
         except RemoteError as e:
@@ -206,7 +208,8 @@ def get_each(session, ids: list[bytes], window: int = 64
 def _fetch(session, keys, wanted: list[bytes]) -> dict[bytes, bytes | str]:
     """Authenticated plaintext of each wanted node, or why it is unusable."""
     fetched: dict[bytes, bytes | str] = {}
-    for want, untrusted_type, untrusted_data, error in get_each(session, wanted):
+    for want, untrusted_type, untrusted_data, error in get_each(
+            session, wanted, LEAF_GROUP, crypto.max_blob_size(MAX_NODE_PLAIN)):
         if error is not None:
             fetched[want] = f"cannot fetch chunk map node: {error}"
         elif untrusted_type is None:

@@ -250,13 +250,18 @@ class Sealer:
         return bytes((BLOB_VERSION,)) + salt + nonce + sealed
 
 
+def max_blob_size(max_plain: int) -> int:
+    """The largest blob that can open to at most `max_plain` bytes."""
+    return HEADER_LEN + 1 + max_plain + TAG_LEN
+
+
 def open_blob(keys: Keys, type: int, id: bytes, untrusted_blob: bytes, max_plain: int) -> bytes:
     """Authenticate, decrypt, decompress (at most `max_plain` bytes) and, for data
     and tree blobs, check the plaintext's keyed id; IntegrityError on any failure."""
     _check_type_id(type, id)
     what = f"blob {id.hex()[:16]} (type {type})"
     size = len(untrusted_blob)
-    if not HEADER_LEN + 1 + TAG_LEN <= size <= HEADER_LEN + 1 + max_plain + TAG_LEN:
+    if not max_blob_size(0) <= size <= max_blob_size(max_plain):
         raise IntegrityError(f"{what}: size {size} out of bounds")
     if untrusted_blob[0] != BLOB_VERSION:
         raise IntegrityError(f"{what}: unknown blob version {untrusted_blob[0]}")

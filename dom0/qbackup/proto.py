@@ -19,6 +19,7 @@ import itertools
 import queue
 import struct
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any
@@ -47,6 +48,7 @@ MAX_INT = (1 << 63) - 1
 # legitimate answer, a list of 100,000 snapshots, stays below), and map size.
 MAX_OBJECTS = 1 << 19
 MAX_MAP_LEN = 32
+LOCK_RETRY = 0.2   # seconds between open attempts while the repository is locked
 READ_SIZE = 1 << 20
 # Error codes after which the daemon closes the connection (PROTOCOL §6).
 CLOSING_CODES = frozenset({"bad_frame", "frame_too_large", "bad_request",
@@ -287,9 +289,10 @@ class _GetCall:
 
     op = "get"
 
-    def __init__(self, rid: int, size: int, ids: list[bytes], stream: _Stream):
+    def __init__(self, rid: int, size: int, ids: list[bytes], stream: _Stream, max_size: int):
         self.rid, self.size = rid, size
         self._ids, self._next, self._stream = ids, 0, stream
+        self._data = _bin(max_size)
 
     def feed(self, untrusted_msg: dict) -> bool:
         op, n = untrusted_msg["op"], len(self._ids)
@@ -301,7 +304,7 @@ class _GetCall:
         if self._next == n:
             raise ProtocolError(f"more answers than the {n} ids asked")
         if op == "blob":
-            f = _fields(untrusted_msg, "blob", id=_id, type=_int(0, 255), data=_bin(MAX_BLOB))
+            f = _fields(untrusted_msg, "blob", id=_id, type=_int(0, 255), data=self._data)
             item = (f["id"], f["type"], f["data"])
         elif op == "missing":
             f = _fields(untrusted_msg, "missing", id=_id)
@@ -482,12 +485,22 @@ class Session:
         self._call("init", lambda m: _fields(m, "ok"), config=config,
                    pack_size=pack_size).result()
 
-    def open(self, write: bool) -> tuple[bytes, int]:
-        """Open the repository: (untrusted_config, pack_size)."""
-        f = self._call("open", lambda m: _fields(
-            m, "opened", config=_bin(MAX_CONFIG), pack_size=_int(MIN_PACK_SIZE, MAX_PACK_SIZE),
-            format=_int(1, 1)), write=bool(write)).result()
-        return f["config"], f["pack_size"]
+    def open(self, write: bool, *, lock_wait: float = 0.0) -> tuple[bytes, int]:
+        """Open the repository: (untrusted_config, pack_size). While another
+        writer holds the repository, retry for up to `lock_wait` seconds (an
+        interrupted run's connection may still be finishing its last requests)."""
+        deadline = time.monotonic() + lock_wait
+        while True:
+            try:
+                f = self._call("open", lambda m: _fields(
+                    m, "opened", config=_bin(MAX_CONFIG),
+                    pack_size=_int(MIN_PACK_SIZE, MAX_PACK_SIZE),
+                    format=_int(1, 1)), write=bool(write)).result()
+                return f["config"], f["pack_size"]
+            except RemoteError as e:
+                if e.code != "locked" or time.monotonic() >= deadline:
+                    raise
+            time.sleep(LOCK_RETRY)
 
     def set_config(self, config: bytes, expect: bytes) -> None:
         if len(config) > MAX_CONFIG:
@@ -543,16 +556,17 @@ class Session:
             return f["data"]
         return self._call("get_snapshot", parse, id=id).result()
 
-    def get(self, ids: Iterable[bytes], *, window: int = 64
+    def get(self, ids: Iterable[bytes], *, window: int = 64, max_size: int = MAX_BLOB
             ) -> Iterator[tuple[bytes, int | None, bytes | None]]:
         """Stream (id, untrusted_type, untrusted_data), or (id, None, None) if missing.
 
-        At most `window` ids are requested but not yet yielded, so at most
-        `window` blobs wait in memory. The generator ends only once every
-        batch has been closed by the daemon's 'done'. Closing it early is safe.
+        At most `window` ids are requested but not yet yielded, and a blob
+        over `max_size` bytes kills the session, so at most `window` blobs of
+        `max_size` wait in memory. The generator ends only once every batch
+        has been closed by the daemon's 'done'. Closing it early is safe.
         """
-        if window < 1:
-            raise ValueError("window must be at least 1")
+        if window < 1 or not 0 <= max_size <= MAX_BLOB:
+            raise ValueError(f"window must be at least 1 and max_size at most {MAX_BLOB}")
         source, stream = iter(ids), _Stream()
         outstanding = batches = 0     # ids asked but not yielded; batches not done
         exhausted = False
@@ -563,7 +577,7 @@ class Session:
                         want = min(window - outstanding, self.max_batch)
                         batch = list(itertools.islice(source, want))
                         if batch:
-                            self._send_get(batch, stream)
+                            self._send_get(batch, stream, max_size)
                             outstanding, batches = outstanding + len(batch), batches + 1
                         exhausted = len(batch) < want
                 if outstanding == 0 and batches == 0:
@@ -579,10 +593,10 @@ class Session:
         finally:
             stream.abandoned = True
 
-    def _send_get(self, ids: list[bytes], stream: _Stream) -> None:
+    def _send_get(self, ids: list[bytes], stream: _Stream, max_size: int) -> None:
         _check_ids(ids, self.max_batch, "get")
         self._send({"op": "get", "ids": ids},
-                   lambda rid, size: _GetCall(rid, size, ids, stream))
+                   lambda rid, size: _GetCall(rid, size, ids, stream, max_size))
 
     def delete_snapshot(self, id: bytes) -> None:
         _check_ids([id], 1, "delete_snapshot")

@@ -90,6 +90,10 @@ class SocketTransport(Transport):
 class ProcessTransport(Transport):
     """The stdin/stdout pipes (binary) of a process carrying the call."""
 
+    # Seconds the process may take to exit once its pipes are closed. qrexec-client
+    # waits for the backup qube to end the call, which a hostile one never does.
+    exit_grace = 10.0
+
     def __init__(self, popen: subprocess.Popen):
         if popen.stdin is None or popen.stdout is None:
             raise ValueError("ProcessTransport needs a Popen with stdin and stdout pipes")
@@ -116,7 +120,11 @@ class ProcessTransport(Transport):
                 pipe.close()
             except OSError:
                 pass  # unflushed data to a dead process: nothing more to do
-        self._proc.wait()
+        try:
+            self._proc.wait(self.exit_grace)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
 
 
 def qrexec(backup_vm: str, repo: str) -> Transport:

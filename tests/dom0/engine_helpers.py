@@ -37,7 +37,7 @@ class MemoryStore:
         self.blobs[node_id] = (type, self.sealer.seal(type, node_id, plain))
         return node_id
 
-    def get(self, ids, *, window: int = 64):
+    def get(self, ids, *, window: int = 64, max_size: int | None = None):
         self.gets += 1
         ids = list(ids)
         if self.whole_batch_errors and self.broken & set(ids):

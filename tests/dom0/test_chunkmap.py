@@ -244,7 +244,7 @@ def test_get_each_blames_only_the_failing_ids(keys, whole_batch):
     store.whole_batch_errors = whole_batch
     ids = [store.store_raw(bytes([k])) for k in range(8)]
     store.broken = {ids[1], ids[4]}
-    got = list(get_each(store, ids))
+    got = list(get_each(store, ids, 64, 1 << 20))
     assert [g[0] for g in got] == ids
     assert [g[3] is not None for g in got] == [k in (1, 4) for k in range(8)]
     assert all(g[1] == crypto.TYPE_TREE for k, g in enumerate(got) if k not in (1, 4))
@@ -253,10 +253,10 @@ def test_get_each_blames_only_the_failing_ids(keys, whole_batch):
 
 def test_get_each_rejects_short_answers(keys):
     class Short:
-        def get(self, ids, window):
+        def get(self, ids, window, max_size):
             yield ids[0], None, None
     with pytest.raises(ProtocolError, match="answered 1 of 2"):
-        list(get_each(Short(), random_ids(2)))
+        list(get_each(Short(), random_ids(2), 64, 1 << 20))
 
 
 def test_depth_must_match_chunk_count(keys):

@@ -16,7 +16,7 @@ from engine_helpers import write_file
 
 from qbackup import crypto, manifest, proto, transport
 from qbackup.backup import VolumeSource, backup
-from qbackup.chunkmap import TreeWriter
+from qbackup.chunkmap import MAX_NODE_PLAIN, TreeWriter
 from qbackup.errors import IntegrityError, QbackupError, RollbackError
 from qbackup.restore import (delete_snapshot, load_history, resolve_snapshot, restore,
                              verify)
@@ -68,7 +68,7 @@ class Repo:
             if init:
                 session.init(crypto.wrap_keys(self.keys, b"pw", scrypt_n=2 ** 14), 8 << 20)
             else:
-                session.open(write)
+                session.open(write, lock_wait=15)
             yield session
         finally:
             session.close()
@@ -291,8 +291,8 @@ class Tamper:
     def __getattr__(self, name):
         return getattr(self._session, name)
 
-    def get(self, ids, *, window=64):
-        for item in self._session.get(ids, window=window):
+    def get(self, ids, *, window=64, max_size=proto.MAX_BLOB):
+        for item in self._session.get(ids, window=window, max_size=max_size):
             yield self._alter(*item)
 
 
@@ -332,6 +332,32 @@ def test_tampered_chunks_are_caught(repo, tmp_path, attack, reason):
         result = restore(Tamper(s, alter), repo.keys, snap, {("work", "private"): str(target)})
     assert not result.ok and reason in result.errors[0]
     assert not target.exists() and not Path(str(target) + ".qbackup-partial").exists()
+
+
+def test_fetches_bound_blob_sizes_to_what_they_can_hold(repo, tmp_path):
+    """verify and restore let the session refuse any blob larger than a sealed
+    chunk (or chunk-map node) can be, so a hostile backup qube cannot fill
+    dom0's memory with a window of 4 MiB blobs."""
+    class Record(Tamper):
+        def get(self, ids, *, window=64, max_size=proto.MAX_BLOB):
+            max_sizes.add(max_size)
+            return self._session.get(ids, window=window, max_size=max_size)
+
+    max_sizes = set()
+    data = os.urandom(3 * CS)
+    path = write_file(tmp_path / "v", len(data), [(0, data)])
+    repo.backup([source("work", "private", path)])
+    [snap] = repo.history()
+    expected = {crypto.max_blob_size(CS), crypto.max_blob_size(MAX_NODE_PLAIN)}
+    with repo.session(write=False) as s:
+        assert verify(Record(s, None), repo.keys, snap).ok
+        assert max_sizes == expected
+        max_sizes.clear()
+        target = tmp_path / "out"
+        assert restore(Record(s, None), repo.keys, snap,
+                       {("work", "private"): str(target)}).ok
+    assert max_sizes == expected
+    assert read(target) == data
 
 
 def test_authentic_map_with_wrong_chunk_lengths(repo, tmp_path):
@@ -441,6 +467,21 @@ def test_history_rollback_and_own_deletion(repo, tmp_path):
         repo.history()
     assert [s.id for s in repo.history(allow_rollback=True)] == ids[:1]
     assert [s.id for s in repo.history()] == ids[:1]
+
+
+def test_hiding_the_newest_left_right_after_deleting_the_head(repo, tmp_path):
+    """Once dom0 has deleted its newest snapshot, the backup qube cannot hide
+    the newest one left before dom0 lists the history again."""
+    path = write_file(tmp_path / "v", CS, [(0, os.urandom(CS))])
+    ids = [repo.backup([source("work", "private", path)]).snapshot_id for _ in range(3)]
+    history = repo.history()
+    with repo.session() as s:
+        delete_snapshot(s, repo.keys, repo.state, history[2], history)
+    hidden = [p for p in repo.dir.rglob("*") if p.is_file() and ids[1].hex() in p.name]
+    assert len(hidden) == 1
+    hidden[0].unlink()
+    with pytest.raises(RollbackError, match=f"{ids[1].hex()}.*--allow-rollback"):
+        repo.history()
 
 
 def test_forged_manifest_is_an_integrity_error(repo, tmp_path):

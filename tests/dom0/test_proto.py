@@ -240,6 +240,21 @@ def test_error_frames_map_to_remote_error_and_session_goes_on():
     within(s.close)
 
 
+def test_open_waits_for_a_lock_that_is_released():
+    d = FakeDaemon()
+    s = within(d.session)
+    s.init(b"cfg", 8 << 20)
+    d.locked = True
+    threading.Timer(0.5, lambda: setattr(d, "locked", False)).start()
+    assert within(s.open, True, lock_wait=10) == (b"cfg", 8 << 20)
+    d.locked = True
+    started = time.monotonic()
+    with pytest.raises(RemoteError) as err:
+        within(s.open, True, lock_wait=0.3)
+    assert err.value.code == "locked" and time.monotonic() - started >= 0.3
+    within(s.close)
+
+
 def test_pipelined_puts_from_several_threads():
     d = FakeDaemon()
     s = within(d.session)
@@ -419,6 +434,17 @@ def test_process_transport_pipes_and_abort():
     reader.join(TIMEOUT)
     assert not reader.is_alive()
     t.close()
+
+
+def test_process_transport_close_does_not_wait_forever_for_the_process():
+    """A backup qube that never ends the qrexec call cannot keep dom0 waiting
+    in close() once the session is over."""
+    t = ProcessTransport(subprocess.Popen(["sleep", "60"], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE))
+    t.exit_grace = 0.1
+    started = time.monotonic()
+    within(t.close)
+    assert time.monotonic() - started < 5
 
 
 def test_qrexec_runs_qrexec_client(tmp_path, monkeypatch):

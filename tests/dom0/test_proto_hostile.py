@@ -259,6 +259,8 @@ BAD_ANSWERS = [
     (get3, stream(blob(0, type=256)), "'blob.type' value 256 outside 0..255"),
     (get3, stream(blob(0, data="str")), "'blob.data' is str, not bin"),
     (get3, stream(blob(0, data=bytes((4 << 20) + (64 << 10) + 1))), "over 4259840"),
+    (lambda s: list(s.get(ID[:3], max_size=100)), stream(blob(0, data=bytes(101))),
+     "'blob.data' has 101 bytes, over 100"),
     (get3, stream(answer(op="missing", id=ID[0], type=1)), "unknown fields: type"),
     (get3, stream(answer(op="ok")), "unexpected 'ok' frame"),
     (get3, stream(answer(op="done", extra=1)), "unknown fields: extra"),
