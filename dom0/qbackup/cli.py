@@ -48,6 +48,9 @@ DEFAULT_STATE_DIR = "/var/lib/qbackup"
 DEFAULT_REPO = "default"
 DEFAULT_CHUNK_SIZE = 256 << 10
 DEFAULT_PACK_SIZE = 64 << 20
+# How long to wait for another writer (e.g. the connection of a run just
+# interrupted, finishing what it had received) before giving up.
+LOCK_WAIT = 15.0
 PACK_SIZE_RANGE = (8 << 20, 512 << 20)   # PROTOCOL.md, init
 # The largest scrypt cost crypto accepts with its r and p (work and memory bounds).
 MAX_SCRYPT_N = min(crypto.MAX_SCRYPT_N,
@@ -197,7 +200,7 @@ def _passphrase(args: argparse.Namespace) -> bytes:
 
 def _unlock(session: Session, passphrase: bytes, write: bool) -> crypto.Keys:
     """Open the repository and unwrap its keys."""
-    untrusted_config, _ = session.open(write=write)
+    untrusted_config, _ = session.open(write=write, lock_wait=LOCK_WAIT)
     return crypto.unwrap_keys(untrusted_config, passphrase)
 
 
@@ -435,7 +438,7 @@ def cmd_delete(ctx: Context, args: argparse.Namespace) -> int:
     with ctx.session() as session:
         keys, history = _history(ctx, args, session, passphrase, write=True)
         snap = _resolve(history, args.snapshot)
-        restore_mod.delete_snapshot(session, keys, ctx.state(), snap)
+        restore_mod.delete_snapshot(session, keys, ctx.state(), snap, history)
     print(f"deleted snapshot {snap.id.hex()}")
     return EXIT_OK
 
@@ -459,7 +462,7 @@ def cmd_change_passphrase(ctx: Context, args: argparse.Namespace) -> int:
     old = read_passphrase(getattr(args, "passphrase_file", None), "Current passphrase: ")
     new = read_passphrase(args.new_passphrase_file, "New passphrase: ", confirm=True)
     with ctx.session() as session:
-        untrusted_config, _ = session.open(write=True)
+        untrusted_config, _ = session.open(write=True, lock_wait=LOCK_WAIT)
         keys = crypto.unwrap_keys(untrusted_config, old)
         session.set_config(crypto.wrap_keys(keys, new, scrypt_n=args.scrypt_n),
                            expect=untrusted_config)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import socket
 import stat
 import threading
+import time
 
 import pytest
 
@@ -402,6 +404,23 @@ def test_half_close_without_bye_seals_and_unlocks(daemon):
     assert again.call("have", ids=[blob_id(n) for n in range(6)])["missing"] == [5]
     again.bye()
     daemon.wait_for_log("result=closed without bye")
+
+
+def test_client_that_vanishes_unanswered_still_gets_its_puts_stored(daemon):
+    """A client killed mid-backup never reads its answers; the puts it had
+    sent completely are still stored, so a re-run reuses them."""
+    client = daemon.open_repo(create=True)
+    payload = os.urandom(256 << 10)
+    for n in range(40):  # far more answers than we will ever read
+        client.request("put", id=blob_id(n), type=1, data=payload[n:] + bytes(n))
+    client.sock.shutdown(socket.SHUT_RDWR)
+    client.close()
+    again = daemon.open_repo(write=False)
+    deadline = time.monotonic() + 30
+    while again.call("have", ids=[blob_id(n) for n in range(40)])["missing"]:
+        assert time.monotonic() < deadline, "puts of the vanished client were dropped"
+        time.sleep(0.1)
+    again.bye()
 
 
 def test_sigterm_seals_open_packs(daemon):

@@ -190,21 +190,30 @@ class Connection:
             await self._close_repository()  # before the writer's EOF tells the client we are done
 
     async def _writer(self, responses: trio.MemoryReceiveChannel[bytes]) -> None:
-        try:
-            async with responses:
-                async for data in responses:
-                    chunks = [data]
-                    size = len(data)
-                    while size < WRITE_COALESCE:
-                        try:
-                            chunks.append(responses.receive_nowait())
-                        except (trio.WouldBlock, trio.EndOfChannel):
-                            break
-                        size += len(chunks[-1])
+        """Send the answers. If the client goes away, keep draining them: the
+        requests it sent completely are still carried out (so a re-run reuses
+        what it put), only their answers are dropped."""
+        async with responses:
+            async for data in responses:
+                if self.peer_gone:
+                    continue
+                chunks = [data]
+                size = len(data)
+                while size < WRITE_COALESCE:
+                    try:
+                        chunks.append(responses.receive_nowait())
+                    except (trio.WouldBlock, trio.EndOfChannel):
+                        break
+                    size += len(chunks[-1])
+                try:
                     await self._send_bytes(b"".join(chunks) if len(chunks) > 1 else data)
-            await self.stream.send_eof()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            self.peer_gone = True
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.peer_gone = True
+        if not self.peer_gone:
+            try:
+                await self.stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.peer_gone = True
 
     async def _send_bytes(self, data: bytes) -> None:
         await self.stream.send_all(data)
