@@ -35,6 +35,8 @@ PROTOCOL_VERSION = 1
 CLIENT_NAME = "qbackup/0.1.0"
 MAX_FRAME = 8 << 20
 MAX_BATCH = 4096
+# A chunk-map node carries up to 1024 refs: a daemon must take batches that large.
+MIN_BATCH = 1024
 ID_LEN = 32
 MAX_BLOB = (4 << 20) + (64 << 10)
 MAX_SNAPSHOT = 4 << 20
@@ -374,7 +376,7 @@ class Session:
         if untrusted_msg["op"] == "error":
             raise _error(untrusted_msg)
         f = _fields(untrusted_msg, "hello", version=_int(0, MAX_INT), server=_str(64),
-                    max_frame=_int(MIN_FRAME, 0xFFFFFFFF), max_batch=_int(1, MAX_INT),
+                    max_frame=_int(MIN_FRAME, 0xFFFFFFFF), max_batch=_int(MIN_BATCH, MAX_INT),
                     repo=_optional(_str(64)))
         if untrusted_msg["rid"] != 0:
             raise ProtocolError("'hello' answer with a rid other than 0")

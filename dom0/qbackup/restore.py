@@ -87,7 +87,7 @@ def resolve_snapshot(history: list[SnapshotInfo], spec: str) -> SnapshotInfo:
 
 
 def delete_snapshot(session, keys: crypto.Keys, state, snapshot: SnapshotInfo,
-                    history: Sequence[SnapshotInfo] = ()) -> None:
+                    history: Sequence[SnapshotInfo]) -> None:
     """Delete a snapshot of `history` (from load_history), and record it so its
     absence is not taken for a rollback (and, if it was the newest, that the
     newest one left must not disappear)."""

@@ -141,7 +141,7 @@ class State:
             self._save(repo_id, record)
 
     def record_deleted(self, repo_id: bytes, snapshot_id: bytes,
-                       history: Sequence[SnapshotRef] = ()) -> None:
+                       history: Sequence[SnapshotRef]) -> None:
         """Record that this dom0 deleted a snapshot (its absence is then no rollback).
 
         `history` is the authenticated history the deletion was chosen from.

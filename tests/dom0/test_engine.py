@@ -456,7 +456,7 @@ def test_history_rollback_and_own_deletion(repo, tmp_path):
         resolve_snapshot(history, "0" * 64 if not ids[0].hex().startswith("0" * 8) else "f" * 64)
 
     with repo.session() as s:
-        delete_snapshot(s, repo.keys, repo.state, history[2])
+        delete_snapshot(s, repo.keys, repo.state, history[2], history)
     assert [s.id for s in repo.history()] == ids[:2]  # our own deletion: no rollback
 
     # the backup qube hides the newest snapshot

@@ -319,14 +319,14 @@ def test_get_streams_in_order_within_window():
 
 
 def test_get_batches_respect_daemon_max_batch():
-    d = FakeDaemon(max_batch=3)
+    d = FakeDaemon(max_batch=1024)
     s = within(d.session)
     s.init(b"cfg", 8 << 20)
-    ids = [ident(i) for i in range(50)]
-    assert within(lambda: [x for x, _, _ in s.get(ids, window=32)]) == ids
-    assert max(d.get_batches) == 3
-    with pytest.raises(ValueError, match="over the limit of 3"):
-        s.have(ids[:4])
+    ids = [ident(i) for i in range(3000)]
+    assert within(lambda: [x for x, _, _ in s.get(ids, window=2048)]) == ids
+    assert max(d.get_batches) == 1024
+    with pytest.raises(ValueError, match="over the limit of 1024"):
+        s.have(ids[:1025])
     within(s.close)
 
 

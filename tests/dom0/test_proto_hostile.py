@@ -117,6 +117,7 @@ BAD_HELLOS = [
     (frame(**{**HELLO, "max_frame": 1024}), "max_frame' value 1024 outside"),
     (frame(**{**HELLO, "max_frame": "8M"}), "max_frame' is str, not int"),
     (frame(**{**HELLO, "max_batch": 0}), "max_batch' value 0 outside"),
+    (frame(**{**HELLO, "max_batch": 1023}), "max_batch' value 1023 outside"),
     (frame(**{**HELLO, "max_batch": True}), "max_batch' is bool"),
     (frame(**{**HELLO, "rid": 1}), "rid other than 0"),
     (frame(**{**HELLO, "extra": 1}), "unknown fields: extra"),

@@ -134,7 +134,7 @@ def test_older_side_branch_is_not_a_fork(state):
 
 def test_own_deletion_of_head_is_not_rollback(state):
     state.accept(REPO, chain(3))
-    state.record_deleted(REPO, sid(3))
+    state.record_deleted(REPO, sid(3), chain(3))
     state.accept(REPO, chain(2))
     record = state.load(REPO)
     assert record.head == sid(2)  # the newest remaining snapshot
@@ -169,14 +169,14 @@ def test_deleting_an_older_snapshot_keeps_the_head(state):
 
 def test_deleting_everything(state):
     state.accept(REPO, chain(1))
-    state.record_deleted(REPO, sid(1))
+    state.record_deleted(REPO, sid(1), chain(1))
     state.accept(REPO, [])
     assert state.load(REPO).head == sid(1)
 
 
 def test_own_deletion_of_older_snapshot(state):
     state.accept(REPO, chain(3))
-    state.record_deleted(REPO, sid(1))
+    state.record_deleted(REPO, sid(1), chain(3))
     snaps = chain(3)[1:]
     state.accept(REPO, snaps)
     assert state.load(REPO).head == sid(3)
@@ -184,7 +184,7 @@ def test_own_deletion_of_older_snapshot(state):
 
 def test_replayed_deleted_snapshot_is_refused(state):
     state.accept(REPO, chain(3))
-    state.record_deleted(REPO, sid(3))
+    state.record_deleted(REPO, sid(3), chain(3))
     state.accept(REPO, chain(2))
     with pytest.raises(RollbackError, match=f"{sid(3).hex()} was deleted by this dom0"):
         state.accept(REPO, chain(3))
@@ -192,7 +192,7 @@ def test_replayed_deleted_snapshot_is_refused(state):
 
 def test_allow_rollback_resets_the_record(state):
     state.accept(REPO, chain(5))
-    state.record_deleted(REPO, sid(1))
+    state.record_deleted(REPO, sid(1), chain(5))
     state.accept(REPO, chain(2), allow_rollback=True)
     record = state.load(REPO)
     assert (record.head, record.deleted) == (sid(2), set())
