@@ -51,6 +51,9 @@ MAX_INT = (1 << 63) - 1
 MAX_OBJECTS = 1 << 19
 MAX_MAP_LEN = 32
 LOCK_RETRY = 0.2   # seconds between open attempts while the repository is locked
+# Seconds without any answer, while answers are due, before the session is
+# given up. Generous: a backup qube may rebuild a large index on open.
+STALL_TIMEOUT = 600.0
 READ_SIZE = 1 << 20
 # Error codes after which the daemon closes the connection (PROTOCOL §6).
 CLOSING_CODES = frozenset({"bad_frame", "frame_too_large", "bad_request",
@@ -336,10 +339,13 @@ class Session:
     back into the session.
     """
 
-    def __init__(self, transport: Transport, *, max_in_flight_bytes: int = 64 << 20):
-        if max_in_flight_bytes < 1:
-            raise ValueError("max_in_flight_bytes must be positive")
+    def __init__(self, transport: Transport, *, max_in_flight_bytes: int = 64 << 20,
+                 stall_timeout: float = STALL_TIMEOUT):
+        if max_in_flight_bytes < 1 or stall_timeout <= 0:
+            raise ValueError("max_in_flight_bytes and stall_timeout must be positive")
         self._transport = transport
+        self._stall_timeout = stall_timeout
+        self._heard = time.monotonic()           # last answer, or start of the wait for one
         self._max_in_flight = max_in_flight_bytes
         self._send_lock = threading.Lock()       # rid order == write order == queue order
         self._cond = threading.Condition()       # guards everything below
@@ -360,6 +366,7 @@ class Session:
         self._reader = threading.Thread(target=self._read_loop, name="qbackup-proto-reader",
                                         daemon=True)
         self._reader.start()
+        threading.Thread(target=self._watch, name="qbackup-proto-watchdog", daemon=True).start()
 
     def __enter__(self) -> "Session":
         return self
@@ -415,6 +422,8 @@ class Session:
                 if self._error is not None:
                     raise self._error
                 self._in_flight += len(frame)
+                if not self._pending:
+                    self._heard = time.monotonic()  # the wait for an answer starts now
                 self._pending.append(call)
             self._next_rid += 1
             try:
@@ -429,6 +438,22 @@ class Session:
                           lambda rid, size: _Call(op, rid, size, parse))
         return call.future
 
+    def _watch(self) -> None:
+        """Kill the session if the daemon answers nothing for stall_timeout
+        seconds while answers are due (noticed within twice that time): a
+        stalled backup qube ends in an error, not in a dom0 that waits forever."""
+        with self._cond:
+            while self._error is None:
+                waited = time.monotonic() - self._heard
+                if self._pending and waited >= self._stall_timeout:
+                    break
+                self._cond.wait(self._stall_timeout - waited if self._pending
+                                else self._stall_timeout)
+            else:
+                return
+        self._fail(ProtocolError(f"the backup qube answered nothing for "
+                                 f"{self._stall_timeout:g} s"))
+
     def _read_loop(self) -> None:
         try:
             while self._dispatch(read_frame(self._transport, self.max_frame)):
@@ -441,6 +466,7 @@ class Session:
     def _dispatch(self, untrusted_msg: dict | None) -> bool:
         """Handle one frame; False once the final 'bye' has been answered."""
         with self._cond:
+            self._heard = time.monotonic()
             call = self._pending[0] if self._pending else None
         if untrusted_msg is None:
             if call is None:
@@ -635,6 +661,7 @@ class Session:
             with self._cond:
                 if self._error is None:
                     self._error = QbackupError("session is closed")
+                self._cond.notify_all()
             self._transport.close()
 
     # Defined last: in the class body, the name 'list' shadows the builtin.

@@ -12,6 +12,7 @@ import concurrent.futures
 import socket
 import struct
 import threading
+import time
 import tracemalloc
 
 import msgpack
@@ -341,6 +342,20 @@ def test_daemon_that_reads_everything_then_closes(evil):
         with pytest.raises(ProtocolError, match="connection closed by the daemon"):
             f.result(TIMEOUT)
     pool.shutdown()
+
+
+def test_daemon_that_stalls_is_given_up(evil):
+    stalled = threading.Event()
+
+    def script(d):
+        d.recv()            # reads the request, never answers, keeps the connection open
+        stalled.wait(TIMEOUT)
+    d = evil(script=script)
+    s = d.session(stall_timeout=0.3)
+    time.sleep(0.5)         # idle with nothing due: no timeout
+    with pytest.raises(ProtocolError, match="answered nothing for 0.3 s"):
+        within(s.stats)
+    stalled.set()
 
 
 def test_writer_blocked_on_a_daemon_that_stopped_reading_is_woken(evil):
