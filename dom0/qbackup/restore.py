@@ -11,10 +11,12 @@ into place only once the whole volume is verified; a block device target is
 written in place, zeros included.
 """
 
+import collections
 import os
 import re
 import stat
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from qbackup import chunkmap, crypto, manifest
@@ -159,8 +161,13 @@ def _open_chunk(keys: crypto.Keys, chunk_id: bytes, untrusted_type: int | None,
 
 
 def _check_leaf(session, keys: crypto.Keys, leaf: Leaf, size: int, sink: _Sink,
-                fail: Callable[[int, str], None]) -> tuple[int, int]:
-    """Fetch, authenticate and sink the chunks of one leaf: (chunks, bytes) good."""
+                fail: Callable[[int, str], None], pool: Executor) -> tuple[int, int]:
+    """Fetch, authenticate and sink the chunks of one leaf: (chunks, bytes) good.
+
+    Chunks are opened (authenticate, decrypt, decompress, re-identify) on the
+    pool while the next ones arrive, and settled in order: at most `window`
+    of them are held at once.
+    """
     cs = keys.chunk_size
     positions: dict[bytes, list[int]] = {}
     for k, chunk_id in enumerate(leaf.ids):
@@ -171,12 +178,12 @@ def _check_leaf(session, keys: crypto.Keys, leaf: Leaf, size: int, sink: _Sink,
             positions.setdefault(chunk_id, []).append(index)
     good = nbytes = 0
     window = max(4, GET_BYTES // cs)
-    for want, untrusted_type, untrusted_data, error in chunkmap.get_each(
-            session, list(positions), window, crypto.max_blob_size(cs)):
-        if error is not None:
-            plain = f"cannot fetch chunk: {error}"
-        else:
-            plain = _open_chunk(keys, want, untrusted_type, untrusted_data)
+    opening: collections.deque[tuple[bytes, Future]] = collections.deque()
+
+    def settle() -> None:
+        nonlocal good, nbytes
+        want, opened = opening.popleft()
+        plain = opened.result()
         for index in positions[want]:
             expected = min(cs, size - index * cs)
             if isinstance(plain, str):
@@ -186,6 +193,19 @@ def _check_leaf(session, keys: crypto.Keys, leaf: Leaf, size: int, sink: _Sink,
             else:
                 sink.chunk(index * cs, plain)
                 good, nbytes = good + 1, nbytes + expected
+
+    for want, untrusted_type, untrusted_data, error in chunkmap.get_each(
+            session, list(positions), window, crypto.max_blob_size(cs)):
+        if error is not None:
+            opened: Future = Future()
+            opened.set_result(f"cannot fetch chunk: {error}")
+        else:
+            opened = pool.submit(_open_chunk, keys, want, untrusted_type, untrusted_data)
+        opening.append((want, opened))
+        if len(opening) >= window:
+            settle()
+    while opening:
+        settle()
     return good, nbytes
 
 
@@ -197,14 +217,15 @@ def _check_volume(session, keys: crypto.Keys, label: str, vol: dict, sink: _Sink
     if progress is not None:
         progress.start(label, vol["size"])
     try:
-        for leaf in chunkmap.iter_leaves(session, keys, vol["root"], vol["depth"], vol["chunks"]):
-            if leaf.ids is None:
-                fail(leaf.start * cs, leaf.error)
-            else:
-                g, n = _check_leaf(session, keys, leaf, vol["size"], sink, fail)
-                good, nbytes = good + g, nbytes + n
-            if progress is not None:
-                progress.advance(min(leaf.count * cs, vol["size"] - leaf.start * cs))
+        with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="qbackup-open") as pool:
+            for leaf in chunkmap.iter_leaves(session, keys, vol["root"], vol["depth"], vol["chunks"]):
+                if leaf.ids is None:
+                    fail(leaf.start * cs, leaf.error)
+                else:
+                    g, n = _check_leaf(session, keys, leaf, vol["size"], sink, fail, pool)
+                    good, nbytes = good + g, nbytes + n
+                if progress is not None:
+                    progress.advance(min(leaf.count * cs, vol["size"] - leaf.start * cs))
     finally:
         if progress is not None:
             progress.done()
