@@ -620,6 +620,23 @@ def test_hostile_index_rows(storage, checked):
     assert storage.check("work")
 
 
+def test_hostile_index_pack_names_do_not_crash_check(storage, checked):
+    conn = sqlite3.connect(storage.root / "work" / "index.sqlite")
+    conn.execute("INSERT INTO packs (name, size) VALUES (X'00ff', 1)")  # a blob where text belongs
+    conn.execute("INSERT INTO packs (name, size) VALUES ('not a pack', 1)")
+    conn.commit()
+    conn.close()
+    problems = storage.check("work")
+    assert "index names an invalid pack b'\\x00\\xff'" in problems
+    assert "index names an invalid pack 'not a pack'" in problems
+
+
+def test_unreadable_snapshot_entry_does_not_hide_the_others(storage, checked):
+    (storage.root / "work" / "snapshots" / ident(700).hex()).mkdir()
+    with storage.open("work", False, "r") as reader:
+        assert [s[0] for s in reader.list_snapshots()] == [ident(600)]
+
+
 def test_hostile_pack_files(storage, checked):
     shard = storage.root / "work" / "packs" / "ab"
     shard.mkdir(exist_ok=True)

@@ -4,7 +4,10 @@
 Maps blob id -> (pack, offset, length, type) and keeps each blob's clear ref
 list, on disk so memory stays bounded for millions of blobs.  The index is
 derived data: it only ever names sealed, fsynced packs, and it can be rebuilt
-from the pack trailers at any time.  A missing, unreadable or incomplete
+from the pack trailers at any time.  A committed transaction is durable
+(``synchronous=FULL``, one WAL fsync per sealed pack): a snapshot file is
+written only after the index rows of everything it references, and readers,
+which never repair the index, must still find them after a power loss.  A missing, unreadable or incomplete
 index is reported as ``IndexUnusable`` so the caller can rebuild it; the
 ``format`` row in ``meta`` is written last, so an interrupted rebuild is
 incomplete, never half-trusted.  Schema: docs/FORMAT.md.
@@ -50,7 +53,7 @@ def _connect(path: Path, create: bool) -> sqlite3.Connection:
     conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA synchronous=FULL")
         conn.execute(f"PRAGMA cache_size=-{_CACHE_KIB}")
     except BaseException:
         conn.close()
@@ -97,13 +100,20 @@ class Index:
         conn = _connect(path, create=True)
         try:
             conn.executescript(_SCHEMA)
+            # A build need not be durable pack by pack: until mark_complete it is
+            # "incomplete" and rebuilt anyway.
+            conn.execute("PRAGMA synchronous=NORMAL")
         except BaseException:
             conn.close()
             raise
         return cls(conn)
 
     def mark_complete(self) -> None:
-        """Record that every pack has been added (last step of a build)."""
+        """Record that every pack has been added (last step of a build).
+
+        This commit is synchronous=FULL again: its WAL fsync makes the whole
+        build durable before anything relies on it."""
+        self._conn.execute("PRAGMA synchronous=FULL")
         self._conn.execute("INSERT INTO meta (key, value) VALUES ('format', ?)", (INDEX_FORMAT,))
 
     def quick_check(self) -> str | None:

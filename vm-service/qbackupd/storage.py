@@ -367,12 +367,33 @@ def _scan_packs(paths: _Paths) -> tuple[dict[str, Path], list[str]]:
     return found, unexpected
 
 
-def _read_pack(path: Path, bounds: pack.Bounds, verify: bool = False) -> pack.Trailer:
+def _verify_pack(path: Path, bounds: pack.Bounds) -> pack.Trailer:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return pack.verify_pack(fd, bounds) if verify else pack.read_trailer(fd, bounds)
+        return pack.verify_pack(fd, bounds)
     finally:
         os.close(fd)
+
+
+def _pack_to_index(paths: _Paths, path: Path, bounds: pack.Bounds, synced: set[Path]) -> pack.Trailer:
+    """Read a pack found under packs/ for indexing, and make it durable first.
+
+    A writer killed between its rename and the fsync of the shard directory
+    leaves a pack whose name may not survive a power loss; the index must never
+    name such a pack.  So fsync the file (cheap: a pack this daemon sealed is
+    clean already), its shard directory and packs/ (each once per ``synced``).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        trailer = pack.read_trailer(fd, bounds)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    for directory in (path.parent, paths.packs):
+        if directory not in synced:
+            _fsync_dir(directory)
+            synced.add(directory)
+    return trailer
 
 
 def _clear_staging(paths: _Paths) -> None:
@@ -409,9 +430,10 @@ def _rebuild(name: str, paths: _Paths, bounds: pack.Bounds) -> tuple[Index, dict
     try:
         files, _ = _scan_packs(paths)
         packs = blobs = bad = 0
+        synced: set[Path] = set()
         for pack_name, path in sorted(files.items()):
             try:
-                trailer = _read_pack(path, bounds)
+                trailer = _pack_to_index(paths, path, bounds, synced)
             except (pack.PackError, OSError) as e:
                 bad += 1
                 log.warning("repository %s: skipping pack %s: %s", name, pack_name, e)
@@ -428,11 +450,12 @@ def _rebuild(name: str, paths: _Paths, bounds: pack.Bounds) -> tuple[Index, dict
 def _recover_orphans(name: str, paths: _Paths, index: Index, bounds: pack.Bounds) -> None:
     """Index sealed packs that a dead writer renamed into place but never indexed."""
     files, _ = _scan_packs(paths)
+    synced: set[Path] = set()
     for pack_name in sorted(files.keys() - index.packs().keys()):
         try:
-            trailer = _read_pack(files[pack_name], bounds)
+            trailer = _pack_to_index(paths, files[pack_name], bounds, synced)
         except (pack.PackError, OSError) as e:
-            log.warning("repository %s: pack %s is not indexed and unreadable: %s", name, pack_name, e)
+            log.warning("repository %s: pack %s is not indexed and cannot be: %s", name, pack_name, e)
             continue
         index.add_pack(pack_name, trailer.file_size, trailer.entries)
         log.info("repository %s: re-indexed pack %s from its trailer", name, pack_name)
@@ -494,13 +517,13 @@ def _check_packs(paths: _Paths, index: Index | None, bounds: pack.Bounds) -> lis
     indexed = index.packs() if index is not None else {}
     for name, path in sorted(files.items()):
         try:
-            trailer = _read_pack(path, bounds, verify=True)
+            trailer = _verify_pack(path, bounds)
         except (pack.PackError, OSError) as e:
             problems.append(f"pack {name}: {e}")
             continue
         if index is not None:
             problems += _check_pack_index(index, name, trailer, indexed.get(name))
-    for name in sorted(indexed.keys() - files.keys()):
+    for name in sorted(indexed.keys() - files.keys(), key=ascii):  # a damaged index may hold non-text names
         if not (isinstance(name, str) and _PACK_NAME_RE.fullmatch(name)):
             problems.append(f"index names an invalid pack {name!a}")
         elif not paths.pack(name).exists():  # else sealed by a writer meanwhile
@@ -834,8 +857,8 @@ class Repository:
                     when, size, _ = _read_snapshot_head(self._paths.snapshot(id), id)
                 except FileNotFoundError:
                     continue  # deleted meanwhile
-                except Corrupt as e:
-                    log.warning("repository %s: not listing %s", self.name, e)
+                except (Corrupt, OSError) as e:  # one unreadable file must not hide the others
+                    log.warning("repository %s: not listing snapshot %s: %s", self.name, name, e)
                     continue
                 found.append((id, size, when))
         found.sort(key=lambda s: (s[2], s[0]))
