@@ -135,6 +135,9 @@ class Connection:
         except (StorageError, OSError) as exc:
             log.error("conn %d: closing repository failed: %s", self.number, exc)
             self.result = f"close failed: {exc}"
+        except Exception:  # a bug: must not take the daemon (and every other connection) down
+            log.exception("conn %d: closing repository failed", self.number)
+            self.result = "close failed: internal error"
 
     # --- the three tasks -------------------------------------------------------------
 
