@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from qbackup import crypto
 from qbackup.crypto import ZERO_ID
-from qbackup.errors import IntegrityError, ProtocolError, QbackupError, RemoteError
+from qbackup.errors import IntegrityError, ProtocolError, RemoteError
 
 FANOUT = 1024
 ID_SIZE = 32
@@ -227,10 +227,3 @@ def _open_node(keys, node_id: bytes, untrusted_data: bytes) -> bytes | str:
     except IntegrityError as e:
         return f"chunk map node fails authentication: {e}"
 
-
-def iter_ids(session, keys: crypto.Keys, root: bytes, depth: int, chunks: int) -> Iterator[bytes]:
-    """Every chunk id of a stored tree, in order; any bad node raises QbackupError."""
-    for leaf in iter_leaves(session, keys, root, depth, chunks):
-        if leaf.ids is None:
-            raise QbackupError(f"chunk map unreadable at chunk {leaf.start}: {leaf.error}")
-        yield from leaf.ids

@@ -6,9 +6,17 @@ from engine_helpers import MemoryStore, random_ids
 
 from qbackup import crypto
 from qbackup.chunkmap import (FANOUT, MAGIC, TreeWriter, decode_node, depth_for, encode_node,
-                              get_each, iter_ids, iter_leaves)
+                              get_each, iter_leaves)
 from qbackup.crypto import TYPE_TREE, ZERO_ID
 from qbackup.errors import IntegrityError, ProtocolError, QbackupError
+
+
+def iter_ids(session, keys, root, depth, chunks):
+    """Every chunk id of a stored tree, in order; a bad node raises QbackupError."""
+    for leaf in iter_leaves(session, keys, root, depth, chunks):
+        if leaf.ids is None:
+            raise QbackupError(f"chunk map unreadable at chunk {leaf.start}: {leaf.error}")
+        yield from leaf.ids
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ each one to its tests.
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 

@@ -141,7 +141,7 @@ def test_error_codes(daemon):
     assert remote_code(s.get_snapshot, ident(1)) == "not_found"
     assert remote_code(s.delete_snapshot, ident(1)) == "not_found"
     assert remote_code(s.put, ident(2), 2, b"node", [ident(1)]) == "missing_refs"
-    with pytest.raises(RemoteError, match="missing_refs") as err:
+    with pytest.raises(RemoteError, match="missing_refs"):
         s.commit(ident(3), b"snapshot", [ident(1)])
     s.put(ident(1), 1, b"chunk").result(TIMEOUT)
     s.put(ident(2), 2, b"node", [ident(1)]).result(TIMEOUT)    # refs put on this connection
