@@ -17,6 +17,7 @@ demo: setup
 	$(VENV_PYTHON) -m qbackup_sim.demo demo-out
 
 test: setup
+	$(VENV_PYTHON) -m pyflakes dom0/qbackup vm-service/qbackupd sim/qbackup_sim bench tests
 	$(VENV_PYTHON) -m pytest -q
 
 clean:
