@@ -23,6 +23,7 @@ import pytest
 from qbackup.errors import ProtocolError, QbackupError, RemoteError
 from qbackup.proto import Session
 from qbackup.transport import ProcessTransport, SocketTransport, qrexec, unix_socket
+from hangguard import within
 
 TIMEOUT = 20
 
@@ -31,13 +32,6 @@ def ident(n: int) -> bytes:
     return hashlib.sha256(b"id%d" % n).digest()
 
 
-def within(fn, *args, **kwargs):
-    """Run fn in a thread; a hang fails the test instead of blocking the suite."""
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:
-        return pool.submit(fn, *args, **kwargs).result(timeout=TIMEOUT)
-    finally:
-        pool.shutdown(wait=False)
 
 
 def wait_until(predicate, what: str) -> None:

@@ -21,6 +21,7 @@ import pytest
 from qbackup.errors import ProtocolError, RemoteError
 from qbackup.proto import MAX_OBJECTS, Session, decode_payload
 from qbackup.transport import SocketTransport
+from hangguard import within
 
 TIMEOUT = 20
 ID = [bytes([i]) * 32 for i in range(16)]
@@ -36,12 +37,6 @@ def frame(**msg) -> bytes:
     return raw(msgpack.packb(msg, use_bin_type=True))
 
 
-def within(fn, *args, **kwargs):
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:
-        return pool.submit(fn, *args, **kwargs).result(timeout=TIMEOUT)
-    finally:
-        pool.shutdown(wait=False)
 
 
 class EvilDaemon:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import random
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,31 +24,14 @@ from qbackup.errors import BadPassphrase, IntegrityError, ProtocolError, Qbackup
 from qbackup.proto import Session
 from qbackup.restore import load_history, restore, verify
 from qbackup.state import State
+from hangguard import within
 
 CHUNK = 64 * 1024
 PASS = b"correct horse"
 TYPE_DATA = 1
-HANG_LIMIT = 60  # seconds; a client that takes longer is hung
 META = {"class": "AppVM", "properties": {}, "features": {}, "tags": []}
 
 
-def within(fn, *args, **kwargs):
-    """Run fn in a thread; fail the test if it hangs."""
-    box: dict = {}
-
-    def run():
-        try:
-            box["value"] = fn(*args, **kwargs)
-        except BaseException as e:  # noqa: BLE001 - handed back to the test
-            box["error"] = e
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(HANG_LIMIT)
-    assert not t.is_alive(), f"client hung in {fn.__name__}"
-    if "error" in box:
-        raise box["error"]
-    return box["value"]
 
 
 @dataclass

@@ -23,6 +23,7 @@ from qbackup import crypto
 from qbackup.errors import QbackupError, RemoteError
 from qbackup.proto import MAX_BLOB, Session
 from qbackup.transport import SocketTransport, qrexec, unix_socket
+from hangguard import within
 
 TIMEOUT = 60   # guards against hangs only
 PACK = 8 << 20
@@ -64,12 +65,6 @@ def connect(sock: str, repo: str = "repo", **kw) -> Session:
     return Session(unix_socket(sock, repo), **kw)
 
 
-def within(fn, *args, **kwargs):
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    try:
-        return pool.submit(fn, *args, **kwargs).result(timeout=TIMEOUT)
-    finally:
-        pool.shutdown(wait=False)
 
 
 def remote_code(fn, *args) -> str:
