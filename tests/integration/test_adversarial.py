@@ -76,15 +76,20 @@ def run_backup(w_keys, daemon, state_dir, image, predecessor):
     return stats.snapshot_id
 
 
+def init_repository(daemon: Daemon) -> crypto.Keys:
+    """A new repository "repo" in the daemon; its keys."""
+    keys = crypto.create_keys(CHUNK)
+    with Session(transport.unix_socket(str(daemon.sock), "repo")) as s:
+        s.init(crypto.wrap_keys(keys, PASS, scrypt_n=2**14), 8 << 20)
+    return keys
+
+
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
     tmp = tmp_path_factory.mktemp("adv")
     daemon = Daemon(tmp)
     try:
-        keys = crypto.create_keys(CHUNK)
-        s = Session(transport.unix_socket(str(daemon.sock), "repo"))
-        s.init(crypto.wrap_keys(keys, PASS, scrypt_n=2**14), 8 << 20)
-        s.close()
+        keys = init_repository(daemon)
         rng = random.Random(7)
         image = tmp / "private.img"
         make_image(image, rng)
@@ -340,10 +345,7 @@ class LieAboutHave(Tamper):
 def test_have_lies_are_caught_by_verify(tmp_path):
     daemon = Daemon(tmp_path)
     try:
-        keys = crypto.create_keys(CHUNK)
-        s = Session(transport.unix_socket(str(daemon.sock), "repo"))
-        s.init(crypto.wrap_keys(keys, PASS, scrypt_n=2**14), 8 << 20)
-        s.close()
+        keys = init_repository(daemon)
         image = tmp_path / "fresh.img"
         image.write_bytes(random.Random(99).randbytes(6 * CHUNK))
         proxy_path = tmp_path / "liar.sock"
