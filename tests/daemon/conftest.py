@@ -191,7 +191,7 @@ class Daemon:
         return run_cli(*args)
 
     def check(self, repo: str = "repo") -> subprocess.CompletedProcess:
-        return run_cli("check", "--storage", str(self.storage), repo)
+        return run_cli("check", "--read-data", "--storage", str(self.storage), repo)
 
     def stop(self) -> int:
         """SIGTERM and wait; returns the exit status."""

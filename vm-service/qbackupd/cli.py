@@ -12,12 +12,14 @@ import logging
 import sys
 from pathlib import Path
 
+from .check import check_repository
 from .frames import valid_repo_name
 from .server import ServerError, run
 from .storage import Storage, StorageError
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
+MAX_LISTED = 64  # ids printed per list
 
 
 def _repo_name(text: str) -> str:
@@ -51,14 +53,55 @@ def _parser() -> argparse.ArgumentParser:
         help="stderr logging threshold (default: info, one line per connection)",
     )
 
+    subs = {}
     for name, text in (
         ("reindex", "rebuild a repository's index from its pack trailers (needs no keys)"),
         ("check", "check a repository's packs, index and snapshot references; exit 1 on problems"),
     ):
-        sub = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
+        sub = subs[name] = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument("--storage", required=True, type=Path, metavar="DIR", help="directory of repositories")
         sub.add_argument("repo", type=_repo_name, metavar="REPO", help="repository name")
+    subs["check"].add_argument(
+        "--read-data",
+        action="store_true",
+        help="also read every byte of every pack (each record's CRC-32, each pack's SHA-256); "
+        "without it only footers, trailers, index and references are checked",
+    )
     return parser
+
+
+def _check(storage: Storage, repo: str, read_data: bool) -> int:
+    report = check_repository(storage, repo, read_data=read_data, progress=_progress_printer("check"))
+    for problem in report.problems:
+        print(problem)
+    if report.damaged_total:
+        print(f"damaged or missing blobs: {report.damaged_total}")
+        for id in sorted(report.damaged)[:MAX_LISTED]:
+            print(f"  blob {id.hex()}")
+    for id in report.bad_snapshots:
+        print(f"snapshot {id.hex()}: its file is damaged")
+    if not report.complete:
+        print("the damage is too wide (or the index unusable) to tell exactly which snapshots it reaches")
+    for id, roots in report.affected:
+        via = f" via refs {', '.join(r.hex() for r in roots[:MAX_LISTED])}" if roots else ""
+        print(f"snapshot {id.hex()} reaches damaged blobs{via}")
+    if report.problems:
+        print(f"qbackupd: {len(report.problems)} problem(s) found in {repo}", file=sys.stderr)
+        return EXIT_PROBLEMS
+    print(f"{repo}: ok" + (" (every byte read)" if read_data else ""))
+    return 0
+
+
+def _progress_printer(command: str):
+    """Progress lines on stderr when it is a terminal, else nothing."""
+    if not sys.stderr.isatty():
+        return None
+
+    def show(phase: str, done: int, total: int) -> None:
+        of = f"/{total}" if total else ""
+        print(f"qbackupd {command}: {phase} {done}{of}", file=sys.stderr)
+
+    return show
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,14 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = storage.reindex(args.repo)
             print(" ".join(f"{key}={value}" for key, value in summary.items()))
             return 0
-        problems = storage.check(args.repo)
-        for problem in problems:
-            print(problem)
-        if problems:
-            print(f"qbackupd: {len(problems)} problem(s) found in {args.repo}", file=sys.stderr)
-            return EXIT_PROBLEMS
-        print(f"{args.repo}: ok")
-        return 0
+        return _check(storage, args.repo, args.read_data)
     except (ServerError, StorageError, OSError) as exc:
         print(f"qbackupd: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
