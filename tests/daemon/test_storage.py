@@ -712,3 +712,45 @@ def test_readers_beside_a_writer(storage, repo):
     assert [s[0] for s in reader.list_snapshots()] == [ident(100)]
     assert reader.get(second[4]) == (0, data_of(9))
     reader.close()
+
+
+# --- the index never names a blob whose refs it does not all name -----------------
+
+
+@pytest.fixture
+def two_packs(storage, repo):
+    """Chunks in one pack, a node referencing them and a snapshot in another: (chunk pack, node pack)."""
+    chunks = fill(repo, 3)
+    repo.flush()
+    repo.put(ident(50), 2, b"node", chunks)
+    repo.put(ident(51), 2, b"parent", [ident(50)])
+    repo.commit(ident(60), b"snapshot", [ident(51)])
+    repo.close()
+    return pack_of(storage, ident(0)), pack_of(storage, ident(50))
+
+
+def test_rebuild_leaves_out_nodes_whose_children_are_lost(storage, two_packs):
+    chunk_pack, _ = two_packs
+    chunk_pack.unlink()
+    assert storage.reindex("work") == {"packs": 1, "blobs": 2, "bad_packs": 0}
+    with storage.open("work", True, "w") as repo:
+        # a client asking HAVE is not told the incomplete nodes exist: it sends them again
+        assert repo.have([ident(50), ident(51)]) == [0, 1]
+        fill(repo, 3)
+        assert repo.put(ident(50), 2, b"node", [ident(0), ident(1), ident(2)])
+    assert any("references 1 missing ids" in p for p in storage.check("work"))  # the old snapshot
+
+
+def test_orphan_recovery_leaves_out_nodes_whose_children_are_lost(storage, two_packs):
+    chunk_pack, node_pack = two_packs
+    conn = sqlite3.connect(storage.root / "work" / "index.sqlite")
+    conn.execute("DELETE FROM blobs")
+    conn.execute("DELETE FROM refs")
+    conn.execute("DELETE FROM packs")
+    conn.commit()
+    conn.close()
+    chunk_pack.unlink()  # the node pack is an orphan whose nodes' children are gone
+    with storage.open("work", True, "w") as repo:
+        assert repo.stats()["packs"] == 1
+        assert repo.have([ident(50), ident(51)]) == [0, 1]
+    assert node_pack.exists()

@@ -13,6 +13,7 @@ index is reported as ``IndexUnusable`` so the caller can rebuild it; the
 incomplete, never half-trusted.  Schema: docs/FORMAT.md.
 """
 
+import os
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -49,7 +50,9 @@ def is_corruption(e: sqlite3.Error) -> bool:
 
 
 def _connect(path: Path, create: bool) -> sqlite3.Connection:
-    uri = path.resolve().as_uri() + ("?mode=rwc" if create else "?mode=rw")
+    # abspath, not resolve(): the caller checked that no component below the
+    # storage root is a symlink, and the index file itself must not be followed
+    uri = Path(os.path.abspath(path)).as_uri() + ("?mode=rwc" if create else "?mode=rw")
     conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
@@ -161,6 +164,26 @@ class Index:
                 ((e.id, e.refs) for e in entries if e.refs),
             )
         return added
+
+    def pack_nodes(self, name: str) -> list[tuple[bytes, bytes]]:
+        """(id, refs) of the blobs with refs that the index places in pack ``name``."""
+        return self._conn.execute(
+            "SELECT r.id, r.refs FROM refs AS r JOIN blobs AS b ON b.id = r.id"
+            " JOIN packs AS p ON p.id = b.pack WHERE p.name = ?",
+            (name,),
+        ).fetchall()
+
+    def remove_blobs(self, ids: Sequence[bytes]) -> None:
+        """Unindex blobs (their rows and refs; the pack files are not touched), in one transaction."""
+        with self._transaction():
+            self._remove(ids)
+
+    def _remove(self, ids: Sequence[bytes]) -> None:
+        for start in range(0, len(ids), _QUERY_CHUNK):
+            chunk = ids[start : start + _QUERY_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            self._conn.execute(f"DELETE FROM blobs WHERE id IN ({marks})", chunk)
+            self._conn.execute(f"DELETE FROM refs WHERE id IN ({marks})", chunk)
 
     def lookup(self, id: bytes) -> tuple[str, int, int, int] | None:
         """(pack name, record offset, data length, type) of a blob, or None."""

@@ -29,7 +29,7 @@ import struct
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -485,11 +485,32 @@ def _rebuild(name: str, tree: _Tree, bounds: pack.Bounds) -> tuple[Index, dict]:
                 continue
             blobs += index.add_pack(pack_name, trailer.file_size, trailer.entries)
             packs += 1
+        dropped = drop_incomplete(index, index.iter_refs)
+        if dropped:
+            log.warning("repository %s: %d blobs left out of the index: they reference ids no pack holds",
+                        name, dropped)
         index.mark_complete()
     except BaseException:
         index.close()
         raise
     return index, {"packs": packs, "blobs": blobs, "bad_packs": bad}
+
+
+def drop_incomplete(index: Index, candidates: Callable[[], Iterable[tuple[bytes, bytes]]]) -> int:
+    """Unindex the blobs among ``candidates()`` (id, refs) whose refs are not all indexed.
+
+    The index never names a blob whose refs it does not all name (FORMAT.md
+    §6): a client that is told such a blob exists would build a new
+    snapshot on an incomplete tree.  Unindexing one may leave another
+    incomplete, so this repeats until nothing changes.  Returns how many.
+    """
+    dropped = 0
+    while True:
+        bad = [id for id, refs in candidates() if index.missing(_split_ids(refs))]
+        if not bad:
+            return dropped
+        index.remove_blobs(bad)
+        dropped += len(bad)
 
 
 def recover_orphans(name: str, tree: _Tree, index: Index, bounds: pack.Bounds) -> None:
@@ -506,7 +527,11 @@ def recover_orphans(name: str, tree: _Tree, index: Index, bounds: pack.Bounds) -
             log.warning("repository %s: pack %s is not indexed and cannot be: %s", name, pack_name, e)
             continue
         index.add_pack(pack_name, trailer.file_size, trailer.entries)
+        dropped = drop_incomplete(index, lambda: index.pack_nodes(pack_name))
         log.info("repository %s: re-indexed pack %s from its trailer", name, pack_name)
+        if dropped:
+            log.warning("repository %s: %d blobs of pack %s reference ids no pack holds: not indexed",
+                        name, dropped, pack_name)
 
 
 def open_index(tree: _Tree) -> Index:
