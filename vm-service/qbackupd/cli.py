@@ -1,24 +1,30 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Command line of the backup-qube daemon: `qbackupd serve|reindex|check`.
+"""Command line of the backup-qube daemon: `qbackupd serve|reindex|check|gc`.
 
 Errors are printed as one line on stderr with exit status 2; `check` exits
-with status 1 when it finds problems.
+with status 1 when it finds problems.  `gc` stopped by SIGINT or SIGTERM
+exits with status 130 and resumes where it was when run again.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .check import check_repository
 from .frames import valid_repo_name
+from .gc import DEFAULT_REPACK_BELOW, collect_garbage
+from .monitor import Cancelled
 from .server import ServerError, run
 from .storage import Storage, StorageError
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
+EXIT_STOPPED = 130
 MAX_LISTED = 64  # ids printed per list
 
 
@@ -57,6 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (
         ("reindex", "rebuild a repository's index from its pack trailers (needs no keys)"),
         ("check", "check a repository's packs, index and snapshot references; exit 1 on problems"),
+        ("gc", "free the space of blobs no snapshot reaches (needs no keys; resumable; safe beside backups)"),
     ):
         sub = subs[name] = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument("--storage", required=True, type=Path, metavar="DIR", help="directory of repositories")
@@ -67,7 +74,58 @@ def _parser() -> argparse.ArgumentParser:
         help="also read every byte of every pack (each record's CRC-32, each pack's SHA-256); "
         "without it only footers, trailers, index and references are checked",
     )
+    subs["gc"].add_argument(
+        "--repack-below",
+        type=int,
+        default=DEFAULT_REPACK_BELOW,
+        choices=range(101),
+        metavar="PERCENT",
+        help="repack a pack whose live blobs make less than PERCENT of its bytes "
+        f"(default {DEFAULT_REPACK_BELOW}; 0: only delete packs holding no live blob)",
+    )
+    subs["gc"].add_argument("--dry-run", action="store_true", help="say what would be freed, change nothing")
+    for name in ("reindex", "check", "gc"):
+        subs[name].add_argument(
+            "--log-level", default="warning", choices=["debug", "info", "warning", "error"],
+            help="stderr logging threshold (default: warning)",
+        )  # fmt: skip
     return parser
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _gc(storage: Storage, repo: str, repack_below: int, dry_run: bool) -> int:
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        summary = collect_garbage(
+            storage,
+            repo,
+            repack_below=repack_below,
+            dry_run=dry_run,
+            progress=_progress_printer("gc"),
+            stop=stop.is_set,
+        )
+    except Cancelled as exc:
+        print(f"qbackupd: gc of {repo} {exc}", file=sys.stderr)
+        return EXIT_STOPPED
+    would = "would be " if summary.dry_run else ""
+    print(
+        f"{repo}: {summary.snapshots} snapshots reach {summary.live_blobs} blobs; "
+        f"{summary.packs_deleted} packs {would}deleted, {summary.packs_repacked} {would}repacked "
+        f"into {summary.packs_written} ({human_bytes(summary.bytes_copied)} copied); "
+        f"{human_bytes(summary.bytes_freed)} {would}freed"
+    )
+    for note in summary.notes:
+        print(note)
+    return 0
 
 
 def _check(storage: Storage, repo: str, read_data: bool) -> int:
@@ -109,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if not args.storage.is_dir():
             raise StorageError(f"storage directory {args.storage} does not exist")
+        logging.basicConfig(level=args.log_level.upper(), format="qbackupd[%(process)d] %(levelname)s %(message)s")
         if args.command == "serve":
-            logging.basicConfig(
-                level=args.log_level.upper(), format="qbackupd[%(process)d] %(levelname)s %(message)s"
-            )
             run(Storage(args.storage), args.socket)
             return 0
         storage = Storage(args.storage)
+        if args.command == "gc":
+            return _gc(storage, args.repo, args.repack_below, args.dry_run)
         if args.command == "reindex":
             summary = storage.reindex(args.repo)
             print(" ".join(f"{key}={value}" for key, value in summary.items()))

@@ -185,6 +185,47 @@ class Index:
             self._conn.execute(f"DELETE FROM blobs WHERE id IN ({marks})", chunk)
             self._conn.execute(f"DELETE FROM refs WHERE id IN ({marks})", chunk)
 
+    def move_blobs(self, name: str, size: int, entries: Sequence[Entry]) -> None:
+        """Index pack ``name`` (a copy made by the garbage collector) and point its blobs' rows at it.
+
+        The pack row is added if missing (a writer may have indexed the pack
+        as an orphan, which adds no blob row: its ids were indexed already);
+        each id is then found in this pack, whatever pack held it before.
+        One transaction.
+        """
+        with self._transaction():
+            row = self._conn.execute("SELECT id FROM packs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                pack = self._conn.execute("INSERT INTO packs (name, size) VALUES (?, ?)", (name, size)).lastrowid
+            else:
+                pack = row[0]
+            self._conn.executemany(
+                "INSERT INTO blobs (id, pack, pos, length, type) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET pack = excluded.pack, pos = excluded.pos,"
+                " length = excluded.length, type = excluded.type",
+                ((e.id, pack, e.offset, e.length, e.type) for e in sorted(entries, key=lambda e: e.id)),
+            )
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO refs (id, refs) VALUES (?, ?)", ((e.id, e.refs) for e in entries if e.refs)
+            )
+
+    def drop_packs(self, names: Sequence[str], nodes: Sequence[bytes]) -> None:
+        """Unindex packs (every blob row still placing a blob in them) and blobs ``nodes``, in one transaction.
+
+        The garbage collector's sweep: the rows of a pack it deletes, and
+        every indexed blob with refs that no snapshot reaches (so no indexed
+        blob is left whose refs are not all indexed).
+        """
+        with self._transaction():
+            self._remove(nodes)
+            for name in names:
+                row = self._conn.execute("SELECT id FROM packs WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    continue
+                self._conn.execute("DELETE FROM refs WHERE id IN (SELECT id FROM blobs WHERE pack = ?)", row)
+                self._conn.execute("DELETE FROM blobs WHERE pack = ?", row)
+                self._conn.execute("DELETE FROM packs WHERE id = ?", row)
+
     def lookup(self, id: bytes) -> tuple[str, int, int, int] | None:
         """(pack name, record offset, data length, type) of a blob, or None."""
         return self._conn.execute(

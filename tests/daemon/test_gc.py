@@ -1,0 +1,224 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Garbage collection without keys (qbackupd.gc, docs/GC.md), in process:
+what it deletes and repacks, what it keeps, its refusals, its state, and a
+backup that deduplicates against dead blobs while it runs."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+
+import pytest
+
+from gcmodel import Model, ident, random_history
+from qbackupd import gc
+from qbackupd.check import check_repository
+from qbackupd.storage import MIN_PACK_SIZE, Locked, Storage
+
+PACK = MIN_PACK_SIZE
+
+
+@pytest.fixture
+def storage(tmp_path) -> Storage:
+    return Storage(tmp_path / "store")
+
+
+def build(storage: Storage, snapshots: int = 6, seed: int = 1, size: int = 3000) -> Model:
+    model = Model()
+    with storage.create("work", b"config", PACK, "creator") as repo:
+        random_history(random.Random(seed), repo, model, snapshots, size=size)
+    return model
+
+
+def pack_names(storage: Storage) -> set[str]:
+    return {p.stem for p in (storage.root / "work" / "packs").glob("*/*.pack")}
+
+
+def delete(storage: Storage, model: Model, *names: str) -> None:
+    with storage.open("work", True, "pruner") as repo:
+        repo.delete_snapshots([ident(n) for n in names])
+    for name in names:
+        del model.snapshots[name]
+
+
+def assert_intact(storage: Storage, model: Model) -> None:
+    """Every remaining snapshot complete and the repository healthy, before and after a reindex."""
+    for rebuilt in (False, True):
+        report = check_repository(storage, "work", read_data=True)
+        assert report.problems == [], report.problems
+        with storage.open("work", False, "checker") as repo:
+            assert {s[0] for s in repo.list_snapshots()} == {ident(n) for n in model.snapshots}
+            for snapshot in model.snapshots:
+                model.check_snapshot(repo, snapshot)
+        if not rebuilt:
+            storage.reindex("work")
+
+
+def pack_of(storage: Storage, name: str) -> str:
+    conn = sqlite3.connect(storage.root / "work" / "index.sqlite")
+    row = conn.execute(
+        "SELECT p.name FROM blobs AS b JOIN packs AS p ON p.id = b.pack WHERE b.id = ?", (ident(name),)
+    ).fetchone()
+    conn.close()
+    return row[0] if row else None
+
+
+def stored_bytes(storage: Storage) -> int:
+    return sum(p.stat().st_size for p in (storage.root / "work" / "packs").glob("*/*.pack"))
+
+
+def test_nothing_to_collect(storage):
+    model = build(storage, 3)
+    before = pack_names(storage)
+    summary = gc.collect_garbage(storage, "work")
+    assert (summary.packs_deleted, summary.packs_repacked, summary.bytes_freed) == (0, 0, 0)
+    assert summary.snapshots == 3 and pack_names(storage) == before
+    assert not (storage.root / "work" / "gc" / gc.STATE).exists()
+    assert_intact(storage, model)
+
+
+def test_deleted_snapshots_free_their_space(storage):
+    model = build(storage, 8, size=400_000)  # about one pack per snapshot
+    before = stored_bytes(storage)
+    delete(storage, model, "s0", "s1", "s2", "s3")
+    dry = gc.collect_garbage(storage, "work", dry_run=True)
+    assert dry.dry_run and dry.bytes_freed > 0 and stored_bytes(storage) == before
+    summary = gc.collect_garbage(storage, "work", repack_below=90)
+    assert summary.packs_deleted + summary.packs_repacked > 0
+    assert summary.bytes_freed == before - stored_bytes(storage) > 0
+    assert dry.packs_deleted == summary.packs_deleted and dry.packs_repacked == summary.packs_repacked
+    assert_intact(storage, model)
+    # everything left is reachable: a second collection finds nothing to free beyond the threshold
+    again = gc.collect_garbage(storage, "work", repack_below=90)
+    assert again.packs_deleted == 0 and again.packs_repacked == 0
+
+
+def test_repack_threshold(storage):
+    model = build(storage, 6, size=400_000)
+    delete(storage, model, "s0", "s1", "s2")
+    only_dead = gc.collect_garbage(storage, "work", repack_below=0, dry_run=True)
+    assert only_dead.packs_repacked == 0
+    everything = gc.collect_garbage(storage, "work", repack_below=100, dry_run=True)
+    assert everything.packs_repacked >= only_dead.packs_repacked
+    gc.collect_garbage(storage, "work", repack_below=100)
+    assert_intact(storage, model)
+
+
+def test_unreachable_nodes_are_unindexed_with_the_blobs_they_reference(storage):
+    model = build(storage, 4, size=400_000)
+    dead = model.reach("s0") - set().union(*(model.reach(s) for s in ("s1", "s2", "s3")))
+    delete(storage, model, "s0")
+    gc.collect_garbage(storage, "work", repack_below=100)
+    with storage.open("work", False, "r") as repo:
+        nodes = [n for n in dead if model.blobs[n][0] == 2]
+        assert nodes and repo.have([ident(n) for n in nodes]) == list(range(len(nodes)))
+    assert_intact(storage, model)
+
+
+def test_second_collection_is_refused_while_one_runs(storage):
+    build(storage, 2)
+    seen = []
+
+    def progress(phase, done, total):
+        if not seen:
+            seen.append(phase)
+            with pytest.raises(Locked, match="already running"):
+                gc.collect_garbage(storage, "work")
+
+    gc.collect_garbage(storage, "work", progress=progress)
+    assert seen
+
+
+def test_unreadable_snapshot_refuses_and_deletes_nothing(storage):
+    model = build(storage, 4, size=400_000)
+    delete(storage, model, "s0")
+    path = storage.root / "work" / "snapshots" / ident("s3").hex()
+    raw = bytearray(path.read_bytes())
+    raw[-40] ^= 1
+    path.write_bytes(bytes(raw))
+    before = pack_names(storage)
+    with pytest.raises(gc.Refused) as e:
+        gc.collect_garbage(storage, "work", repack_below=100)
+    assert e.value.code == "damaged" and "snapshot" in str(e.value) and "\n" not in str(e.value)
+    assert pack_names(storage) == before
+
+
+def test_missing_reachable_id_refuses(storage):
+    model = build(storage, 3)
+    conn = sqlite3.connect(storage.root / "work" / "index.sqlite")
+    chunk = next(n for n in sorted(model.reach("s2")) if model.blobs[n][0] == 1)
+    conn.execute("DELETE FROM blobs WHERE id = ?", (ident(chunk),))
+    conn.commit()
+    conn.close()
+    with pytest.raises(gc.Refused, match="not in the index"):
+        gc.collect_garbage(storage, "work")
+
+
+def test_backup_deduplicating_against_dead_blobs_during_collection(storage):
+    """Between the mark and the sweep a backup commits a snapshot that reuses
+    blobs only deleted snapshots reached (HAVE says present, PUT deduplicates):
+    the sweep marks it and keeps (copies) them."""
+    model = build(storage, 5, size=400_000)
+    revived = model.snapshots["s0"]
+    only_s0 = model.reach("s0") - set().union(*(model.reach(s) for s in ("s2", "s3", "s4")))
+    delete(storage, model, "s0", "s1")
+    packs_before = {name: pack_of(storage, name) for name in only_s0}
+    done = []
+
+    def progress(phase, _done, _total):
+        if phase in ("repack", "sweep", "wait") and not done:
+            done.append(phase)  # the mark and plan are over: s0's blobs are planned as dead
+            with storage.open("work", True, "backup") as repo:
+                assert repo.have([ident(r) for r in revived]) == []
+                for root in revived:
+                    assert repo.put(ident(root), 2, b"ignored", None) is False  # deduplicated
+                repo.commit(ident("revived"), b"manifest", [ident(r) for r in revived])
+            model.snapshots["revived"] = revived
+
+    summary = gc.collect_garbage(storage, "work", repack_below=100, progress=progress)
+    assert done and summary.packs_deleted + summary.packs_repacked > 0
+    # the revived blobs were in packs the collection deleted: the sweep copied them
+    gone = {name for name, was in packs_before.items() if was not in pack_names(storage)}
+    assert gone and all(pack_of(storage, name) not in (None, packs_before[name]) for name in gone)
+    assert_intact(storage, model)
+
+
+def test_interrupted_collection_resumes(storage):
+    model = build(storage, 6, size=400_000)
+    delete(storage, model, "s0", "s1", "s2")
+    calls = []
+
+    def stop():
+        calls.append(1)
+        return len(calls) > 25
+
+    with pytest.raises(Exception, match="stopped"):
+        gc.collect_garbage(storage, "work", repack_below=100, stop=stop)
+    assert (storage.root / "work" / "gc" / gc.STATE).exists()
+    assert_intact(storage, model)
+    gc.collect_garbage(storage, "work", repack_below=0)  # resumes with the first run's threshold
+    assert not (storage.root / "work" / "gc" / gc.STATE).exists()
+    assert_intact(storage, model)
+    again = gc.collect_garbage(storage, "work", repack_below=100, dry_run=True)
+    assert again.packs_deleted == 0
+
+
+def test_usage_per_snapshot_unique_and_shared(storage):
+    from qbackupd.usage import usage
+
+    model = build(storage, 4)
+    reach = {s: model.reach(s) for s in model.snapshots}
+    sizes = {name: model.blobs[name][2] for name in model.blobs}
+    report = usage(storage, "work")
+    for id, blobs, size in report.snapshots:
+        (snapshot,) = [s for s in model.snapshots if ident(s) == id]
+        others = set().union(*(reach[s] for s in model.snapshots if s != snapshot))
+        unique = reach[snapshot] - others
+        assert (blobs, size) == (len(unique), sum(sizes[n] for n in unique)), snapshot
+    everything = set().union(*reach.values())
+    assert report.shared_blobs == sum(1 for n in everything if sum(n in r for r in reach.values()) > 1)
+    assert (report.unreferenced_blobs, report.missing, report.unreadable) == (0, 0, 0)
+    delete(storage, model, "s0")
+    after = usage(storage, "work")
+    (s0,) = [(blobs, size) for id, blobs, size in report.snapshots if id == ident("s0")]
+    assert (after.unreferenced_blobs, after.unreferenced_bytes) == s0

@@ -1,0 +1,592 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""Garbage collection without keys: docs/GC.md is the design, this the code.
+
+1. **mark** (no writer lock): label every blob reachable from the snapshots'
+   clear refs (graph.Walk), in ``gc/state.sqlite`` on disk;
+2. **plan**: per pack indexed when the mark began, its live bytes; a pack with
+   none is deleted, one below ``repack_below`` percent live is repacked;
+3. **repack** (no writer lock): copy the live blobs of those packs, as they
+   are (ciphertext; each record's CRC checked), into new packs made durable
+   and indexed before anything else happens;
+4. **sweep**, in rounds of about ``ROUND_SECONDS`` under the writer lock:
+   mark what snapshots were committed since, copy what they brought back to
+   life, then in one durable index transaction unindex the round's packs and
+   every indexed node no snapshot reaches, and only then delete the files.
+
+Every backup session holds the writer lock from its first request to its
+end, so none is open during a sweep round, and every snapshot committed
+before the round is marked in it: a blob a session was told exists is
+never deleted under it, and a commit never names a deleted blob.  Each step
+is recorded in the state database, so a collection killed at any point
+resumes where it was (``collect_garbage`` again); what it leaves is
+consistent without it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass, field
+
+from . import graph, pack
+from .fsdir import Dir
+from .index import Index, IndexUnusable
+from .lock import LockBusy, WriterLock
+from .lock import describe as describe_holder
+from .monitor import Monitor, Progress
+from .storage import (
+    LOCK,
+    MAX_BLOB,
+    Locked,
+    Storage,
+    StorageError,
+    _bounds,
+    _Config,
+    _io,
+    _read_config,
+    _Tree,
+    install_pack,
+    open_index,
+    read_snapshot,
+    recover_orphans,
+    snapshot_ids,
+)
+
+GC_DIR = "gc"
+STATE = "state.sqlite"
+STATE_FILES = (STATE, STATE + "-wal", STATE + "-shm", STATE + "-journal")
+STATE_FORMAT = 1
+DEFAULT_REPACK_BELOW = 70  # percent of a pack's bytes still live under which it is repacked
+ROUND_SECONDS = 2.0  # a sweep round holds the writer lock about this long (at least one pack)
+LOCK_POLL = 0.5  # seconds between attempts at the writer lock
+ROUND_PAUSE = 1.0  # between sweep rounds: a writer waiting for the lock gets it
+RECORD = pack.RECORD_HEADER_SIZE
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS marked (id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS packs0 (name TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS plan (
+    name TEXT PRIMARY KEY, action TEXT NOT NULL, size INTEGER NOT NULL,
+    live_blobs INTEGER NOT NULL, live_bytes INTEGER NOT NULL, status TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS outputs (name TEXT PRIMARY KEY, status TEXT NOT NULL, size INTEGER) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS copies (
+    id BLOB PRIMARY KEY, pack TEXT NOT NULL, pos INTEGER NOT NULL, length INTEGER NOT NULL, type INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+_PHASES = {"mark": 1, "plan": 2, "repack": 3, "sweep": 4}
+
+
+class Refused(StorageError):
+    """The repository is damaged where garbage collection must be sure (code ``damaged``)."""
+
+    code = "damaged"
+
+
+@dataclass
+class Summary:
+    """What a collection did (or, with ``dry_run``, would do)."""
+
+    dry_run: bool = False
+    snapshots: int = 0  # snapshots marked
+    live_blobs: int = 0  # blobs they reach
+    packs_deleted: int = 0  # packs holding no live blob
+    packs_repacked: int = 0  # packs whose live blobs were copied, then deleted
+    packs_written: int = 0  # new packs holding those copies
+    packs_kept: int = 0  # planned but kept: a live blob in them fails its checks
+    bytes_freed: int = 0  # pack bytes deleted minus pack bytes written
+    bytes_copied: int = 0  # record bytes copied
+    notes: list[str] = field(default_factory=list)  # what was kept and why
+
+    def as_dict(self) -> dict:
+        fields = dict(self.__dict__)
+        fields.pop("notes")
+        return fields
+
+
+def collect_garbage(
+    storage: Storage,
+    name: str,
+    *,
+    repack_below: int = DEFAULT_REPACK_BELOW,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    stop=None,
+    holder: str = "",
+) -> Summary:
+    """Collect the garbage of repository ``name`` (see the module docstring).
+
+    ``repack_below`` (0..100): a pack with live blobs is repacked when they
+    make less than this percentage of its bytes (0: only packs holding no
+    live blob are deleted).  ``dry_run`` marks and plans, changing nothing
+    (an interrupted collection's state included).  ``progress(phase, done,
+    total)`` is called about once a second; ``stop()`` returning True makes
+    it raise ``monitor.Cancelled`` at the next safe point.  Raises
+    ``Locked`` if another collection of the repository is running,
+    ``Refused`` if a snapshot is unreadable or reaches ids the index lacks.
+    """
+    if type(repack_below) is not int or not 0 <= repack_below <= 100:
+        raise StorageError("repack_below must be an integer 0..100", "bad_request")
+    monitor = Monitor(progress, stop)
+    holder = holder or f"qbackupd gc (pid {os.getpid()})"
+    tree = storage.open_tree(name)
+    try:
+        with _io(f"garbage collection of {name!a}"):
+            config = _read_config(tree)
+            gcdir = _gc_dir(tree)
+            with gcdir:
+                try:
+                    lock = WriterLock.acquire(gcdir, LOCK, holder)
+                except LockBusy as e:
+                    raise Locked(
+                        f"a garbage collection of {name!a} is already running: {describe_holder(e.holder)}", e.holder
+                    ) from None
+                try:
+                    for entry, is_dir in gcdir.names():  # packs a dead collector was writing
+                        if entry.endswith(".tmp") and not is_dir:
+                            gcdir.unlink(entry)
+                    return _Collection(name, tree, gcdir, config, monitor, holder).run(repack_below, dry_run)
+                finally:
+                    lock.release()
+    finally:
+        tree.close()
+
+
+def _gc_dir(tree: _Tree) -> Dir:
+    if not tree.dir.exists(GC_DIR):
+        with contextlib.suppress(FileExistsError):
+            tree.dir.mkdir(GC_DIR)
+            tree.dir.fsync()
+    return tree.dir.sub(GC_DIR)
+
+
+class _Collection:
+    def __init__(self, name: str, tree: _Tree, gcdir: Dir, config: _Config, monitor: Monitor, holder: str):
+        self.name = name
+        self.tree = tree
+        self.gcdir = gcdir
+        self.pack_size = config.pack_size
+        self.bounds = _bounds(config.pack_size)
+        self.monitor = monitor
+        self.holder = holder
+        self.summary = Summary()
+        self.index: Index | None = None
+        self.db: sqlite3.Connection | None = None
+        self.walk: graph.Walk | None = None
+
+    # --- state ---------------------------------------------------------------------
+
+    def _open(self, path: str) -> None:
+        """Open the index and the state (or scratch) database with the index attached."""
+        try:
+            self.index = open_index(self.tree)
+        except IndexUnusable as e:
+            raise StorageError(f"index is {e}: open the repository for writing (or reindex) first") from None
+        self.db = graph.scratch(path, str(self.tree.index))
+        self.db.executescript(_SCHEMA)
+        self.walk = graph.Walk(self.db, self.monitor)
+
+    def _reopen_index(self) -> None:
+        """Fresh connections to the index file there is now (a rebuild may have replaced it)."""
+        self.index.close()
+        self.index = open_index(self.tree)
+        self.db.execute("DETACH DATABASE idx")
+        self.db.execute("ATTACH DATABASE ? AS idx", (str(self.tree.index),))
+
+    def _close(self) -> None:
+        for conn in (self.db, self.index):
+            if conn is not None:
+                conn.close()
+
+    def _meta(self, key: str) -> int | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def _set_meta(self, key: str, value: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    def _drop_state(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+        for name in STATE_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                self.gcdir.unlink(name)
+
+    def _state(self, repack_below: int) -> int:
+        """Open the state database: an interrupted collection's, or a new one. Returns its phase."""
+        for name in STATE_FILES:
+            self.gcdir.check_file(name)
+        try:
+            self._open(self.gcdir.join(STATE))
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            if self._meta("format") == STATE_FORMAT:
+                phase = self._meta("phase")
+                if phase in _PHASES.values():
+                    log.info("repository %s: resuming an interrupted garbage collection", self.name)
+                    return phase
+        except sqlite3.DatabaseError as e:
+            log.warning("repository %s: discarding unusable garbage collection state: %s", self.name, e)
+        self._close()
+        self._drop_state()
+        self._open(self.gcdir.join(STATE))
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        with self.walk.transaction():
+            self.db.executemany("INSERT INTO packs0 (name) VALUES (?)", ((n,) for n in self.index.packs()))
+            self._set_meta("repack_below", repack_below)
+            self._set_meta("phase", _PHASES["mark"])
+            self._set_meta("format", STATE_FORMAT)
+        return _PHASES["mark"]
+
+    def _phase(self, phase: str) -> None:
+        self._set_meta("phase", _PHASES[phase])
+
+    # --- the collection ------------------------------------------------------------
+
+    def run(self, repack_below: int, dry_run: bool) -> Summary:
+        try:
+            if dry_run:
+                self.summary.dry_run = True
+                self._open("")  # a private temporary database: an interrupted collection's state is kept
+                with self.walk.transaction():
+                    self.db.executemany("INSERT INTO packs0 (name) VALUES (?)", ((n,) for n in self.index.packs()))
+                self._mark()
+                self._plan(repack_below)
+                return self._planned_summary()
+            phase = self._state(repack_below)
+            repack_below = self._meta("repack_below")
+            if phase < _PHASES["repack"]:
+                self._mark()
+                self._plan(repack_below)
+            if phase <= _PHASES["repack"]:
+                self._repack()
+            self._sweep()
+            self._final_summary()
+            self._drop_state()
+            return self.summary
+        except Refused:
+            self._close()
+            self._drop_state()  # a later run starts afresh, once the damage is dealt with
+            raise
+        finally:
+            self._close()
+
+    def _mark(self) -> None:
+        """Label everything the snapshots reach (those not marked yet)."""
+        ids, _ = snapshot_ids(self.tree)
+        self.monitor("mark", 0, len(ids), force=True)
+        marked = {row[0] for row in self.db.execute("SELECT id FROM marked")}
+        for done, id in enumerate(ids):
+            self.monitor("mark", done, len(ids))
+            if id in marked:
+                continue
+            try:
+                _, refs = read_snapshot(self.tree, id)
+            except FileNotFoundError:
+                continue  # deleted meanwhile
+            except (StorageError, OSError) as e:
+                raise Refused(
+                    f"snapshot {id.hex()} is unreadable ({e}): garbage collection deletes nothing while a "
+                    "snapshot's references are unknown (delete the snapshot, or put its file back)"
+                ) from None
+            with self.walk.transaction():
+                self.walk.seed(refs, 0)
+                self.db.execute("INSERT INTO marked (id) VALUES (?)", (id,))
+        self.walk.run()
+        count, first = self.walk.unknown()
+        if count:
+            raise Refused(
+                f"{count} ids the snapshots reach are not in the index (first {first.hex()}): garbage "
+                "collection deletes nothing in a damaged repository (see `qbackupd check`)"
+            )
+        self.summary.snapshots = self.db.execute("SELECT count(*) FROM marked").fetchone()[0]
+
+    def _plan(self, repack_below: int) -> None:
+        """Decide, per pack indexed when the mark began, to delete, repack or keep it."""
+        self.monitor("plan", 0, force=True)
+        rows = self.db.execute(
+            "SELECT p.name, p.size, count(l.id), total(CASE WHEN l.id IS NULL THEN 0 ELSE b.length + ? END)"
+            " FROM packs0 AS p0 JOIN idx.packs AS p ON p.name = p0.name"
+            " LEFT JOIN idx.blobs AS b ON b.pack = p.id LEFT JOIN label AS l ON l.id = b.id"
+            " GROUP BY p.id",
+            (RECORD,),
+        ).fetchall()
+        with self.walk.transaction():
+            for name, size, live_blobs, live_bytes in rows:
+                if type(size) is not int or size <= 0:
+                    continue  # a damaged index row: leave the pack alone
+                if live_blobs == 0:
+                    action = "delete"
+                elif live_bytes * 100 < repack_below * size:
+                    action = "repack"
+                else:
+                    continue
+                self.db.execute(
+                    "INSERT OR REPLACE INTO plan (name, action, size, live_blobs, live_bytes, status)"
+                    " VALUES (?, ?, ?, ?, ?, 'pending')",
+                    (name, action, size, live_blobs, int(live_bytes)),
+                )
+            self._phase("repack")
+
+    def _planned_summary(self) -> Summary:
+        s = self.summary
+        s.live_blobs = self.walk.count()
+        for action, count, size, live in self.db.execute(
+            "SELECT action, count(*), total(size), total(live_bytes) FROM plan GROUP BY action"
+        ):
+            if action == "delete":
+                s.packs_deleted = count
+            else:
+                s.packs_repacked = count
+                s.bytes_copied = int(live)
+                s.packs_written = -(-int(live) // self.pack_size)
+            s.bytes_freed += int(size)
+        s.bytes_freed -= s.bytes_copied
+        return s
+
+    # --- repack --------------------------------------------------------------------
+
+    def _repack(self) -> None:
+        """Copy the live blobs of the packs to repack into new packs (no writer lock)."""
+        self._finish_outputs()
+        total = self.db.execute("SELECT total(live_bytes) FROM plan WHERE action = 'repack'").fetchone()[0]
+        todo = self.db.execute(
+            "SELECT name FROM plan WHERE action = 'repack' AND status = 'pending' ORDER BY name"
+        ).fetchall()
+        output = _Output(self)
+        self.monitor("repack", self.summary.bytes_copied, int(total), force=True)
+        for (name,) in todo:
+            if self._copy_live(name, output, "repack", int(total)):
+                output.waiting.append(name)
+        output.flush()
+        with self.walk.transaction():
+            self._phase("sweep")
+
+    def _live_rows(self, name: str, skip_copied: bool) -> list[tuple[bytes, int, int, int]]:
+        """(id, pos, length, type) of the live blobs the index places in pack ``name``."""
+        query = (
+            "SELECT b.id, b.pos, b.length, b.type FROM idx.blobs AS b JOIN idx.packs AS p ON p.id = b.pack"
+            " JOIN label AS l ON l.id = b.id WHERE p.name = ?"
+        )
+        if skip_copied:
+            query += " AND NOT EXISTS (SELECT 1 FROM copies AS c WHERE c.id = b.id)"
+        return self.db.execute(query + " ORDER BY b.pos", (name,)).fetchall()
+
+    def _copy_live(self, name: str, output: "_Output", phase: str, total: int) -> bool:
+        """Copy the live blobs of pack ``name`` not copied yet into ``output``; False if it must be kept."""
+        rows = self._live_rows(name, skip_copied=True)
+        if not rows:
+            return True
+        try:
+            fd = self.tree.open_pack(name)
+        except OSError as e:
+            self._keep(name, f"cannot be read ({e})")
+            return False
+        try:
+            for id, pos, length, type_ in rows:
+                self.monitor(phase, self.summary.bytes_copied, total)
+                if not all(isinstance(v, int) for v in (pos, length, type_)) or not 0 <= length <= MAX_BLOB:
+                    self._keep(name, f"index entry of blob {id.hex()} is out of bounds")
+                    return False
+                try:
+                    data = pack.read_blob(fd, id, type_, pos, length)
+                except pack.PackError as e:
+                    self._keep(name, str(e))
+                    return False
+                row = self.db.execute("SELECT refs FROM idx.refs WHERE id = ?", (id,)).fetchone()
+                refs = b"".join(graph.split_refs(id, row[0])) if row else b""
+                output.add(id, type_, data, refs)
+                self.summary.bytes_copied += RECORD + length
+        finally:
+            os.close(fd)
+        return True
+
+    def _keep(self, name: str, why: str) -> None:
+        note = f"pack {name} kept: {why}"
+        log.warning("repository %s: %s", self.name, note)
+        self.summary.notes.append(note)
+        with self.walk.transaction():
+            self.db.execute("UPDATE plan SET status = 'kept' WHERE name = ?", (name,))
+
+    def _finish_outputs(self) -> None:
+        """Index the copies a killed collection had put in place but not recorded."""
+        for name, in self.db.execute("SELECT name FROM outputs WHERE status = 'writing'").fetchall():
+            try:
+                fd = self.tree.open_pack(name)
+            except FileNotFoundError:
+                with self.walk.transaction():
+                    self.db.execute("DELETE FROM outputs WHERE name = ?", (name,))
+                continue
+            try:
+                trailer = pack.read_trailer(fd, self.bounds)
+            finally:
+                os.close(fd)
+            _Output(self).record(name, trailer)
+
+    # --- sweep ---------------------------------------------------------------------
+
+    def _sweep(self) -> None:
+        """Delete the planned packs, in rounds under the writer lock."""
+        total = self.db.execute("SELECT count(*) FROM plan").fetchone()[0]
+        while True:
+            pending = self.db.execute(
+                "SELECT name, action FROM plan WHERE status IN ('pending', 'copied') ORDER BY name"
+            ).fetchall()
+            if not pending:
+                return
+            self.monitor("sweep", total - len(pending), total, force=True)
+            lock = self._writer_lock()
+            try:
+                self._round(pending, total)
+            finally:
+                lock.release()
+            if self.db.execute("SELECT 1 FROM plan WHERE status IN ('pending', 'copied') LIMIT 1").fetchone():
+                time.sleep(ROUND_PAUSE)  # let a writer that waits for the lock have it
+
+    def _writer_lock(self) -> WriterLock:
+        waited = 0.0
+        while True:
+            try:
+                return WriterLock.acquire(self.tree.dir, LOCK, f"{self.holder} (sweep)")
+            except LockBusy as e:
+                self.monitor("wait", int(waited), force=waited == 0)
+                if waited == 0:
+                    log.info(
+                        "repository %s: garbage collection waits for the writer lock (%s)",
+                        self.name, describe_holder(e.holder),
+                    )
+                time.sleep(LOCK_POLL)
+                waited += LOCK_POLL
+
+    def _round(self, pending: list[tuple[str, str]], total: int) -> None:
+        """One sweep round; the caller holds the writer lock."""
+        start = time.monotonic()
+        self._reopen_index()
+        recover_orphans(self.name, self.tree, self.index, self.bounds)
+        self._finish_outputs()
+        self._mark()  # what was committed since
+        batch = []
+        output = _Output(self)
+        for name, _ in pending:
+            done = total - len(pending) + len(batch)
+            self.monitor("sweep", done, total)
+            if self._copy_live(name, output, "sweep", 0):
+                batch.append(name)
+            if time.monotonic() - start > ROUND_SECONDS:
+                break
+        output.flush()
+        # every live blob of the batch must now be indexed elsewhere: point its rows at its copy
+        ready = []
+        for name in batch:
+            if self._relocate(name):
+                ready.append(name)
+        dead_nodes = [
+            row[0]
+            for row in self.db.execute(
+                "SELECT r.id FROM idx.refs AS r WHERE NOT EXISTS (SELECT 1 FROM label AS l WHERE l.id = r.id)"
+            )
+        ]
+        sizes = dict(self.db.execute("SELECT name, size FROM plan"))
+        self.index.drop_packs(ready, dead_nodes)  # durable before any file goes
+        shards = set()
+        for name in ready:
+            with self.tree.shard(name) as shard:
+                with contextlib.suppress(FileNotFoundError):
+                    shard.unlink(f"{name}.pack")
+                shards.add(name[:2])
+        for shard_name in shards:
+            with contextlib.suppress(FileNotFoundError), self.tree.packs.sub(shard_name) as shard:
+                shard.fsync()
+        with self.walk.transaction():
+            self.db.executemany("UPDATE plan SET status = 'done' WHERE name = ?", ((n,) for n in ready))
+        for name in ready:
+            log.info("repository %s: deleted pack %s (%d bytes)", self.name, name, sizes.get(name, 0))
+
+    def _relocate(self, name: str) -> bool:
+        """Point the index rows of the live blobs in pack ``name`` at their copies; False to keep it."""
+        rows = self._live_rows(name, skip_copied=False)
+        if not rows:
+            return True
+        by_pack: dict[str, list[pack.Entry]] = {}
+        indexed = self.index.packs()
+        for id, _, _, _ in rows:
+            copy = self.db.execute("SELECT pack, pos, length, type FROM copies WHERE id = ?", (id,)).fetchone()
+            if copy is None or copy[0] not in indexed:
+                self._keep(name, f"holds live blob {id.hex()} without a copy")
+                return False
+            row = self.db.execute("SELECT refs FROM idx.refs WHERE id = ?", (id,)).fetchone()
+            by_pack.setdefault(copy[0], []).append(pack.Entry(id, copy[3], copy[1], copy[2], row[0] if row else b""))
+        for copy_pack, entries in by_pack.items():
+            self.index.move_blobs(copy_pack, indexed[copy_pack], entries)
+        return not self._live_rows(name, skip_copied=False)
+
+    def _final_summary(self) -> None:
+        s = self.summary
+        s.live_blobs = self.walk.count()
+        for action, status, count, size in self.db.execute(
+            "SELECT action, status, count(*), total(size) FROM plan GROUP BY action, status"
+        ):
+            if status == "kept":
+                s.packs_kept += count
+            elif status == "done":
+                s.bytes_freed += int(size)
+                if action == "delete":
+                    s.packs_deleted += count
+                else:
+                    s.packs_repacked += count
+        written, written_size = self.db.execute(
+            "SELECT count(*), total(size) FROM outputs WHERE status = 'indexed'"
+        ).fetchone()
+        s.packs_written = written
+        s.bytes_freed -= int(written_size)
+
+
+class _Output:
+    """The pack the live copies go into (in gc/), sealed, put in place and indexed when full."""
+
+    def __init__(self, collection: _Collection):
+        self.c = collection
+        self.writer: pack.PackWriter | None = None
+        self.waiting: list[str] = []  # source packs fully copied once this output is indexed
+
+    def add(self, id: bytes, type: int, data: bytes, refs: bytes) -> None:
+        if self.writer is None:
+            self.writer = pack.PackWriter(self.c.gcdir, f"{secrets.token_hex(16)}.tmp")
+        self.writer.add(id, type, data, refs)
+        if self.writer.size >= self.c.pack_size or len(self.writer) >= pack.MAX_ENTRIES:
+            self.flush()
+
+    def flush(self) -> None:
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            name = writer.name.removesuffix(".tmp")
+            with self.c.walk.transaction():  # recorded first: a killed collection finds it again
+                self.c.db.execute("INSERT OR REPLACE INTO outputs (name, status) VALUES (?, 'writing')", (name,))
+            self.record(name, install_pack(self.c.tree, writer))
+        if self.waiting:
+            with self.c.walk.transaction():
+                self.c.db.executemany(
+                    "UPDATE plan SET status = 'copied' WHERE name = ?", ((n,) for n in self.waiting)
+                )
+            self.waiting = []
+
+    def record(self, name: str, trailer: pack.Trailer) -> None:
+        """Index a durable copy pack, then remember where each copy is."""
+        self.c.index.move_blobs(name, trailer.file_size, trailer.entries)
+        with self.c.walk.transaction():
+            self.c.db.executemany(
+                "INSERT OR REPLACE INTO copies (id, pack, pos, length, type) VALUES (?, ?, ?, ?, ?)",
+                ((e.id, name, e.offset, e.length, e.type) for e in trailer.entries),
+            )
+            self.c.db.execute(
+                "UPDATE outputs SET status = 'indexed', size = ? WHERE name = ?", (trailer.file_size, name)
+            )
