@@ -96,8 +96,8 @@ class Client:
         assert answer["rid"] == rid, answer
         return answer
 
-    def hello(self) -> dict:
-        self.send({"op": "hello", "rid": 0, "versions": [1], "client": "test/0"})
+    def hello(self, versions: tuple[int, ...] = (1, 2)) -> dict:
+        self.send({"op": "hello", "rid": 0, "versions": list(versions), "client": "test/0"})
         answer = self.recv()
         assert answer is not None and answer["op"] == "hello", answer
         return answer
@@ -167,18 +167,20 @@ class Daemon:
         """Wait until `count` connections in all have ended."""
         self.wait_for_log(" result=", count)
 
-    def client(self, repo: str | None = "repo", source: str = "dom0", hello: bool = True) -> Client:
+    def client(
+        self, repo: str | None = "repo", source: str = "dom0", hello: bool = True, versions=(1, 2)
+    ) -> Client:
         arg = b"" if repo is None else repo.encode()
         client = Client(self.socket, HEADER % (arg, source.encode()))
         if hello:
-            client.hello()
+            client.hello(versions)
         return client
 
     def raw_client(self, header: bytes) -> Client:
         return Client(self.socket, header)
 
-    def open_repo(self, repo: str = "repo", write: bool = True, create: bool = False) -> Client:
-        client = self.client(repo)
+    def open_repo(self, repo: str = "repo", write: bool = True, create: bool = False, versions=(1, 2)) -> Client:
+        client = self.client(repo, versions=versions)
         if create:
             answer = client.call("init", config=b"config-" + repo.encode(), pack_size=8 << 20)
             assert answer["op"] == "ok", answer
