@@ -78,7 +78,7 @@ def test_nothing_to_collect(storage):
 
 
 def test_deleted_snapshots_free_their_space(storage):
-    model = build(storage, 8, size=400_000)  # about one pack per snapshot
+    model = build(storage, 8, size=60_000)  # about one pack per snapshot
     before = stored_bytes(storage)
     delete(storage, model, "s0", "s1", "s2", "s3")
     dry = gc.collect_garbage(storage, "work", dry_run=True)
@@ -94,7 +94,7 @@ def test_deleted_snapshots_free_their_space(storage):
 
 
 def test_repack_threshold(storage):
-    model = build(storage, 6, size=400_000)
+    model = build(storage, 6, size=60_000)
     delete(storage, model, "s0", "s1", "s2")
     only_dead = gc.collect_garbage(storage, "work", repack_below=0, dry_run=True)
     assert only_dead.packs_repacked == 0
@@ -104,15 +104,30 @@ def test_repack_threshold(storage):
     assert_intact(storage, model)
 
 
-def test_unreachable_nodes_are_unindexed_with_the_blobs_they_reference(storage):
-    model = build(storage, 4, size=400_000)
-    dead = model.reach("s0") - set().union(*(model.reach(s) for s in ("s1", "s2", "s3")))
-    delete(storage, model, "s0")
-    gc.collect_garbage(storage, "work", repack_below=100)
-    with storage.open("work", False, "r") as repo:
-        nodes = [n for n in dead if model.blobs[n][0] == 2]
-        assert nodes and repo.have([ident(n) for n in nodes]) == list(range(len(nodes)))
-    assert_intact(storage, model)
+def test_dead_node_in_a_kept_pack_is_unindexed_with_the_blobs_it_references(storage):
+    """Pack 1: dead chunks only (deleted). Pack 2: a live chunk and root, and a
+    dead node naming pack 1's chunks (kept: mostly live). The dead node must
+    leave the index with its children, and stay out of a rebuilt one: a
+    client told it exists would build on a tree with holes."""
+    with storage.create("work", b"config", PACK, "creator") as repo:
+        dead_chunks = [ident(f"dead {n}") for n in range(4)]
+        for id_ in dead_chunks:
+            repo.put(id_, 1, b"dead chunk", None)
+        repo.flush()
+        repo.put(ident("live"), 1, bytes(1 << 20), None)
+        repo.put(ident("dead node"), 2, b"node", dead_chunks)
+        repo.put(ident("live root"), 2, b"root", [ident("live")])
+        repo.commit(ident("kept"), b"m", [ident("live root")])
+        repo.commit(ident("gone"), b"m", [ident("dead node")])
+        repo.delete_snapshots([ident("gone")])
+    summary = gc.collect_garbage(storage, "work", repack_below=0)
+    assert (summary.packs_deleted, summary.packs_repacked) == (1, 0)
+    for rebuilt in (False, True):
+        with storage.open("work", False, "r") as repo:
+            assert repo.have([ident("dead node"), ident("live root"), ident("live")]) == [0]
+            assert repo.get(ident("live")) == (1, bytes(1 << 20))
+        assert check_repository(storage, "work", read_data=True).problems == []
+        storage.reindex("work")
 
 
 def test_second_collection_is_refused_while_one_runs(storage):
@@ -130,7 +145,7 @@ def test_second_collection_is_refused_while_one_runs(storage):
 
 
 def test_unreadable_snapshot_refuses_and_deletes_nothing(storage):
-    model = build(storage, 4, size=400_000)
+    model = build(storage, 4, size=60_000)
     delete(storage, model, "s0")
     path = storage.root / "work" / "snapshots" / ident("s3").hex()
     raw = bytearray(path.read_bytes())
@@ -158,7 +173,7 @@ def test_backup_deduplicating_against_dead_blobs_during_collection(storage):
     """Between the mark and the sweep a backup commits a snapshot that reuses
     blobs only deleted snapshots reached (HAVE says present, PUT deduplicates):
     the sweep marks it and keeps (copies) them."""
-    model = build(storage, 5, size=400_000)
+    model = build(storage, 5, size=60_000)
     revived = model.snapshots["s0"]
     only_s0 = model.reach("s0") - set().union(*(model.reach(s) for s in ("s2", "s3", "s4")))
     delete(storage, model, "s0", "s1")
@@ -184,7 +199,7 @@ def test_backup_deduplicating_against_dead_blobs_during_collection(storage):
 
 
 def test_interrupted_collection_resumes(storage):
-    model = build(storage, 6, size=400_000)
+    model = build(storage, 6, size=60_000)
     delete(storage, model, "s0", "s1", "s2")
     calls = []
 
