@@ -753,3 +753,24 @@ def test_orphan_recovery_leaves_out_nodes_whose_children_are_lost(storage, two_p
         assert repo.stats()["packs"] == 1
         assert repo.have([ident(50), ident(51)]) == [0, 1]
     assert node_pack.exists()
+
+
+def test_format_1_index_is_read_as_it_is_and_migrated_by_a_writer(storage, two_packs):
+    """Index format 1 kept the refs WITHOUT ROWID; a writer's open migrates it in place."""
+    path = storage.root / "work" / "index.sqlite"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE old (id BLOB PRIMARY KEY, refs BLOB NOT NULL) WITHOUT ROWID;"
+        "INSERT INTO old SELECT id, refs FROM refs; DROP TABLE refs; ALTER TABLE old RENAME TO refs;"
+        "UPDATE meta SET value = 1 WHERE key = 'format';"
+    )
+    conn.close()
+    with storage.open("work", False, "reader") as reader:
+        assert reader.have([ident(50), ident(51)]) == [] and reader._index.format == 1
+    with storage.open("work", True, "writer") as writer:
+        assert writer._index.format == 2 and writer.have([ident(50), ident(51)]) == []
+    conn = sqlite3.connect(path)
+    assert "WITHOUT ROWID" not in conn.execute("SELECT sql FROM sqlite_master WHERE name = 'refs'").fetchone()[0]
+    assert conn.execute("SELECT value FROM meta").fetchone() == (2,)
+    conn.close()
+    assert storage.check("work") == []

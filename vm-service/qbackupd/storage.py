@@ -550,6 +550,7 @@ def _writer_index(name: str, tree: _Tree, bounds: pack.Bounds) -> Index:
         try:
             problem = index.quick_check()
             if problem is None:
+                index.upgrade()
                 recover_orphans(name, tree, index, bounds)
                 return index
         except BaseException:
