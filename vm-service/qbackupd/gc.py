@@ -65,6 +65,7 @@ ROUND_SECONDS = 2.0  # a sweep round holds the writer lock about this long (at l
 LOCK_POLL = 0.5  # seconds between attempts at the writer lock
 ROUND_PAUSE = 1.0  # between sweep rounds: a writer waiting for the lock gets it
 RECORD = pack.RECORD_HEADER_SIZE
+_REFS_BATCH = 500  # blobs whose refs are looked up at once
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,7 @@ class _Collection:
         self.index: Index | None = None
         self.db: sqlite3.Connection | None = None
         self.walk: graph.Walk | None = None
+        self.outputs: list[_Output] = []  # to abort an unfinished one if the collection stops
 
     # --- state ---------------------------------------------------------------------
 
@@ -201,6 +203,8 @@ class _Collection:
         self.db.execute("ATTACH DATABASE ? AS idx", (str(self.tree.index),))
 
     def _close(self) -> None:
+        for output in self.outputs:
+            output.abort()
         for conn in (self.db, self.index):
             if conn is not None:
                 conn.close()
@@ -313,20 +317,30 @@ class _Collection:
     def _plan(self, repack_below: int) -> None:
         """Decide, per pack indexed when the mark began, to delete, repack or keep it."""
         self.monitor("plan", 0, force=True)
+        # live record bytes per pack, and the trailer bytes of its indexed records, which do
+        # not count as its content (with small blobs the trailer is a large part of the file)
         rows = self.db.execute(
-            "SELECT p.name, p.size, count(l.id), total(CASE WHEN l.id IS NULL THEN 0 ELSE b.length + ? END)"
-            " FROM packs0 AS p0 JOIN idx.packs AS p ON p.name = p0.name"
+            "SELECT p.name, p.size, count(l.id), total(CASE WHEN l.id IS NULL THEN 0 ELSE b.length + ? END),"
+            " count(b.id) FROM packs0 AS p0 JOIN idx.packs AS p ON p.name = p0.name"
             " LEFT JOIN idx.blobs AS b ON b.pack = p.id LEFT JOIN label AS l ON l.id = b.id"
             " GROUP BY p.id",
             (RECORD,),
         ).fetchall()
+        refs_bytes = dict(
+            self.db.execute(
+                "SELECT p.name, total(length(r.refs)) FROM idx.refs AS r JOIN idx.blobs AS b ON b.id = r.id"
+                " JOIN idx.packs AS p ON p.id = b.pack GROUP BY p.id"
+            )
+        )
+        overhead = pack.HEADER_SIZE + pack.FOOTER_SIZE + 4  # header, footer, trailer count
         with self.walk.transaction():
-            for name, size, live_blobs, live_bytes in rows:
+            for name, size, live_blobs, live_bytes, entries in rows:
                 if type(size) is not int or size <= 0:
                     continue  # a damaged index row: leave the pack alone
+                content = size - overhead - entries * pack.ENTRY_SIZE - int(refs_bytes.get(name, 0))
                 if live_blobs == 0:
                     action = "delete"
-                elif live_bytes * 100 < repack_below * size:
+                elif live_bytes * 100 < repack_below * (content if content > 0 else size):
                     action = "repack"
                 else:
                     continue
@@ -392,23 +406,30 @@ class _Collection:
             self._keep(name, f"cannot be read ({e})")
             return False
         try:
-            for id, pos, length, type_ in rows:
-                self.monitor(phase, self.summary.bytes_copied, total)
-                if not all(isinstance(v, int) for v in (pos, length, type_)) or not 0 <= length <= MAX_BLOB:
-                    self._keep(name, f"index entry of blob {id.hex()} is out of bounds")
-                    return False
-                try:
-                    data = pack.read_blob(fd, id, type_, pos, length)
-                except pack.PackError as e:
-                    self._keep(name, str(e))
-                    return False
-                row = self.db.execute("SELECT refs FROM idx.refs WHERE id = ?", (id,)).fetchone()
-                refs = b"".join(graph.split_refs(id, row[0])) if row else b""
-                output.add(id, type_, data, refs)
-                self.summary.bytes_copied += RECORD + length
+            for start in range(0, len(rows), _REFS_BATCH):
+                batch = rows[start : start + _REFS_BATCH]
+                refs = self._refs([row[0] for row in batch])
+                for id, pos, length, type_ in batch:
+                    self.monitor(phase, self.summary.bytes_copied, total)
+                    if not all(isinstance(v, int) for v in (pos, length, type_)) or not 0 <= length <= MAX_BLOB:
+                        self._keep(name, f"index entry of blob {id.hex()} is out of bounds")
+                        return False
+                    try:
+                        data = pack.read_blob(fd, id, type_, pos, length)
+                    except pack.PackError as e:
+                        self._keep(name, str(e))
+                        return False
+                    output.add(id, type_, data, refs.get(id, b""))
+                    self.summary.bytes_copied += RECORD + length
         finally:
             os.close(fd)
         return True
+
+    def _refs(self, ids: list[bytes]) -> dict[bytes, bytes]:
+        """The (checked) ref lists of those of ``ids`` that have refs."""
+        marks = ",".join("?" * len(ids))
+        rows = self.db.execute(f"SELECT id, refs FROM idx.refs WHERE id IN ({marks})", ids)
+        return {id: b"".join(graph.split_refs(id, refs)) for id, refs in rows}
 
     def _keep(self, name: str, why: str) -> None:
         note = f"pack {name} kept: {why}"
@@ -510,6 +531,10 @@ class _Collection:
             self.db.executemany("UPDATE plan SET status = 'done' WHERE name = ?", ((n,) for n in ready))
         for name in ready:
             log.info("repository %s: deleted pack %s (%d bytes)", self.name, name, sizes.get(name, 0))
+        log.info(
+            "repository %s: sweep round: %d packs deleted in %.2f s under the writer lock",
+            self.name, len(ready), time.monotonic() - start,
+        )
 
     def _relocate(self, name: str) -> bool:
         """Point the index rows of the live blobs in pack ``name`` at their copies; False to keep it."""
@@ -523,8 +548,8 @@ class _Collection:
             if copy is None or copy[0] not in indexed:
                 self._keep(name, f"holds live blob {id.hex()} without a copy")
                 return False
-            row = self.db.execute("SELECT refs FROM idx.refs WHERE id = ?", (id,)).fetchone()
-            by_pack.setdefault(copy[0], []).append(pack.Entry(id, copy[3], copy[1], copy[2], row[0] if row else b""))
+            refs = self._refs([id]).get(id, b"")
+            by_pack.setdefault(copy[0], []).append(pack.Entry(id, copy[3], copy[1], copy[2], refs))
         for copy_pack, entries in by_pack.items():
             self.index.move_blobs(copy_pack, indexed[copy_pack], entries)
         return not self._live_rows(name, skip_copied=False)
@@ -557,6 +582,13 @@ class _Output:
         self.c = collection
         self.writer: pack.PackWriter | None = None
         self.waiting: list[str] = []  # source packs fully copied once this output is indexed
+        collection.outputs.append(self)
+
+    def abort(self) -> None:
+        """Drop an unfinished output (the collection stopped): its blobs are copied again."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.abort()
 
     def add(self, id: bytes, type: int, data: bytes, refs: bytes) -> None:
         if self.writer is None:

@@ -106,11 +106,10 @@ class Walk:
             {"o": owner, "many": MANY},
         )
         db.execute(
-            "UPDATE label SET owner = :many WHERE owner != :o AND owner != :many"
-            " AND id IN (SELECT id FROM temp.kids)",
+            "INSERT INTO label (id, owner) SELECT id, :o FROM temp.kids WHERE true"
+            " ON CONFLICT (id) DO UPDATE SET owner = CASE WHEN owner = :o THEN owner ELSE :many END",
             {"o": owner, "many": MANY},
         )
-        db.execute("INSERT OR IGNORE INTO label (id, owner) SELECT id, ? FROM temp.kids", (owner,))
 
     def run(self) -> None:
         """Propagate until no label changes; commits a batch of nodes at a time (resumable)."""
