@@ -102,6 +102,17 @@ class Client:
         assert answer is not None and answer["op"] == "hello", answer
         return answer
 
+    def get_all(self, ids: list[bytes]) -> dict[bytes, bytes | None]:
+        """One `get` of `ids`: id -> data, or None for "missing"."""
+        rid = self.request("get", ids=ids)
+        found = {}
+        for id_ in ids:
+            answer = self.recv()
+            assert answer["rid"] == rid and answer["id"] == id_, answer
+            found[id_] = answer["data"] if answer["op"] == "blob" else None
+        assert self.recv() == {"op": "done", "rid": rid}
+        return found
+
     def expect_error(self, code: str, op: str, **fields) -> dict:
         answer = self.call(op, **fields)
         assert answer["op"] == "error" and answer["code"] == code, answer

@@ -31,17 +31,6 @@ def put_all(client, blobs: dict[bytes, bytes]) -> None:
         assert answer["op"] == "ok", answer
 
 
-def get_all(client, ids: list[bytes]) -> dict[bytes, bytes | None]:
-    rid = client.request("get", ids=ids)
-    found = {}
-    for id_ in ids:
-        answer = client.recv()
-        assert answer["rid"] == rid and answer["id"] == id_, answer
-        found[id_] = answer["data"] if answer["op"] == "blob" else None
-    assert client.recv() == {"op": "done", "rid": rid}
-    return found
-
-
 def snapshot(client, name: str, chunks: dict[bytes, bytes]) -> bytes:
     """Store chunks under a root node and commit a snapshot of it; returns the root id."""
     put_all(client, chunks)
@@ -110,8 +99,8 @@ def test_gc_racing_a_backup_that_deduplicates_against_dead_blobs(daemon, via):
     assert summary["packs_deleted"] or summary.get("packs_repacked")
 
     reader = daemon.open_repo(write=False)
-    assert get_all(reader, list(old)) == old  # every chunk the revived snapshot needs, intact
-    assert get_all(reader, list(kept)) == kept
+    assert reader.get_all(list(old)) == old  # every chunk the revived snapshot needs, intact
+    assert reader.get_all(list(kept)) == kept
     assert reader.call("have", ids=[old_root])["missing"] == [0]  # the dead root is gone
     reader.bye()
     check = daemon.check()

@@ -138,20 +138,14 @@ def test_planted_snapshot_config_and_index_links(storage, tmp_path, outside):
     snapshot.unlink()
     snapshot.write_bytes(copy.read_bytes())
 
-    config = repo_dir(storage) / "config"
-    (tmp_path / "config").write_bytes(config.read_bytes())
-    replace_with_link(config, tmp_path / "config")
-    for write in (False, True):
-        refused(lambda: storage.open("work", write, "x"), "symbolic link")
-    config.unlink()
-    config.write_bytes((tmp_path / "config").read_bytes())
-
-    index = repo_dir(storage) / "index.sqlite"
-    (tmp_path / "index").write_bytes(index.read_bytes())
-    replace_with_link(index, tmp_path / "index")
-    for write in (False, True):
-        refused(lambda: storage.open("work", write, "x"), "symbolic link")
-    index.unlink()
+    for name in ("config", "index.sqlite"):
+        path = repo_dir(storage) / name
+        (tmp_path / name).write_bytes(path.read_bytes())
+        replace_with_link(path, tmp_path / name)
+        for write in (False, True):
+            refused(lambda: storage.open("work", write, "x"), "symbolic link")
+        path.unlink()
+        path.write_bytes((tmp_path / name).read_bytes())
     (repo_dir(storage) / "index.sqlite-wal").symlink_to(outside)
     refused(lambda: storage.open("work", True, "x"), "symbolic link")
     assert outside.read_bytes() == b"precious"

@@ -21,8 +21,8 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 
+from .index import transaction
 from .monitor import Monitor
 from .storage import ID_SIZE, MAX_BATCH, Corrupt, _show
 
@@ -71,15 +71,8 @@ class Walk:
         self.phase = phase
         self.expanded = 0
 
-    @contextmanager
     def transaction(self) -> Iterator[None]:
-        self.db.execute("BEGIN")
-        try:
-            yield
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
-        self.db.execute("COMMIT")
+        return transaction(self.db)
 
     def seed(self, ids: Sequence[bytes], owner: int) -> None:
         """Give ``owner`` to ``ids`` (a snapshot's refs), inside a ``transaction``; ``run`` propagates."""

@@ -46,6 +46,21 @@ COMMIT;
 """
 
 
+@contextmanager
+def transaction(conn: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
+    """One transaction on a connection in autocommit mode: committed, or rolled back on any error."""
+    conn.execute(begin)
+    try:
+        yield
+    except BaseException:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the original error says more; SQLite rolls back on close anyway
+        raise
+    conn.execute("COMMIT")
+
+
 class IndexUnusable(Exception):
     """The index is missing, not a database, damaged, incomplete or of another format."""
 
@@ -150,18 +165,8 @@ class Index:
         result = "; ".join(str(r[0]) for r in rows)
         return None if result == "ok" else result
 
-    @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            try:
-                self._conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # the original error says more; SQLite rolls back on close anyway
-            raise
-        self._conn.execute("COMMIT")
+        return transaction(self._conn, "BEGIN IMMEDIATE")
 
     def add_pack(self, name: str, size: int, entries: Sequence[Entry]) -> int:
         """Insert a sealed pack and its blobs in one transaction.
