@@ -182,3 +182,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ServerError, StorageError, OSError) as exc:
         print(f"qbackupd: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"qbackupd: {args.command} interrupted", file=sys.stderr)
+        return EXIT_STOPPED

@@ -62,6 +62,7 @@ STATE_FILES = (STATE, STATE + "-wal", STATE + "-shm", STATE + "-journal")
 STATE_FORMAT = 1
 DEFAULT_REPACK_BELOW = 70  # percent of a pack's bytes still live under which it is repacked
 ROUND_SECONDS = 2.0  # a sweep round holds the writer lock about this long (at least one pack)
+ROUND_ROWS = 65536  # and unindexes at most about this many blobs (at least one pack's)
 LOCK_POLL = 0.5  # seconds between attempts at the writer lock
 ROUND_PAUSE = 1.0  # between sweep rounds: a writer waiting for the lock gets it
 RECORD = pack.RECORD_HEADER_SIZE
@@ -75,7 +76,7 @@ CREATE TABLE IF NOT EXISTS marked (id BLOB PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS packs0 (name TEXT PRIMARY KEY) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS plan (
     name TEXT PRIMARY KEY, action TEXT NOT NULL, size INTEGER NOT NULL,
-    live_blobs INTEGER NOT NULL, live_bytes INTEGER NOT NULL, status TEXT NOT NULL
+    live_blobs INTEGER NOT NULL, live_bytes INTEGER NOT NULL, rows INTEGER NOT NULL, status TEXT NOT NULL
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS outputs (name TEXT PRIMARY KEY, status TEXT NOT NULL, size INTEGER) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS copies (
@@ -345,9 +346,9 @@ class _Collection:
                 else:
                     continue
                 self.db.execute(
-                    "INSERT OR REPLACE INTO plan (name, action, size, live_blobs, live_bytes, status)"
-                    " VALUES (?, ?, ?, ?, ?, 'pending')",
-                    (name, action, size, live_blobs, int(live_bytes)),
+                    "INSERT OR REPLACE INTO plan (name, action, size, live_blobs, live_bytes, rows, status)"
+                    " VALUES (?, ?, ?, ?, ?, ?, 'pending')",
+                    (name, action, size, live_blobs, int(live_bytes), entries),
                 )
             self._phase("repack")
 
@@ -460,7 +461,7 @@ class _Collection:
         total = self.db.execute("SELECT count(*) FROM plan").fetchone()[0]
         while True:
             pending = self.db.execute(
-                "SELECT name, action FROM plan WHERE status IN ('pending', 'copied') ORDER BY name"
+                "SELECT name, rows FROM plan WHERE status IN ('pending', 'copied') ORDER BY name"
             ).fetchall()
             if not pending:
                 return
@@ -488,7 +489,7 @@ class _Collection:
                 time.sleep(LOCK_POLL)
                 waited += LOCK_POLL
 
-    def _round(self, pending: list[tuple[str, str]], total: int) -> None:
+    def _round(self, pending: list[tuple[str, int]], total: int) -> None:
         """One sweep round; the caller holds the writer lock."""
         start = time.monotonic()
         self._reopen_index()
@@ -496,13 +497,15 @@ class _Collection:
         self._finish_outputs()
         self._mark()  # what was committed since
         batch = []
+        rows = 0
         output = _Output(self)
-        for name, _ in pending:
+        for name, pack_rows in pending:
             done = total - len(pending) + len(batch)
             self.monitor("sweep", done, total)
             if self._copy_live(name, output, "sweep", 0):
                 batch.append(name)
-            if time.monotonic() - start > ROUND_SECONDS:
+                rows += pack_rows
+            if time.monotonic() - start > ROUND_SECONDS or rows >= ROUND_ROWS:
                 break
         output.flush()
         # every live blob of the batch must now be indexed elsewhere: point its rows at its copy
