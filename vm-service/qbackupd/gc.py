@@ -444,14 +444,16 @@ class _Collection:
         for name, in self.db.execute("SELECT name FROM outputs WHERE status = 'writing'").fetchall():
             try:
                 fd = self.tree.open_pack(name)
-            except FileNotFoundError:
+                try:
+                    trailer = pack.read_trailer(fd, self.bounds)
+                finally:
+                    os.close(fd)
+            except (pack.PackError, OSError) as e:  # never put in place, or unreadable: copy again
+                if not isinstance(e, FileNotFoundError):
+                    log.warning("repository %s: copy pack %s is unreadable (%s)", self.name, name, e)
                 with self.walk.transaction():
                     self.db.execute("DELETE FROM outputs WHERE name = ?", (name,))
                 continue
-            try:
-                trailer = pack.read_trailer(fd, self.bounds)
-            finally:
-                os.close(fd)
             _Output(self).record(name, trailer)
 
     # --- sweep ---------------------------------------------------------------------
