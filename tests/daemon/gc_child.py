@@ -62,7 +62,7 @@ if __name__ == "__main__":
     os.rename = counted(os.rename, after=True)
     os.unlink = counted(os.unlink, after=False)
     Index.move_blobs = counted(Index.move_blobs, after=True)
-    Index.drop_packs = counted(Index.drop_packs, after=False)
+    Index.drop_rows = counted(Index.drop_rows, after=False)
     graph.Walk.transaction = counted_context(graph.Walk.transaction)
     gc.collect_garbage(Storage(Path(root)), name, repack_below=int(repack_below))
     print("done", steps, flush=True)

@@ -62,7 +62,7 @@ STATE_FILES = (STATE, STATE + "-wal", STATE + "-shm", STATE + "-journal")
 STATE_FORMAT = 1
 DEFAULT_REPACK_BELOW = 70  # percent of a pack's bytes still live under which it is repacked
 ROUND_SECONDS = 2.0  # a sweep round holds the writer lock about this long (at least one pack)
-ROUND_ROWS = 65536  # and unindexes at most about this many blobs (at least one pack's)
+ROUND_ROWS = 16384  # and removes at most this many index rows (a pack may take several rounds)
 LOCK_POLL = 0.5  # seconds between attempts at the writer lock
 ROUND_PAUSE = 1.0  # between sweep rounds: a writer waiting for the lock gets it
 RECORD = pack.RECORD_HEADER_SIZE
@@ -510,11 +510,17 @@ class _Collection:
             if time.monotonic() - start > ROUND_SECONDS or rows >= ROUND_ROWS:
                 break
         output.flush()
-        # every live blob of the batch must now be indexed elsewhere: point its rows at its copy
-        ready = []
+        # Every live blob of the batch must now be indexed elsewhere: point its rows at
+        # its copy. Then the rows left in those packs are dead: remove up to ROUND_ROWS of
+        # them (each removal dirties an index page; a pack of many small blobs takes
+        # several rounds), and every indexed node no snapshot reaches.
+        budget = ROUND_ROWS
+        limits = []
         for name in batch:
-            if self._relocate(name):
-                ready.append(name)
+            if budget > 0 and self._relocate(name):
+                left = self.index.count_rows(name)
+                limits.append((name, min(left, budget)))
+                budget -= min(left, budget)
         dead_nodes = [
             row[0]
             for row in self.db.execute(
@@ -522,7 +528,7 @@ class _Collection:
             )
         ]
         sizes = dict(self.db.execute("SELECT name, size FROM plan"))
-        self.index.drop_packs(ready, dead_nodes)  # durable before any file goes
+        ready = self.index.drop_rows(limits, dead_nodes)  # durable before any file goes
         shards = set()
         for name in ready:
             with self.tree.shard(name) as shard:
@@ -537,8 +543,8 @@ class _Collection:
         for name in ready:
             log.info("repository %s: deleted pack %s (%d bytes)", self.name, name, sizes.get(name, 0))
         log.info(
-            "repository %s: sweep round: %d packs deleted in %.2f s under the writer lock",
-            self.name, len(ready), time.monotonic() - start,
+            "repository %s: sweep round: %d index rows removed, %d packs deleted in %.2f s under the writer lock",
+            self.name, ROUND_ROWS - budget, len(ready), time.monotonic() - start,
         )
 
     def _relocate(self, name: str) -> bool:

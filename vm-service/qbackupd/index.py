@@ -234,22 +234,36 @@ class Index:
                 "INSERT OR REPLACE INTO refs (id, refs) VALUES (?, ?)", ((e.id, e.refs) for e in entries if e.refs)
             )
 
-    def drop_packs(self, names: Sequence[str], nodes: Sequence[bytes]) -> None:
-        """Unindex packs (every blob row still placing a blob in them) and blobs ``nodes``, in one transaction.
+    def count_rows(self, name: str) -> int:
+        """How many blob rows place a blob in pack ``name``."""
+        return self._conn.execute(
+            "SELECT count(*) FROM blobs WHERE pack = (SELECT id FROM packs WHERE name = ?)", (name,)
+        ).fetchone()[0]
 
-        The garbage collector's sweep: the rows of a pack it deletes, and
-        every indexed blob with refs that no snapshot reaches (so no indexed
-        blob is left whose refs are not all indexed).
-        """
+    def drop_rows(self, limits: Sequence[tuple[str, int]], nodes: Sequence[bytes]) -> list[str]:
+        """The garbage collector's deletion, in one transaction: unindex blobs ``nodes``
+        (every indexed node no snapshot reaches), and for each (pack name, n) up to n
+        of the rows that place a blob in that pack (every one of them dead); a pack
+        left without rows is unindexed too. Returns those packs, whose files may go."""
+        gone = []
         with self._transaction():
             self._remove(nodes)
-            for name in names:
+            for name, limit in limits:
                 row = self._conn.execute("SELECT id FROM packs WHERE name = ?", (name,)).fetchone()
                 if row is None:
+                    gone.append(name)
                     continue
-                self._conn.execute("DELETE FROM refs WHERE id IN (SELECT id FROM blobs WHERE pack = ?)", row)
-                self._conn.execute("DELETE FROM blobs WHERE pack = ?", row)
-                self._conn.execute("DELETE FROM packs WHERE id = ?", row)
+                ids = [
+                    r[0]
+                    for r in self._conn.execute(
+                        "SELECT id FROM blobs WHERE pack = ? ORDER BY id LIMIT ?", (row[0], limit)
+                    )
+                ]
+                self._remove(ids)
+                if self._conn.execute("SELECT 1 FROM blobs WHERE pack = ? LIMIT 1", row).fetchone() is None:
+                    self._conn.execute("DELETE FROM packs WHERE id = ?", row)
+                    gone.append(name)
+        return gone
 
     def lookup(self, id: bytes) -> tuple[str, int, int, int] | None:
         """(pack name, record offset, data length, type) of a blob, or None."""
