@@ -350,6 +350,8 @@ class _Collection:
                     " VALUES (?, ?, ?, ?, ?, ?, 'pending')",
                     (name, action, size, live_blobs, int(live_bytes), entries),
                 )
+            # the index build the plan's rows belong to (see _round)
+            self._set_meta("build", self.index.build() or -1)
             self._phase("repack")
 
     def _planned_summary(self) -> Summary:
@@ -386,19 +388,20 @@ class _Collection:
         with self.walk.transaction():
             self._phase("sweep")
 
-    def _live_rows(self, name: str, skip_copied: bool) -> list[tuple[bytes, int, int, int]]:
-        """(id, pos, length, type) of the live blobs the index places in pack ``name``."""
+    def _live_rows(self, name: str, skip_copied: bool, fresh: bool = False) -> list[tuple]:
+        """(id, pos, length, type) of the live blobs the index places in pack ``name``
+        (with ``fresh``: only those labelled since the plan, in the sweep)."""
         query = (
             "SELECT b.id, b.pos, b.length, b.type FROM idx.blobs AS b JOIN idx.packs AS p ON p.id = b.pack"
-            " JOIN label AS l ON l.id = b.id WHERE p.name = ?"
+            f" JOIN {'fresh' if fresh else 'label'} AS l ON l.id = b.id WHERE p.name = ?"
         )
         if skip_copied:
             query += " AND NOT EXISTS (SELECT 1 FROM copies AS c WHERE c.id = b.id)"
         return self.db.execute(query + " ORDER BY b.pos", (name,)).fetchall()
 
-    def _copy_live(self, name: str, output: "_Output", phase: str, total: int) -> bool:
+    def _copy_live(self, name: str, output: "_Output", phase: str, total: int, fresh: bool = False) -> bool:
         """Copy the live blobs of pack ``name`` not copied yet into ``output``; False if it must be kept."""
-        rows = self._live_rows(name, skip_copied=True)
+        rows = self._live_rows(name, skip_copied=True, fresh=fresh)
         if not rows:
             return True
         try:
@@ -497,14 +500,20 @@ class _Collection:
         self._reopen_index()
         recover_orphans(self.name, self.tree, self.index, self.bounds)
         self._finish_outputs()
+        self.walk.track_fresh = True
         self._mark()  # what was committed since
+        # Fast path: if the index is the very build the plan read (no rebuild since), the
+        # rows a planned pack still holds are dead or were labelled since: only those are
+        # looked at. After a rebuild, rows may point at any copy: look at every live row.
+        build = self.index.build()
+        fast = build is not None and build == self._meta("build")
         batch = []
         rows = 0
         output = _Output(self)
         for name, pack_rows in pending:
             done = total - len(pending) + len(batch)
             self.monitor("sweep", done, total)
-            if self._copy_live(name, output, "sweep", 0):
+            if self._copy_live(name, output, "sweep", 0, fresh=fast):
                 batch.append(name)
                 rows += pack_rows
             if time.monotonic() - start > ROUND_SECONDS or rows >= ROUND_ROWS:
@@ -517,7 +526,7 @@ class _Collection:
         budget = ROUND_ROWS
         limits = []
         for name in batch:
-            if budget > 0 and self._relocate(name):
+            if budget > 0 and (fast or self._relocate(name)):
                 left = self.index.count_rows(name)
                 limits.append((name, min(left, budget)))
                 budget -= min(left, budget)

@@ -35,6 +35,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS label (id BLOB PRIMARY KEY, owner INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS todo (id BLOB PRIMARY KEY, owner INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS unknown (id BLOB PRIMARY KEY) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS fresh (id BLOB PRIMARY KEY) WITHOUT ROWID;
 """
 
 
@@ -70,6 +71,7 @@ class Walk:
         self.monitor = monitor
         self.phase = phase
         self.expanded = 0
+        self.track_fresh = False  # also record the ids labelled for the first time in `fresh`
 
     def transaction(self) -> Iterator[None]:
         return transaction(self.db)
@@ -98,6 +100,11 @@ class Walk:
             " ON CONFLICT (id) DO UPDATE SET owner = excluded.owner",
             {"o": owner, "many": MANY},
         )
+        if self.track_fresh:
+            db.execute(
+                "INSERT OR IGNORE INTO fresh (id) SELECT k.id FROM temp.kids AS k"
+                " WHERE NOT EXISTS (SELECT 1 FROM label AS l WHERE l.id = k.id)"
+            )
         db.execute(
             "INSERT INTO label (id, owner) SELECT id, :o FROM temp.kids WHERE true"
             " ON CONFLICT (id) DO UPDATE SET owner = CASE WHEN owner = :o THEN owner ELSE :many END",

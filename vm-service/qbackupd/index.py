@@ -14,6 +14,7 @@ incomplete, never half-trusted.  Schema: docs/FORMAT.md.
 """
 
 import os
+import secrets
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -44,6 +45,10 @@ CREATE INDEX blobs_by_pack ON blobs (pack);
 CREATE TABLE refs (id BLOB PRIMARY KEY, refs BLOB NOT NULL);
 COMMIT;
 """
+
+
+def _new_build() -> int:
+    return secrets.randbits(62)
 
 
 @contextmanager
@@ -128,6 +133,7 @@ class Index:
             self._conn.execute("DROP TABLE refs")
             self._conn.execute("ALTER TABLE refs_new RENAME TO refs")
             self._conn.execute("UPDATE meta SET value = ? WHERE key = 'format'", (INDEX_FORMAT,))
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('build', ?)", (_new_build(),))
         self.format = INDEX_FORMAT
 
     @classmethod
@@ -152,7 +158,15 @@ class Index:
         This commit is synchronous=FULL again: its WAL fsync makes the whole
         build durable before anything relies on it."""
         self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("BEGIN")
+        self._conn.execute("INSERT INTO meta (key, value) VALUES ('build', ?)", (_new_build(),))
         self._conn.execute("INSERT INTO meta (key, value) VALUES ('format', ?)", (INDEX_FORMAT,))
+        self._conn.execute("COMMIT")
+
+    def build(self) -> int | None:
+        """This index file's build id: a new one each time an index is built (or migrated)."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'build'").fetchone()
+        return row[0] if row else None
 
     def quick_check(self) -> str | None:
         """SQLite's own consistency check: None if fine, else what is wrong."""
