@@ -48,7 +48,7 @@ def test_gc_killed_at_random_points(tmp_path):
     storage = Storage(tmp_path / "store")
     model = Model()
     with storage.create("work", b"config", MIN_PACK_SIZE, "creator") as repo:
-        random_history(rng, repo, model, 8, chunks=16, size=60_000)
+        random_history(rng, repo, model, 8, chunks=16, size=20_000)
     killed = finished = 0
     for iteration in range(KILLS):
         with storage.open("work", True, "backup") as repo:
@@ -60,7 +60,7 @@ def test_gc_killed_at_random_points(tmp_path):
                 for root in model.snapshots[oldest]:
                     for leaf in model.blobs[root][1]:
                         volumes[root.split(":")[1]] += model.blobs[leaf][1]
-                model.backup(repo, f"s{100 + iteration}-revived", volumes, size=60_000)
+                model.backup(repo, f"s{100 + iteration}-revived", volumes, size=20_000)
             victims = rng.sample(sorted(model.snapshots), k=min(2, len(model.snapshots) - 2))
             if victims:
                 repo.delete_snapshots([ident(v) for v in victims])

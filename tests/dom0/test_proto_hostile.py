@@ -108,7 +108,8 @@ BAD_HELLOS = [
     (raw(msgpack.packb({"rid": 0})), "without a string 'op'"),
     (raw(msgpack.packb({"op": 1, "rid": 0})), "without a string 'op'"),
     (raw(msgpack.packb({"op": "hello"})), "without a string 'op' and a 'rid'"),
-    (frame(**{**HELLO, "version": 2}), "protocol version 2"),
+    (frame(**{**HELLO, "version": 3}), "protocol version 3"),
+    (frame(**{**HELLO, "version": 0}), "protocol version 0"),
     (frame(**{**HELLO, "max_frame": 1 << 40}), "max_frame' value 1099511627776 outside"),
     (frame(**{**HELLO, "max_frame": 1024}), "max_frame' value 1024 outside"),
     (frame(**{**HELLO, "max_frame": "8M"}), "max_frame' is str, not int"),
@@ -140,9 +141,9 @@ def test_eof_before_hello(evil):
 
 
 def test_error_instead_of_hello_is_remote_error(evil):
-    d = evil(frame(op="error", rid=None, code="unsupported_version", message="v2 only",
-                   versions=[2]))
-    with pytest.raises(RemoteError, match="unsupported_version: v2 only"):
+    d = evil(frame(op="error", rid=None, code="unsupported_version", message="v3 only",
+                   versions=[3]))
+    with pytest.raises(RemoteError, match="unsupported_version: v3 only"):
         d.session()
 
 
