@@ -67,6 +67,11 @@ LOCK_POLL = 0.5  # seconds between attempts at the writer lock
 ROUND_PAUSE = 1.0  # between sweep rounds: a writer waiting for the lock gets it
 RECORD = pack.RECORD_HEADER_SIZE
 _REFS_BATCH = 500  # blobs whose refs are looked up at once
+_DEAD_ROWS = (  # (pack name, limit): rows placing a blob no snapshot reaches in that pack
+    "SELECT b.id FROM idx.blobs AS b JOIN idx.packs AS p ON p.id = b.pack WHERE p.name = ?"
+    " AND NOT EXISTS (SELECT 1 FROM label AS l WHERE l.id = b.id) ORDER BY b.id LIMIT ?"
+)
+_DEAD_NODES = "SELECT r.id FROM idx.refs AS r WHERE NOT EXISTS (SELECT 1 FROM label AS l WHERE l.id = r.id)"
 
 log = logging.getLogger(__name__)
 
@@ -522,22 +527,26 @@ class _Collection:
         # Every live blob of the batch must now be indexed elsewhere: point its rows at
         # its copy. Then the rows left in those packs are dead: remove up to ROUND_ROWS of
         # them (each removal dirties an index page; a pack of many small blobs takes
-        # several rounds), and every indexed node no snapshot reaches.
+        # several rounds), each checked dead once more, and every indexed node no
+        # snapshot reaches.
         budget = ROUND_ROWS
-        limits = []
+        dead: list[bytes] = []
+        candidates = []
         for name in batch:
-            if budget > 0 and (fast or self._relocate(name)):
-                left = self.index.count_rows(name)
-                limits.append((name, min(left, budget)))
-                budget -= min(left, budget)
-        dead_nodes = [
-            row[0]
-            for row in self.db.execute(
-                "SELECT r.id FROM idx.refs AS r WHERE NOT EXISTS (SELECT 1 FROM label AS l WHERE l.id = r.id)"
-            )
-        ]
+            if budget <= 0:
+                break
+            if not fast and not self._relocate(name):
+                continue
+            found = [row[0] for row in self.db.execute(_DEAD_ROWS, (name, budget))]
+            if not found and self.index.count_rows(name):
+                self._keep(name, "still holds live blobs after they were copied")  # never expected
+                continue
+            dead += found
+            budget -= len(found)
+            candidates.append(name)
+        dead_nodes = [row[0] for row in self.db.execute(_DEAD_NODES)]
         sizes = dict(self.db.execute("SELECT name, size FROM plan"))
-        ready = self.index.drop_rows(limits, dead_nodes)  # durable before any file goes
+        ready = self.index.drop_rows(dead, dead_nodes, candidates)  # durable before any file goes
         shards = set()
         for name in ready:
             with self.tree.shard(name) as shard:
@@ -553,7 +562,7 @@ class _Collection:
             log.info("repository %s: deleted pack %s (%d bytes)", self.name, name, sizes.get(name, 0))
         log.info(
             "repository %s: sweep round: %d index rows removed, %d packs deleted in %.2f s under the writer lock",
-            self.name, ROUND_ROWS - budget, len(ready), time.monotonic() - start,
+            self.name, len(dead), len(ready), time.monotonic() - start,
         )
 
     def _relocate(self, name: str) -> bool:

@@ -254,29 +254,22 @@ class Index:
             "SELECT count(*) FROM blobs WHERE pack = (SELECT id FROM packs WHERE name = ?)", (name,)
         ).fetchone()[0]
 
-    def drop_rows(self, limits: Sequence[tuple[str, int]], nodes: Sequence[bytes]) -> list[str]:
+    def drop_rows(self, ids: Sequence[bytes], nodes: Sequence[bytes], packs: Sequence[str]) -> list[str]:
         """The garbage collector's deletion, in one transaction: unindex blobs ``nodes``
-        (every indexed node no snapshot reaches), and for each (pack name, n) up to n
-        of the rows that place a blob in that pack (every one of them dead); a pack
-        left without rows is unindexed too. Returns those packs, whose files may go."""
+        (every indexed node no snapshot reaches) and ``ids`` (dead rows of the packs
+        being deleted); each of ``packs`` left without rows is unindexed too. Returns
+        those packs, whose files may go once this has committed."""
         gone = []
         with self._transaction():
             self._remove(nodes)
-            for name, limit in limits:
+            self._remove(ids)
+            for name in packs:
                 row = self._conn.execute("SELECT id FROM packs WHERE name = ?", (name,)).fetchone()
-                if row is None:
-                    gone.append(name)
-                    continue
-                ids = [
-                    r[0]
-                    for r in self._conn.execute(
-                        "SELECT id FROM blobs WHERE pack = ? ORDER BY id LIMIT ?", (row[0], limit)
-                    )
-                ]
-                self._remove(ids)
-                if self._conn.execute("SELECT 1 FROM blobs WHERE pack = ? LIMIT 1", row).fetchone() is None:
+                if row is not None:
+                    if self._conn.execute("SELECT 1 FROM blobs WHERE pack = ? LIMIT 1", row).fetchone():
+                        continue
                     self._conn.execute("DELETE FROM packs WHERE id = ?", row)
-                    gone.append(name)
+                gone.append(name)
         return gone
 
     def lookup(self, id: bytes) -> tuple[str, int, int, int] | None:
