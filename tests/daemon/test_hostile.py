@@ -389,6 +389,7 @@ def long_op(client, op: str, **fields) -> tuple[list[dict], dict]:
 
 def test_client_vanishing_mid_gc_stops_it_and_the_next_one_finishes(daemon, repo):
     repository_with_garbage(daemon, repo)
+    daemon.wait_for_log(f"repo={repo} ops=")  # that connection has ended: it is not counted below
     ended = daemon.log_text().count(f"repo={repo} ops=")
     client = daemon.open_repo(repo, write=False)
     client.request("gc", repack_below=100, dry_run=False)
