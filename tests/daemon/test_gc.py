@@ -279,3 +279,20 @@ def test_packs_unindexed_over_several_rounds_with_backups_between(storage, monke
     summary = gc.collect_garbage(storage, "work", repack_below=100, progress=progress)
     assert len(rounds) > 2 and summary.packs_kept == 0
     assert_intact(storage, model)
+
+
+def test_orphan_refs_are_purged_but_never_those_of_a_node_indexed_again(tmp_path):
+    from qbackupd.index import Index
+    from qbackupd.pack import Entry
+
+    index = Index.create(tmp_path / "index.sqlite")
+    index.mark_complete()
+    node = Entry(ident("node"), 2, 12, 10, ident("child"))
+    other = Entry(ident("other"), 2, 63, 10, ident("child"))
+    index.add_pack("a" * 32, 1000, [Entry(ident("child"), 1, 114, 5, b""), node, other])
+    assert index.drop_rows([], [node.id, other.id], []) == []  # unindexed; their refs rows stay
+    assert index.missing([node.id, other.id]) == [0, 1]
+    index.add_pack("b" * 32, 1000, [node])  # a backup sends the node again
+    assert index.purge_orphan_refs(10) == 1 and index.purge_orphan_refs(10) == 0
+    assert dict(index.iter_refs()) == {node.id: ident("child")}
+    index.close()

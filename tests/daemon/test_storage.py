@@ -533,8 +533,8 @@ def test_check_missing_pack(storage, checked):
 
 def test_check_dangling_refs(storage, checked):
     conn = sqlite3.connect(storage.root / "work" / "index.sqlite")
-    conn.execute("DELETE FROM blobs WHERE id = ?", (checked[0],))
-    conn.execute("DELETE FROM blobs WHERE id = ?", (ident(500),))
+    conn.execute("DELETE FROM blobs WHERE id = ?", (checked[0],))  # a child of node 500
+    conn.execute("DELETE FROM blobs WHERE id = ?", (checked[-1],))  # a root of snapshot 600
     conn.commit()
     conn.close()
     problems = storage.check("work")

@@ -71,7 +71,11 @@ _DEAD_ROWS = (  # (pack name, limit): rows placing a blob no snapshot reaches in
     "SELECT b.id FROM idx.blobs AS b JOIN idx.packs AS p ON p.id = b.pack WHERE p.name = ?"
     " AND NOT EXISTS (SELECT 1 FROM label AS l WHERE l.id = b.id) ORDER BY b.id LIMIT ?"
 )
-_DEAD_NODES = "SELECT r.id FROM idx.refs AS r WHERE NOT EXISTS (SELECT 1 FROM label AS l WHERE l.id = r.id)"
+_DEAD_NODES = (  # indexed blobs with refs that no snapshot reaches
+    "SELECT r.id FROM idx.refs AS r JOIN idx.blobs AS b ON b.id = r.id"
+    " WHERE NOT EXISTS (SELECT 1 FROM label AS l WHERE l.id = r.id)"
+)
+_PURGE = 256  # orphan refs rows deleted per transaction after the sweep
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +284,7 @@ class _Collection:
             if phase <= _PHASES["repack"]:
                 self._repack()
             self._sweep()
+            self._purge()
             self._final_summary()
             self._drop_state()
             return self.summary
@@ -483,6 +488,13 @@ class _Collection:
                 lock.release()
             if self.db.execute("SELECT 1 FROM plan WHERE status IN ('pending', 'copied') LIMIT 1").fetchone():
                 time.sleep(ROUND_PAUSE)  # let a writer that waits for the lock have it
+
+    def _purge(self) -> None:
+        """Delete the refs rows of the nodes the sweep unindexed (no writer lock)."""
+        purged = 0
+        while count := self.index.purge_orphan_refs(_PURGE):
+            purged += count
+            self.monitor("purge", purged)
 
     def _writer_lock(self) -> WriterLock:
         waited = 0.0

@@ -217,12 +217,31 @@ class Index:
         with self._transaction():
             self._remove(ids)
 
-    def _remove(self, ids: Sequence[bytes]) -> None:
+    def _remove(self, ids: Sequence[bytes], refs: bool = True) -> None:
         for start in range(0, len(ids), _QUERY_CHUNK):
             chunk = ids[start : start + _QUERY_CHUNK]
             marks = ",".join("?" * len(chunk))
             self._conn.execute(f"DELETE FROM blobs WHERE id IN ({marks})", chunk)
-            self._conn.execute(f"DELETE FROM refs WHERE id IN ({marks})", chunk)
+            if refs:
+                self._conn.execute(f"DELETE FROM refs WHERE id IN ({marks})", chunk)
+
+    def purge_orphan_refs(self, limit: int) -> int:
+        """Delete up to ``limit`` refs rows whose blob is not indexed; how many went.
+
+        The garbage collector unindexes a node by its `blobs` row alone (a refs
+        row may be 128 KiB: deleting thousands under the writer lock is slow),
+        then purges the orphans without the lock: a row is deleted only if, in
+        the same statement, no `blobs` row names its id — a writer indexing
+        that node again meanwhile keeps it (FORMAT.md §6).
+        """
+        with self._transaction():
+            before = self._conn.total_changes
+            self._conn.execute(
+                "DELETE FROM refs WHERE id IN (SELECT r.id FROM refs AS r"
+                " WHERE NOT EXISTS (SELECT 1 FROM blobs AS b WHERE b.id = r.id) LIMIT ?)",
+                (limit,),
+            )
+            return self._conn.total_changes - before
 
     def move_blobs(self, name: str, size: int, entries: Sequence[Entry]) -> None:
         """Index pack ``name`` (a copy made by the garbage collector) and point its blobs' rows at it.
@@ -261,7 +280,7 @@ class Index:
         those packs, whose files may go once this has committed."""
         gone = []
         with self._transaction():
-            self._remove(nodes)
+            self._remove(nodes, refs=False)  # their refs rows are purged later, without the lock
             self._remove(ids)
             for name in packs:
                 row = self._conn.execute("SELECT id FROM packs WHERE name = ?", (name,)).fetchone()
@@ -306,8 +325,8 @@ class Index:
         return {row[0]: tuple(row[1:]) for row in rows}
 
     def iter_refs(self) -> Iterator[tuple[bytes, bytes]]:
-        """(id, concatenated refs) of every indexed blob that has refs."""
-        return iter(self._conn.execute("SELECT id, refs FROM refs"))
+        """(id, concatenated refs) of every indexed blob that has refs (orphan refs rows left out)."""
+        return iter(self._conn.execute("SELECT r.id, r.refs FROM refs AS r JOIN blobs AS b ON b.id = r.id"))
 
     def stats(self) -> dict:
         packs, pack_bytes = self._conn.execute("SELECT count(*), total(size) FROM packs").fetchone()
