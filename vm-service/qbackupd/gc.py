@@ -492,6 +492,7 @@ class _Collection:
     def _purge(self) -> None:
         """Delete the refs rows of the nodes the sweep unindexed (no writer lock)."""
         purged = 0
+        self.monitor("purge", 0, force=True)
         while count := self.index.purge_orphan_refs(_PURGE):
             purged += count
             self.monitor("purge", purged)
