@@ -40,6 +40,10 @@ class RemoteError(QbackupError):
         super().__init__(f"backup qube error {self.code}: {self.message}")
 
 
+class UsageError(QbackupError):
+    """The command line asks for something impossible (exit 2)."""
+
+
 class BadPassphrase(QbackupError):
     """The passphrase does not open the repository's key file."""
 

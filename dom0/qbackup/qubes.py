@@ -5,7 +5,8 @@ Everything qbackup learns about qubes (classes, properties, features, tags,
 volumes and where to read them) and the qrexec call to the backup qube go
 through a `Backend`. On a real system that is `QubesAdminBackend`, the only
 code in qbackup that imports `qubesadmin`; in development and tests the
-simulated dom0 (`qbackup_sim.SimBackend`) stands in for it.
+simulated dom0 stands in for it: it hands its own backend to `qbackup.cli.run`
+from outside this package, which never imports it.
 """
 
 from __future__ import annotations
@@ -98,14 +99,6 @@ def restorable_properties(properties: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sorted(properties.items()) if k not in DERIVED_PROPERTIES}
 
 
-def get_backend(sim_dir: str | None) -> Backend:
-    """The real Qubes backend, or the simulated dom0 in `sim_dir`."""
-    if sim_dir is None:
-        return QubesAdminBackend()
-    from qbackup_sim import SimBackend  # dev/test only, never shipped
-    return SimBackend(sim_dir)
-
-
 def _plain(value: Any) -> Any:
     """A property value as plain data: qubes and labels become their names."""
     if value is None or isinstance(value, (bool, int, str)):
@@ -124,7 +117,7 @@ class QubesAdminBackend:
             import qubesadmin  # only present in a Qubes dom0
         except ImportError:
             raise QbackupError("qubesadmin is not installed: qbackup runs in a Qubes "
-                               "dom0 (or against a simulation with --sim DIR)") from None
+                               "dom0") from None
         import qubesadmin.exc
         self._app = qubesadmin.Qubes()
         self._error = qubesadmin.exc.QubesException

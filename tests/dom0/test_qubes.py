@@ -11,7 +11,7 @@ import pytest
 
 from qbackup.errors import QbackupError
 from qbackup.qubes import (DERIVED_PROPERTIES, QubeInfo, QubesAdminBackend, VolumeInfo,
-                           get_backend, restorable_properties, volumes_to_backup)
+                           restorable_properties, volumes_to_backup)
 from qbackup_sim import SimBackend, SimError, create_sim, load_inventory, save_inventory
 from qbackup_sim.ext4 import make_ext4_image, read_file, write_files
 
@@ -174,7 +174,7 @@ def fake_qubesadmin(monkeypatch):
 
 
 def test_qubesadmin_backend_reads_settings(fake_qubesadmin):
-    qubes = {q.name: q for q in get_backend(None).list_qubes()}
+    qubes = {q.name: q for q in QubesAdminBackend().list_qubes()}
     assert sorted(qubes) == ["backup", "broken", "fedora", "work"]  # no dom0
     work = qubes["work"]
     assert work.klass == "AppVM"
@@ -186,7 +186,7 @@ def test_qubesadmin_backend_reads_settings(fake_qubesadmin):
 
 
 def test_qubesadmin_backend_resolves_committed_volume_paths(fake_qubesadmin):
-    qubes = {q.name: q for q in get_backend(None).list_qubes()}
+    qubes = {q.name: q for q in QubesAdminBackend().list_qubes()}
     work, fedora = qubes["work"].volumes, qubes["fedora"].volumes
     assert work["private"].path == "/var/lib/qubes/appvms/work/private.img"
     assert work["root"].path == "/var/lib/qubes/appvms/work/root.img"
@@ -197,7 +197,7 @@ def test_qubesadmin_backend_resolves_committed_volume_paths(fake_qubesadmin):
 
 
 def test_qubesadmin_backend_connects_with_binary_safe_pipes(fake_qubesadmin):
-    transport = get_backend(None).connect("backup", "work-repo")
+    transport = QubesAdminBackend().connect("backup", "work-repo")
     try:
         service, kwargs = fake_qubesadmin.domains["backup"].calls[0]
         assert service == "qubes.BackupChunk+work-repo"
@@ -215,7 +215,7 @@ def test_qubesadmin_backend_connects_with_binary_safe_pipes(fake_qubesadmin):
 
 
 def test_qubesadmin_backend_errors_are_one_line(fake_qubesadmin):
-    backend = get_backend(None)
+    backend = QubesAdminBackend()
     with pytest.raises(QbackupError, match="backup qube 'nope' does not exist"):
         backend.connect("nope", "default")
     with pytest.raises(QbackupError, match="invalid repository name"):
@@ -227,7 +227,7 @@ def test_qubesadmin_backend_errors_are_one_line(fake_qubesadmin):
 
 def test_without_qubesadmin_the_error_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "qubesadmin", None)  # import fails
-    with pytest.raises(QbackupError, match="qubesadmin is not installed.*--sim"):
+    with pytest.raises(QbackupError, match="qubesadmin is not installed"):
         QubesAdminBackend()
 
 
@@ -245,7 +245,7 @@ def make_sim(tmp_path):
 
 def test_sim_lists_qubes_like_qubesadmin(tmp_path):
     root = make_sim(tmp_path)
-    backend = get_backend(str(root))
+    backend = SimBackend(root)
     assert isinstance(backend, SimBackend) and backend.backup_vm == "backup"
     qubes = {q.name: q for q in backend.list_qubes()}
     assert sorted(qubes) == ["backup", "fedora", "work"]

@@ -23,7 +23,9 @@ import msgpack
 import pytest
 
 from qbackup import cli, transport
-from qbackup_sim import daemon_pid, load_inventory, save_inventory, start_daemon
+from qbackup.commands import common
+from qbackup.errors import QbackupError, UsageError
+from qbackup_sim import daemon_pid, load_inventory, run_qbackup, save_inventory, start_daemon
 
 VOLUMES = {("tpl", "private"), ("tpl", "root"), ("work", "private")}
 POLL = 0.005
@@ -38,10 +40,12 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def run_here(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run the CLI in this process: (exit code, stdout, stderr)."""
+def run_here(argv: list[str], capsys, sim_dir: Path | None = None,
+             **run_options) -> tuple[int, str, str]:
+    """Run the CLI in this process (against the sim in `sim_dir` if given):
+    (exit code, stdout, stderr)."""
     try:
-        code = cli.run(argv)
+        code = run_qbackup(sim_dir, argv) if sim_dir else cli.run(argv, **run_options)
     except SystemExit as e:  # argparse: --help, usage errors
         code = e.code
     out, err = capsys.readouterr()
@@ -194,7 +198,7 @@ def test_empty_passphrase_and_no_terminal_are_refused(sim, tmp_path):
     empty.write_text("\n")
     proc = sim.run("init", "--scrypt-n", "16384", expect=1, passphrase_file=empty)
     assert "empty passphrase" in one_error_line(proc)
-    asks = subprocess.run([sys.executable, "-m", "qbackup", "--sim", str(sim.dir), "list"],
+    asks = subprocess.run([sys.executable, "-m", "qbackup_sim", "run", str(sim.dir), "list"],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert asks.returncode == 2
     assert "--passphrase-file" in one_error_line(asks)
@@ -222,8 +226,8 @@ def test_empty_passphrase_and_no_terminal_are_refused(sim, tmp_path):
 ])
 def test_usage_errors_exit_2(sim, capsys, args, message):
     # in process (fast): these are refused before anything is contacted
-    code, _, err = run_here(["--sim", str(sim.dir), *args, "--passphrase-file",
-                             str(sim.passphrase_file)], capsys)
+    code, _, err = run_here([*args, "--passphrase-file", str(sim.passphrase_file)], capsys,
+                            sim.dir)
     assert code == 2
     assert message in one_error_line(subprocess.CompletedProcess([], code, "", err))
     assert daemon_pid(sim.dir) is None
@@ -259,7 +263,7 @@ def test_repository_errors(sim):
     assert "exists" in one_error_line(again)
     other_vm = sim.run("--backup-vm", "work2", "list", expect=1)
     assert "backup qube 'work2' does not exist" in one_error_line(other_vm)
-    not_a_sim = subprocess.run([sys.executable, "-m", "qbackup", "--sim", str(sim.dir / "x"),
+    not_a_sim = subprocess.run([sys.executable, "-m", "qbackup_sim", "run", str(sim.dir / "x"),
                                 "list"], capture_output=True, text=True)
     assert not_a_sim.returncode == 1 and "not a sim directory" in one_error_line(not_a_sim)
 
@@ -268,7 +272,7 @@ def test_every_command_has_help(capsys):
     for command in (["init"], ["backup"], ["list"], ["verify"], ["restore"], ["delete"],
                     ["stats"], ["key", "change-passphrase"]):
         code, out, _ = run_here([*command, "--help"], capsys)
-        assert code == 0 and out.startswith("usage: qbackup ") and "--sim DIR" in out
+        assert code == 0 and out.startswith("usage: qbackup ") and "--backup-vm VM" in out
     proc = subprocess.run([sys.executable, "-m", "qbackup", "--help"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "130 interrupted" in proc.stdout
@@ -456,11 +460,11 @@ def test_hostile_daemon_answers_give_one_clean_line(tmp_path, monkeypatch, capsy
                                                     reply, expected):
     sock = tmp_path / "evil.sock"
     hostile = HostileDaemon(sock, reply)
-    monkeypatch.setattr(cli, "get_backend", lambda sim: HostileBackend(sock))
     passphrase = tmp_path / "pw"
     passphrase.write_text("x\n")
-    code, _, err = run_here(["--sim", str(tmp_path), "--state-dir", str(tmp_path / "state"),
-                             "list", "--passphrase-file", str(passphrase)], capsys)
+    code, _, err = run_here(["--state-dir", str(tmp_path / "state"), "list",
+                             "--passphrase-file", str(passphrase)], capsys,
+                            backend=lambda: HostileBackend(sock), config={"backup_vm": "b"})
     assert code in (1, 3)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qbackup: error: "), err
@@ -505,30 +509,32 @@ def test_progress_is_drawn_on_a_terminal(sim):
 @pytest.mark.parametrize("text, size", [("4096", 4096), ("256K", 256 << 10), ("64m", 64 << 20),
                                         ("1G", 1 << 30), (" 8M ", 8 << 20)])
 def test_parse_size(text, size):
-    assert cli.parse_size(text) == size
+    assert common.parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["", "1.5M", "-1", "1T", "M", "12 K", "0x10"])
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match="invalid size"):
-        cli.parse_size(text)
+        common.parse_size(text)
 
 
 def test_config_file_gives_defaults(tmp_path, monkeypatch):
     conf = tmp_path / "qbackup.conf"
     conf.write_text("# qbackup settings\n\nbackup_vm = vault-backup\nrepo=laptop\n"
                     f"state_dir = {tmp_path}/state\n")
-    monkeypatch.setattr(cli, "CONFIG_FILE", str(conf))
-    monkeypatch.setattr(cli, "get_backend", lambda sim: HostileBackend(tmp_path / "x"))
-    ctx = cli.make_context(cli.build_parser().parse_args(["list"]))
+    monkeypatch.setattr(common, "CONFIG_FILE", str(conf))
+
+    def context(*argv):
+        return common.make_context(cli.build_parser().parse_args(argv),
+                                   lambda: HostileBackend(tmp_path / "x"))
+    ctx = context("list")
     assert (ctx.backup_vm, ctx.repo, ctx.state_dir) == ("vault-backup", "laptop",
                                                         f"{tmp_path}/state")
-    ctx = cli.make_context(cli.build_parser().parse_args(
-        ["--repo", "other", "list", "--backup-vm", "b2"]))
+    ctx = context("--repo", "other", "list", "--backup-vm", "b2")
     assert (ctx.backup_vm, ctx.repo) == ("b2", "other")  # options win, in either place
     conf.write_text("backup_vm = b\nrepository = typo\n")
-    with pytest.raises(cli.QbackupError, match=r"qbackup.conf:2: expected one of"):
-        cli.make_context(cli.build_parser().parse_args(["list"]))
+    with pytest.raises(QbackupError, match=r"qbackup.conf:2: expected one of"):
+        context("list")
     conf.unlink()
-    with pytest.raises(cli.UsageError, match="no backup qube: give --backup-vm"):
-        cli.make_context(cli.build_parser().parse_args(["list"]))
+    with pytest.raises(UsageError, match="no backup qube: give --backup-vm"):
+        context("list")

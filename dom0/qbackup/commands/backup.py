@@ -1,0 +1,79 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""`qbackup backup`: choose the qubes and volumes, then run the backup engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from qbackup import restore as restore_mod
+from qbackup.backup import VolumeSource, backup
+from qbackup.commands.common import (EXIT_OK, Context, ask_passphrase, clean, print_json,
+                                     unlock)
+from qbackup.errors import QbackupError, UsageError
+from qbackup.progress import Progress, human_bytes
+from qbackup.qubes import QubeInfo, volumes_to_backup
+from qbackup.volume import volume_size
+
+
+def _select_qubes(args: argparse.Namespace, qubes: list[QubeInfo],
+                  backup_vm: str) -> list[QubeInfo]:
+    """The qubes named, or with --all every qube but the backup qube (whose
+    private volume holds the repository); minus --exclude."""
+    by_name = {q.name: q for q in qubes}
+    unknown = sorted(set(args.qubes + args.exclude) - set(by_name))
+    if unknown:
+        raise UsageError(f"no such qube: {', '.join(clean(n) for n in unknown)}")
+    if args.all == bool(args.qubes):
+        raise UsageError("name the qubes to back up, or give --all (not both)")
+    names = set(by_name) - {backup_vm} if args.all else set(args.qubes)
+    return [by_name[n] for n in sorted(names - set(args.exclude))]
+
+
+def _sources(qubes: list[QubeInfo]) -> list[VolumeSource]:
+    sources = []
+    for qube in qubes:
+        for vol in volumes_to_backup(qube):
+            if vol.path is None:
+                raise QbackupError(f"{qube.name}: volume {vol.name} is in pool {vol.pool}, "
+                                   "whose driver qbackup cannot read")
+            sources.append(VolumeSource(qube=qube.name, volume=vol.name, path=vol.path,
+                                        size=volume_size(vol.path), settings=vol.settings()))
+    return sources
+
+
+def cmd_backup(ctx: Context, args: argparse.Namespace) -> int:
+    qubes = _select_qubes(args, ctx.backend.list_qubes(), ctx.backup_vm)
+    if not qubes:
+        raise UsageError("nothing to back up: every qube is excluded")
+    sources = _sources(qubes)
+    if ctx.verbose:
+        for s in sources:
+            print(f"qbackup: {s.qube}/{s.volume}: {s.path} ({human_bytes(s.size)})",
+                  file=sys.stderr)
+    passphrase, state = ask_passphrase(args), ctx.state()
+    with ctx.session() as session:
+        keys = unlock(session, passphrase, write=True)
+        history = restore_mod.load_history(session, keys, state,
+                                           allow_rollback=args.allow_rollback)
+        with Progress(sum(s.size for s in sources), "backup") as progress:
+            stats = backup(session, keys, sources, {q.name: q.settings() for q in qubes},
+                           state=state, progress=progress,
+                           predecessor=history[-1].id if history else None)
+    if args.json:
+        print_json({"snapshot": stats.snapshot_id.hex(), "qubes": [q.name for q in qubes],
+                     "volumes": stats.volumes, "bytes_total": stats.bytes_total,
+                     "bytes_read": stats.bytes_read, "bytes_sent": stats.bytes_sent,
+                     "chunks_total": stats.chunks_total, "chunks_zero": stats.chunks_zero,
+                     "chunks_new": stats.chunks_new, "chunks_dedup": stats.chunks_dedup,
+                     "seconds": stats.seconds})
+        return EXIT_OK
+    rate = stats.bytes_read / stats.seconds if stats.seconds > 0 else 0
+    print(f"snapshot {stats.snapshot_id.hex()}")
+    print(f"backed up {stats.volumes} volumes of {len(qubes)} qubes "
+          f"({', '.join(q.name for q in qubes)}): {human_bytes(stats.bytes_total)}")
+    print(f"  read {human_bytes(stats.bytes_read)}, sent {human_bytes(stats.bytes_sent)}")
+    print(f"  chunks: {stats.chunks_total} in all, {stats.chunks_zero} zero, "
+          f"{stats.chunks_new} new, {stats.chunks_dedup} already stored")
+    print(f"  took {stats.seconds:.2f} s ({human_bytes(rate)}/s read)")
+    return EXIT_OK

@@ -1,0 +1,185 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""What every command shares: exit codes, the configuration file, the
+`Context` (which backend, backup qube, repository and state directory),
+passphrases, unlocking a repository and output helpers."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import getpass
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from qbackup import crypto, restore as restore_mod
+from qbackup.errors import QbackupError, UsageError
+from qbackup.proto import Session
+from qbackup.qubes import Backend
+from qbackup.state import State
+from qbackup.transport import QUBE_NAME_RE, REPO_NAME_RE
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTEGRITY = 3
+EXIT_ROLLBACK = 4
+EXIT_PASSPHRASE = 5
+EXIT_INTERRUPTED = 130
+
+CONFIG_FILE = "/etc/qbackup/qbackup.conf"
+CONFIG_KEYS = ("backup_vm", "repo", "state_dir")
+DEFAULT_STATE_DIR = "/var/lib/qbackup"
+DEFAULT_REPO = "default"
+# How long to wait for another writer (e.g. the connection of a run just
+# interrupted, finishing what it had received) before giving up.
+LOCK_WAIT = 15.0
+
+_SIZE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """`256K`, `64M`, `1G` or a plain number of bytes (binary units)."""
+    match = _SIZE.fullmatch(text.strip())
+    if not match:
+        raise ValueError(f"invalid size {text!r} (examples: 4096, 256K, 64M, 1G)")
+    return int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2].upper()]
+
+
+def power_of_two(value: int) -> bool:
+    return value > 0 and value & (value - 1) == 0
+
+
+def clean(text: str, limit: int = 500) -> str:
+    """One printable line: control characters escaped, length bounded."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, sort_keys=True))
+
+
+def local_time(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+
+
+# -- configuration --------------------------------------------------------
+
+def read_config(path: str) -> dict[str, str]:
+    """The key=value settings of `path` (# comments), {} if it does not exist."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except FileNotFoundError:
+        return {}
+    config = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        key, value = key.strip(), value.strip()
+        if not sep or key not in CONFIG_KEYS:
+            raise QbackupError(f"{path}:{number}: expected one of "
+                               f"{', '.join(CONFIG_KEYS)} = VALUE")
+        config[key] = value
+    return config
+
+
+@dataclass
+class Context:
+    """What every command needs: where to connect and where dom0's state is."""
+    backend: Backend
+    backup_vm: str
+    repo: str
+    state_dir: str
+    verbose: bool
+
+    def state(self) -> State:
+        return State(self.state_dir)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """One qrexec call to the backup qube; `bye` at the end, or the
+        connection closed on any error."""
+        transport = self.backend.connect(self.backup_vm, self.repo)
+        try:
+            session = Session(transport)
+            yield session
+        except BaseException:
+            transport.abort()
+            transport.close()
+            raise
+        session.close()
+
+
+def make_context(args: argparse.Namespace, backend: Callable[[], Backend],
+                 config: dict[str, str] | None = None) -> Context:
+    """The context of one command: options first, then `config` (by default
+    the settings of CONFIG_FILE), then the built-in defaults. `backend` is
+    called once the names are known to be valid."""
+    if config is None:
+        config = read_config(CONFIG_FILE)
+    backup_vm = getattr(args, "backup_vm", None) or config.get("backup_vm")
+    if not backup_vm:
+        raise UsageError(f"no backup qube: give --backup-vm or set backup_vm in {CONFIG_FILE}")
+    if not QUBE_NAME_RE.fullmatch(backup_vm):
+        raise UsageError(f"invalid backup qube name {clean(backup_vm)!r}")
+    repo = getattr(args, "repo", None) or config.get("repo") or DEFAULT_REPO
+    if not REPO_NAME_RE.fullmatch(repo) or ".." in repo:
+        raise UsageError(f"invalid repository name {clean(repo)!r} "
+                         "(letters, digits, '_.-', at most 64, not starting with '.-_')")
+    state_dir = (getattr(args, "state_dir", None) or config.get("state_dir")
+                 or DEFAULT_STATE_DIR)
+    return Context(backend(), backup_vm, repo, state_dir, getattr(args, "verbose", False))
+
+
+# -- passphrases and unlocking ----------------------------------------------
+
+def read_passphrase(path: str | None, prompt: str, *, confirm: bool = False) -> bytes:
+    """The passphrase from `path` (one trailing newline dropped) or asked on
+    the terminal without echo (twice if `confirm`). Empty is refused."""
+    if path is not None:
+        data = Path(path).read_bytes()
+        data = data[:-2] if data.endswith(b"\r\n") else data.removesuffix(b"\n")
+        if not data:
+            raise QbackupError(f"empty passphrase in {path}")
+        return data
+    if not sys.stdin.isatty():
+        raise UsageError("no terminal to ask for the passphrase: use --passphrase-file")
+    first = getpass.getpass(prompt).encode()
+    if not first:
+        raise QbackupError("empty passphrase refused")
+    if confirm and getpass.getpass("Repeat: ").encode() != first:
+        raise QbackupError("the passphrases do not match")
+    return first
+
+
+def ask_passphrase(args: argparse.Namespace) -> bytes:
+    """The repository passphrase (asked before connecting to the backup qube)."""
+    return read_passphrase(getattr(args, "passphrase_file", None), "Passphrase: ")
+
+
+def unlock(session: Session, passphrase: bytes, write: bool) -> crypto.Keys:
+    """Open the repository and unwrap its keys."""
+    untrusted_config, _ = session.open(write=write, lock_wait=LOCK_WAIT)
+    return crypto.unwrap_keys(untrusted_config, passphrase)
+
+
+def open_history(ctx: Context, args: argparse.Namespace, session: Session, passphrase: bytes,
+            write: bool = False) -> tuple[crypto.Keys, list[restore_mod.SnapshotInfo]]:
+    """Unlock the repository and load its authenticated history, refusing a
+    rollback unless --allow-rollback."""
+    keys = unlock(session, passphrase, write=write)
+    return keys, restore_mod.load_history(session, keys, ctx.state(),
+                                          allow_rollback=args.allow_rollback)
+
+
+def find_snapshot(history: list[restore_mod.SnapshotInfo], spec: str) -> restore_mod.SnapshotInfo:
+    if not history:
+        raise QbackupError("the repository holds no snapshots")
+    return restore_mod.resolve_snapshot(history, spec)
