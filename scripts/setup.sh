@@ -32,3 +32,31 @@ if [ ! -f "$stamp" ] || [ requirements-dev.txt -nt "$stamp" ] \
         -e ./dom0 -e ./vm-service -e ./sim
     touch "$stamp"
 fi
+
+# The Qubes R4.2 sources (qubesd, qubesadmin, qrexec) for the tests that run
+# qbackup's adapter against the real Admin API (tests/qubes_r42.py). Test
+# only: unpacked into build/qubes-r4.2 and installed editable (qubesd finds
+# its extensions and storage drivers through entry points).
+QUBES_SOURCES=${QBACKUP_QUBES_SOURCES:-../shared/vendor/qubes-r4.2}
+unpacked=build/qubes-r4.2
+if [ -d "$QUBES_SOURCES" ]; then
+    qstamp=$unpacked/.qbackup-setup
+    if [ ! -f "$qstamp" ] || [ -n "$(find "$QUBES_SOURCES" -name '*.tar.gz' -newer "$qstamp")" ] \
+       || [ requirements-qubes.txt -nt "$qstamp" ] || [ ! -f .venv/.qbackup-qubes ]; then
+        rm -rf "$unpacked"
+        mkdir -p "$unpacked"
+        for t in "$QUBES_SOURCES"/qubes-core-admin-*.tar.gz \
+                 "$QUBES_SOURCES"/qubes-core-admin-client-*.tar.gz \
+                 "$QUBES_SOURCES"/qubes-core-qrexec-*.tar.gz; do
+            tar -xzf "$t" -C "$unpacked"
+        done
+        .venv/bin/pip install -q --disable-pip-version-check -r requirements-qubes.txt
+        .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+            -e "$unpacked/qubes-core-admin" -e "$unpacked/qubes-core-admin-client" \
+            -e "$unpacked/qubes-core-qrexec"
+        touch "$qstamp" .venv/.qbackup-qubes
+    fi
+else
+    echo "setup: no Qubes R4.2 sources at $QUBES_SOURCES (set QBACKUP_QUBES_SOURCES):" \
+         "the real-Admin-API tests will skip (and fail in CI)" >&2
+fi
