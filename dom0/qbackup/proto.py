@@ -428,6 +428,9 @@ class Session:
             self._next_rid += 1
             try:
                 self._transport.write(frame)
+            except QbackupError as exc:  # the transport knows why (qrexec exit code)
+                self._fail(exc)
+                raise self._error from None
             except (OSError, ValueError) as exc:
                 self._fail(ProtocolError(f"cannot send to the daemon: {exc}"))
                 raise self._error from None

@@ -35,8 +35,8 @@ def _sources(qubes: list[QubeInfo]) -> list[VolumeSource]:
     for qube in qubes:
         for vol in volumes_to_backup(qube):
             if vol.path is None:
-                raise QbackupError(f"{qube.name}: volume {vol.name} is in pool {vol.pool}, "
-                                   "whose driver qbackup cannot read")
+                raise QbackupError(f"{qube.name}: cannot back up volume {vol.name}: "
+                                   f"{vol.unreadable}")
             sources.append(VolumeSource(qube=qube.name, volume=vol.name, path=vol.path,
                                         size=volume_size(vol.path), settings=vol.settings()))
     return sources
