@@ -8,11 +8,16 @@ PIP_INSTALL = $(PYTHON) -m pip install --no-deps --no-build-isolation --no-index
 
 .PHONY: install-dom0 install-vm
 
-# dom0: the qbackup client and its policy file.
+# dom0: the qbackup client, its policy file, the job units and the
+# qubes.BackupRequest service.
 install-dom0:
 	$(PIP_INSTALL) ./dom0
-	install -d "$(DESTDIR)/etc/qubes/policy.d" "$(DESTDIR)/var/lib/qbackup"
+	install -d "$(DESTDIR)/etc/qubes/policy.d" "$(DESTDIR)/var/lib/qbackup" \
+		"$(DESTDIR)/usr/lib/systemd/system" "$(DESTDIR)/etc/qubes-rpc"
 	install -m 0664 policy/50-qbackup.policy "$(DESTDIR)/etc/qubes/policy.d/50-qbackup.policy"
+	install -m 0644 dom0/systemd/qbackup-job@.service dom0/systemd/qbackup-job@.timer \
+		"$(DESTDIR)/usr/lib/systemd/system/"
+	install -m 0755 qubes-rpc/qubes.BackupRequest "$(DESTDIR)/etc/qubes-rpc/qubes.BackupRequest"
 
 # Backup qube's template: the daemon, its unit and the qrexec socket service link.
 install-vm:

@@ -24,29 +24,18 @@ from typing import Any, Callable, NoReturn
 from qbackup import crypto
 from qbackup.commands.backup import cmd_backup
 from qbackup.commands.common import (CONFIG_FILE, DEFAULT_REPO, DEFAULT_STATE_DIR,
-                                     EXIT_ERROR, EXIT_INTEGRITY, EXIT_INTERRUPTED,
-                                     EXIT_PASSPHRASE, EXIT_ROLLBACK, EXIT_USAGE, Context,
-                                     clean, make_context, parse_size)
+                                     EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Context,
+                                     clean, failure, make_context, parse_size)
 from qbackup.commands.repository import (MAX_SCRYPT_N, cmd_change_passphrase, cmd_delete,
                                          cmd_init, cmd_list, cmd_stats)
+from qbackup.commands.jobs import EXIT_CHECK_ERRORS, EXIT_CHECK_WARNINGS, cmd_check, cmd_status
 from qbackup.commands.restore import cmd_restore, cmd_verify, volume_target
-from qbackup.errors import (BadPassphrase, IntegrityError, QbackupError, RollbackError,
-                            UsageError)
+from qbackup.errors import QbackupError
+from qbackup.jobs import JOBS_FILE
 from qbackup.qubes import Backend, QubesAdminBackend
 
 DEFAULT_CHUNK_SIZE = 256 << 10
 DEFAULT_PACK_SIZE = 64 << 20
-
-# Most specific first: the first match decides the exit code.
-_EXIT_CODES: list[tuple[type[BaseException], int]] = [
-    (UsageError, EXIT_USAGE),
-    (BadPassphrase, EXIT_PASSPHRASE),
-    (RollbackError, EXIT_ROLLBACK),
-    (IntegrityError, EXIT_INTEGRITY),
-    (QbackupError, EXIT_ERROR),
-    (OSError, EXIT_ERROR),
-]
-
 
 def _size_arg(text: str) -> int:
     try:
@@ -81,6 +70,8 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
     group.add_argument("--passphrase-file", metavar="FILE", default=default(None),
                        help="read the passphrase from FILE (one trailing newline "
                        "ignored) instead of asking on the terminal")
+    group.add_argument("--jobs-file", metavar="FILE", default=default(None),
+                       help=f"the jobs file (default {JOBS_FILE})")
     group.add_argument("-v", "--verbose", action="store_true", default=default(False),
                        help="say more (volumes read; traceback of internal errors)")
 
@@ -107,7 +98,8 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
         "them through the backup qube, which never sees a key.",
         epilog="exit codes:\n  0 ok\n  1 error\n  2 usage error\n"
         "  3 integrity or verification failure\n  4 rollback refused\n"
-        "  5 wrong passphrase\n  130 interrupted\n\n"
+        f"  5 wrong passphrase\n  {EXIT_CHECK_WARNINGS} check: warnings\n"
+        f"  {EXIT_CHECK_ERRORS} check: errors, the job is refused\n  130 interrupted\n\n"
         "Global options may also follow the command. See docs/CLI.md.")
     _add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -135,6 +127,27 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
                    help="back up every qube except the backup qube")
     p.add_argument("--exclude", action="append", default=[], metavar="QUBE",
                    help="leave this qube out (repeatable)")
+    p.add_argument("--job", metavar="JOB",
+                   help="run the job JOB of the jobs file: its backup qube, repository, "
+                   "qubes and passphrase file; refused if `qbackup check JOB` finds errors; "
+                   "its outcome is kept for `qbackup status`")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = _add_command(sub, "check", cmd_check, "say what a job will and will not back up",
+                     "Say, before anything is read, what job JOB will back up and why, "
+                     "every qube it leaves out, the templates and netvms it depends on "
+                     "but leaves out, running qubes, volumes it cannot read consistently, "
+                     "its size and the free space the backup qube reports. Exit 0: no "
+                     "problem; 6: warnings (the job runs); 7: errors (the job is "
+                     "refused).")
+    p.add_argument("job", metavar="JOB", help="a job of the jobs file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = _add_command(sub, "status", cmd_status, "show the outcome of each job's last run",
+                     "Show, for each job of the jobs file, whether it runs now and the "
+                     "outcome of its last run (figures, or the error). Exit 1 if a job's "
+                     "last run failed.")
+    p.set_defaults(needs_backup_vm=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = _add_command(sub, "list", cmd_list, "list snapshots",
@@ -193,17 +206,6 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_code(error: BaseException) -> int:
-    return next(code for kind, code in _EXIT_CODES if isinstance(error, kind))
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        where = f"{error.filename}: " if error.filename else ""
-        return f"{where}{error.strerror}"
-    return str(error) or type(error).__name__
-
-
 def run(argv: list[str] | None = None, *, backend: Callable[[], Backend] | None = None,
         config: dict[str, str] | None = None, prog: str = "qbackup") -> int:
     """Run one command; the exit code.
@@ -220,8 +222,9 @@ def run(argv: list[str] | None = None, *, backend: Callable[[], Backend] | None 
         print(f"{newline}qbackup: error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (QbackupError, OSError) as e:
-        print(f"qbackup: error: {clean(_describe(e))}", file=sys.stderr)
-        return _exit_code(e)
+        code, line = failure(e)
+        print(f"qbackup: error: {line}", file=sys.stderr)
+        return code
     except Exception as e:  # a bug: say so in one line, details with -v
         if getattr(args, "verbose", False):
             traceback.print_exc()

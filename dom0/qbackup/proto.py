@@ -634,10 +634,12 @@ class Session:
         self._call("delete_snapshot", lambda m: _fields(m, "ok"), id=id).result()
 
     def stats(self) -> dict:
+        """The repository's figures as the daemon reports them (untrusted:
+        for display and estimates only)."""
         count = _int(0, MAX_INT)
         return self._call("stats", lambda m: _fields(
             m, "stats", packs=count, blobs=count, bytes=count, snapshots=count,
-            pack_bytes=count)).result()
+            pack_bytes=count, fs_size=count, fs_free=count)).result()
 
     def abort(self, reason: str = "session aborted") -> None:
         """Kill the session at once (an error or an interrupt elsewhere): every

@@ -55,6 +55,7 @@ class VolumeInfo:
     snap_on_start: bool
     revisions_to_keep: int
     unreadable: str = ""
+    usage: int = 0    # bytes the volume holds (allocated), as Qubes reports it
 
     def settings(self) -> dict[str, Any]:
         """The volume's configuration as recorded in a snapshot (no path:
@@ -226,7 +227,8 @@ class QubesAdminBackend:
             name=name, pool=pool_name, size=int(info["size"]), path=path,
             rw=_flag(info, "rw"), save_on_stop=_flag(info, "save_on_stop"),
             snap_on_start=_flag(info, "snap_on_start"),
-            revisions_to_keep=int(info["revisions_to_keep"]), unreadable=unreadable)
+            revisions_to_keep=int(info["revisions_to_keep"]), unreadable=unreadable,
+            usage=int(info.get("usage") or 0))
 
     def connect(self, backup_vm: str, repo: str) -> Transport:
         service = f"{SERVICE}+{check_repo_name(repo)}"

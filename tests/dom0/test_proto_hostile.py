@@ -176,7 +176,8 @@ def answer(**msg):
     return lambda req: frame(rid=req["rid"], **msg)
 
 
-STATS = {"packs": 1, "blobs": 2, "bytes": 3, "snapshots": 4, "pack_bytes": 5}
+STATS = {"packs": 1, "blobs": 2, "bytes": 3, "snapshots": 4, "pack_bytes": 5, "fs_size": 7,
+         "fs_free": 6}
 
 
 def stream(*frames):

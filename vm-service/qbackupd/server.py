@@ -38,7 +38,7 @@ RECV_SIZE = 256 << 10
 WRITE_COALESCE = 1 << 20  # small frames are joined into one send up to this size
 MAX_LISTED_REFS = 64  # ids named in a missing_refs error
 GET_CHUNK = 4 << 20  # a get reads blobs in a worker thread until this many bytes, then sends them
-STAT_KEYS = ("packs", "blobs", "bytes", "snapshots", "pack_bytes")
+STAT_KEYS = ("packs", "blobs", "bytes", "snapshots", "pack_bytes", "fs_size", "fs_free")
 
 
 class ServerError(Exception):

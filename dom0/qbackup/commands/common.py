@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from qbackup import crypto, restore as restore_mod
-from qbackup.errors import QbackupError, UsageError
+from qbackup.errors import (BadPassphrase, IntegrityError, QbackupError, RollbackError,
+                            UsageError)
+from qbackup.jobs import JOBS_FILE, Job, check_passphrase_file, get_job
 from qbackup.proto import Session
 from qbackup.qubes import Backend
 from qbackup.state import State
@@ -31,9 +33,22 @@ EXIT_ROLLBACK = 4
 EXIT_PASSPHRASE = 5
 EXIT_INTERRUPTED = 130
 
+# Most specific first: the first match decides the exit code.
+_EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (UsageError, EXIT_USAGE),
+    (BadPassphrase, EXIT_PASSPHRASE),
+    (RollbackError, EXIT_ROLLBACK),
+    (IntegrityError, EXIT_INTEGRITY),
+    (QbackupError, EXIT_ERROR),
+    (OSError, EXIT_ERROR),
+]
+
 CONFIG_FILE = "/etc/qbackup/qbackup.conf"
-CONFIG_KEYS = ("backup_vm", "repo", "state_dir")
+CONFIG_KEYS = ("backup_vm", "repo", "state_dir", "run_dir")
 DEFAULT_STATE_DIR = "/var/lib/qbackup"
+# Where running jobs hold their locks (readable by the dom0 user that runs
+# qubes.BackupRequest, so it can refuse a request while the job runs).
+DEFAULT_RUN_DIR = "/run/qbackup"
 DEFAULT_REPO = "default"
 # How long to wait for another writer (e.g. the connection of a run just
 # interrupted, finishing what it had received) before giving up.
@@ -58,6 +73,16 @@ def clean(text: str, limit: int = 500) -> str:
     """One printable line: control characters escaped, length bounded."""
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def failure(error: QbackupError | OSError) -> tuple[int, str]:
+    """The exit code of a failed command and its one-line, printable message."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        message = f"{where}{error.strerror}"
+    else:
+        message = str(error) or type(error).__name__
+    return next(code for kind, code in _EXIT_CODES if isinstance(error, kind)), clean(message)
 
 
 def print_json(obj: Any) -> None:
@@ -92,12 +117,15 @@ def read_config(path: str) -> dict[str, str]:
 
 @dataclass
 class Context:
-    """What every command needs: where to connect and where dom0's state is."""
+    """What every command needs: where to connect and where dom0's state is;
+    the job, for a command run for one (`--job`, `check JOB`)."""
     backend: Backend
     backup_vm: str
     repo: str
     state_dir: str
     verbose: bool
+    run_dir: str = DEFAULT_RUN_DIR
+    job: Job | None = None
 
     def state(self) -> State:
         return State(self.state_dir)
@@ -119,15 +147,28 @@ class Context:
 
 def make_context(args: argparse.Namespace, backend: Callable[[], Backend],
                  config: dict[str, str] | None = None) -> Context:
-    """The context of one command: options first, then `config` (by default
-    the settings of CONFIG_FILE), then the built-in defaults. `backend` is
-    called once the names are known to be valid."""
+    """The context of one command: options first, then the job's settings
+    (for `--job JOB` or `check JOB`), then `config` (by default the settings
+    of CONFIG_FILE), then the built-in defaults. `backend` is called once the
+    names are known to be valid."""
     if config is None:
         config = read_config(CONFIG_FILE)
-    backup_vm = getattr(args, "backup_vm", None) or config.get("backup_vm")
-    if not backup_vm:
+    job = None
+    if getattr(args, "job", None):
+        job = get_job(args.job, getattr(args, "jobs_file", None) or JOBS_FILE)
+        for option, value in (("backup_vm", job.backup_vm), ("repo", job.repo)):
+            given = getattr(args, option, None)
+            if given and given != value:
+                raise UsageError(f"--{option.replace('_', '-')} {clean(given)} contradicts "
+                                 f"job {job.name} ({value})")
+            setattr(args, option, value)
+        if job.passphrase_file and not getattr(args, "passphrase_file", None):
+            check_passphrase_file(job.passphrase_file)
+            args.passphrase_file = job.passphrase_file
+    backup_vm = getattr(args, "backup_vm", None) or config.get("backup_vm") or ""
+    if not backup_vm and getattr(args, "needs_backup_vm", True):
         raise UsageError(f"no backup qube: give --backup-vm or set backup_vm in {CONFIG_FILE}")
-    if not QUBE_NAME_RE.fullmatch(backup_vm):
+    if backup_vm and not QUBE_NAME_RE.fullmatch(backup_vm):
         raise UsageError(f"invalid backup qube name {clean(backup_vm)!r}")
     repo = getattr(args, "repo", None) or config.get("repo") or DEFAULT_REPO
     if not REPO_NAME_RE.fullmatch(repo) or ".." in repo:
@@ -135,7 +176,8 @@ def make_context(args: argparse.Namespace, backend: Callable[[], Backend],
                          "(letters, digits, '_.-', at most 64, not starting with '.-_')")
     state_dir = (getattr(args, "state_dir", None) or config.get("state_dir")
                  or DEFAULT_STATE_DIR)
-    return Context(backend(), backup_vm, repo, state_dir, getattr(args, "verbose", False))
+    return Context(backend(), backup_vm, repo, state_dir, getattr(args, "verbose", False),
+                   run_dir=config.get("run_dir") or DEFAULT_RUN_DIR, job=job)
 
 
 # -- passphrases and unlocking ----------------------------------------------
