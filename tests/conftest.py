@@ -37,7 +37,8 @@ def _missing_root_facilities() -> str | None:
 # never use a venv's or pyenv's python3).
 SYSTEM_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 PACKAGING_TOOLS = ("git", "make", "rpm", "rpmbuild", "rpm2cpio", "rpmlint", "dpkg", "dpkg-buildpackage",
-                   "dpkg-checkbuilddeps", "dh", "lintian", "systemd-analyze", "systemctl", "systemd-sysusers")
+                   "dpkg-checkbuilddeps", "dh", "lintian", "systemd-analyze", "systemctl", "systemd-sysusers",
+                   "systemd-nspawn", "nsenter", "setpriv")
 
 
 def _missing_packaging_tools() -> str | None:
