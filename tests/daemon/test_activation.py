@@ -17,17 +17,16 @@ import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import msgpack
 import pytest
 import trio
 
+from frameio import decode_frames, read_until_closed
 from qbackupd import server
 from qbackupd.storage import Storage
 
@@ -175,28 +174,6 @@ def test_refuses_a_wrong_inherited_socket(workdir, case, expected):
 
 
 # --- peer credentials ------------------------------------------------------------
-
-
-def read_until_closed(sock: socket.socket) -> bytes:
-    """Everything until EOF, or until the reset a close with our header
-    still unread causes (the daemon reads nothing from a refused peer)."""
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    return data
-
-
-def decode_frames(data: bytes) -> list[dict]:
-    """The frames in `data` (small answers only)."""
-    frames = []
-    while data:
-        (length,) = struct.unpack(">I", data[:4])
-        frames.append(msgpack.unpackb(data[4 : 4 + length], raw=False))
-        data = data[4 + length :]
-    return frames
 
 
 def test_refuses_a_peer_that_is_neither_root_nor_the_daemon(workdir, caplog):

@@ -40,6 +40,12 @@ def rpm_files(package: Path) -> dict[str, str]:
     return dict(line.split("\t", 1) for line in rpm_query(package, "--qf", fmt))
 
 
+def assert_attributes(files: dict[str, str], expected: dict[str, str]) -> None:
+    """Each expected path is in the package, its listing starting with the expected attributes."""
+    for path, attributes in expected.items():
+        assert files.get(path, "").startswith(attributes), (path, files.get(path))
+
+
 def deb_files(package: Path) -> dict[str, str]:
     """path -> 'MODE OWNER' (and '-> TARGET' for links), paths without the leading '.'"""
     files = {}
@@ -97,18 +103,28 @@ def test_dom0_rpm_contents(built):
     assert shebang.stdout.strip() == "#!/usr/bin/python3 -s"
 
 
+# The backup qube's files, in both packages: {UNITDIR} and {PRESETDIR} are
+# usr/lib/systemd/... in the rpm and lib/systemd/... in the deb (bookworm's
+# dh_installsystemd looks in lib/, not usr/lib/).
+VM_FILES = {
+    "/usr/bin/qbackupd": "-rwxr-xr-x",
+    "{UNITDIR}/qbackupd.socket": "-rw-r--r--",
+    "{UNITDIR}/qbackupd.service": "-rw-r--r--",
+    "{PRESETDIR}/70-qbackupd.preset": "-rw-r--r--",
+    "/usr/lib/sysusers.d/qbackupd.conf": "-rw-r--r--",
+    "/usr/share/man/man8/qbackupd.8.gz": "-rw-r--r--",
+}
+LAYOUTS = {"rpm": {"UNITDIR": "/usr/lib/systemd/system", "PRESETDIR": "/usr/lib/systemd/system-preset"},
+           "deb": {"UNITDIR": "/lib/systemd/system", "PRESETDIR": "/lib/systemd/system-preset"}}
+
+
+def vm_files(package: str, owner: str) -> dict[str, str]:
+    return {path.format(**LAYOUTS[package]): f"{mode} {owner}" for path, mode in VM_FILES.items()}
+
+
 def test_vm_rpm_contents(built):
     files = rpm_files(built.vm_rpm)
-    expected = {
-        "/usr/bin/qbackupd": "-rwxr-xr-x root root",
-        "/usr/lib/systemd/system/qbackupd.socket": "-rw-r--r-- root root",
-        "/usr/lib/systemd/system/qbackupd.service": "-rw-r--r-- root root",
-        "/usr/lib/systemd/system-preset/70-qbackupd.preset": "-rw-r--r-- root root",
-        "/usr/lib/sysusers.d/qbackupd.conf": "-rw-r--r-- root root",
-        "/usr/share/man/man8/qbackupd.8.gz": "-rw-r--r-- root root",
-    }
-    for path, attrs in expected.items():
-        assert files.get(path, "").startswith(attrs), (path, files.get(path))
+    assert_attributes(files, vm_files("rpm", "root root"))
     assert files["/etc/qubes-rpc/qubes.BackupChunk"].endswith(f"-> {SOCKET}")
     assert not [f for f in files if "/qbackup/" in f or "qbackup_sim" in f or "policy.d" in f]
     scripts = "\n".join(rpm_query(built.vm_rpm, "--scripts"))
@@ -118,19 +134,9 @@ def test_vm_rpm_contents(built):
 
 def test_deb_contents(built):
     files = deb_files(built.deb)
-    expected = {
-        "/usr/bin/qbackupd": "-rwxr-xr-x root/root",
-        # bookworm's dh_installsystemd looks in lib/, not usr/lib/
-        "/lib/systemd/system/qbackupd.socket": "-rw-r--r-- root/root",
-        "/lib/systemd/system/qbackupd.service": "-rw-r--r-- root/root",
-        "/lib/systemd/system-preset/70-qbackupd.preset": "-rw-r--r-- root/root",
-        "/usr/lib/sysusers.d/qbackupd.conf": "-rw-r--r-- root/root",
-        "/usr/share/man/man8/qbackupd.8.gz": "-rw-r--r-- root/root",
-        "/usr/share/lintian/overrides/qbackup-vm": "-rw-r--r-- root/root",
-        "/usr/lib/python3/dist-packages/qbackupd/server.py": "-rw-r--r-- root/root",
-    }
-    for path, attrs in expected.items():
-        assert files.get(path, "").startswith(attrs), (path, files.get(path))
+    assert_attributes(files, vm_files("deb", "root/root"))
+    assert_attributes(files, {"/usr/share/lintian/overrides/qbackup-vm": "-rw-r--r-- root/root",
+                              "/usr/lib/python3/dist-packages/qbackupd/server.py": "-rw-r--r-- root/root"})
     assert files["/etc/qubes-rpc/qubes.BackupChunk"].endswith(f"-> {SOCKET}")
     control = run(["dpkg-deb", "-f", str(built.deb), "Version", "Depends"]).stdout
     assert f"Version: {built.version}\n" in control

@@ -32,28 +32,13 @@ BOOT_TIMEOUT = 90
 SOCKET = "/run/qbackupd/qubes.BackupChunk"
 
 # A minimal client of the protocol (docs/PROTOCOL.md), run inside the
-# container with Debian's python3 and python3-msgpack: it connects through
+# container with Debian's python3 and python3-msgpack (and tests/frameio.py,
+# copied beside it): it connects through
 # /etc/qubes-rpc as qrexec-agent does, sends the qrexec header and the frames
 # named on its command line, and prints each answer as one JSON line.
 CLIENT = r'''
-import json, socket, struct, sys
-import msgpack
-
-def frame(message):
-    payload = msgpack.packb(message, use_bin_type=True)
-    return struct.pack(">I", len(payload)) + payload
-
-def answers(sock):
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-    except ConnectionResetError:
-        pass
-    while data:
-        (length,) = struct.unpack(">I", data[:4])
-        yield msgpack.unpackb(data[4:4 + length], raw=False)
-        data = data[4 + length:]
+import json, socket, sys
+from frameio import decode_frames, frame, read_until_closed
 
 ops = {
     "hello": {"op": "hello", "versions": [1], "client": "boot-test/0"},
@@ -77,7 +62,7 @@ try:
 except BrokenPipeError:
     pass
 sock.shutdown(socket.SHUT_WR)
-for answer in answers(sock):
+for answer in decode_frames(read_until_closed(sock)):
     print(json.dumps(answer, default=lambda value: value.hex()))  # bytes as hex, at any depth
 '''
 
@@ -152,6 +137,7 @@ def container(built, tmp_path_factory):
         (box.merged / "etc/tmpfiles.d/qbackup-test.conf").write_text(
             "f /run/qubes-service/qbackup-storage 0644 root root -\n")
         (box.merged / "srv/qbackup-client.py").write_text(CLIENT)
+        shutil.copy2(Path(__file__).parents[1] / "frameio.py", box.merged / "srv/frameio.py")
         with open(box.log, "wb") as log:
             box.proc = subprocess.Popen(
                 ["systemd-nspawn", "-D", str(box.merged), "--boot", "--register=no", "--keep-unit",
