@@ -71,6 +71,6 @@ lint-packages:
 
 clean:
 	if [ -f demo-out/inventory.json ]; then $(VENV_PYTHON) -m qbackup_sim stop demo-out; fi
-	rm -rf demo-out .pytest_cache "$(BUILDDIR)"
+	rm -rf demo-out .pytest_cache "$(BUILDDIR)/rpm" "$(BUILDDIR)/deb" "$(BUILDDIR)/pyinstall" "$(TARBALL)"
 
 include install.mk
