@@ -52,9 +52,7 @@ if [ -d "$QUBES_SOURCES" ]; then
        || [ requirements-qubes.txt -nt "$qstamp" ] || [ ! -f .venv/.qbackup-qubes ]; then
         rm -rf "$unpacked"
         mkdir -p "$unpacked"
-        for t in "$QUBES_SOURCES"/qubes-core-admin-*.tar.gz \
-                 "$QUBES_SOURCES"/qubes-core-admin-client-*.tar.gz \
-                 "$QUBES_SOURCES"/qubes-core-qrexec-*.tar.gz; do
+        for t in "$QUBES_SOURCES"/*.tar.gz; do
             tar -xzf "$t" -C "$unpacked"
         done
         .venv/bin/pip install -q --disable-pip-version-check -r requirements-qubes.txt
