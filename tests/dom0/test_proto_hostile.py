@@ -139,6 +139,17 @@ def test_eof_before_hello(evil):
         d.session()
 
 
+@pytest.mark.parametrize("sent", [b"", b"\x00\x00", raw(b"x" * 10, 100)],
+                         ids=["nothing", "half-a-header", "half-a-frame"])
+def test_silent_hello_is_given_up(evil, sent):
+    """A backup qube that never finishes answering hello (it keeps the
+    connection open) is given up after the stall timeout, like any other
+    answer that does not come."""
+    d = evil(sent)
+    with pytest.raises(ProtocolError, match="answered nothing for 0.3 s"):
+        within(Session, SocketTransport(d.client), stall_timeout=0.3, hang_limit=15)
+
+
 def test_error_instead_of_hello_is_remote_error(evil):
     d = evil(frame(op="error", rid=None, code="unsupported_version", message="v2 only",
                    versions=[2]))
