@@ -12,6 +12,8 @@ written in place, zeros included.
 """
 
 import collections
+import contextlib
+import errno
 import os
 import re
 import stat
@@ -23,7 +25,7 @@ from qbackup import chunkmap, crypto, manifest
 from qbackup.chunkmap import Leaf
 from qbackup.crypto import ZERO_ID
 from qbackup.errors import IntegrityError, QbackupError
-from qbackup.volume import volume_size
+from qbackup.volume import fd_size
 
 DATA_TYPE = crypto.TYPE_DATA
 MAX_ERRORS = 100
@@ -249,29 +251,86 @@ def verify(session, keys: crypto.Keys, snapshot: SnapshotInfo, *, progress=None)
     return CheckResult(not lines, lines, chunks, nbytes)
 
 
-def _target_is_device(path: str, size: int, force: bool) -> bool:
-    """Check a restore target; True if it is a block device (written in place)."""
-    if not os.path.lexists(path):
-        return False
-    if not force:
-        raise QbackupError(f"{path} exists: refusing to overwrite it without --force")
+def _check_partial(partial: str) -> None:
+    """A restore may replace only a regular file with no other name (left
+    by an interrupted restore) at PATH.qbackup-partial, nothing else."""
     try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:  # a dangling symlink: replaced by the file
-        return False
-    if stat.S_ISREG(mode):
-        return False
-    if not stat.S_ISBLK(mode):
-        raise QbackupError(f"{path} is neither a regular file nor a block device")
-    device_size = volume_size(path)
-    if device_size < size:
-        raise QbackupError(f"{path} holds {device_size} bytes, the volume needs {size}")
-    return True
+        st = os.lstat(partial)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        kind = "a file with other hard links" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise QbackupError(f"{partial} exists and is {kind}: refusing to use it")
+
+
+def _open_device(path: str, size: int) -> int:
+    """Open a block device target once, exclusively (a mounted or claimed
+    device is refused), and check it on that descriptor."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_EXCL | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise QbackupError(f"{path} is in use (mounted?): refusing to write to it") from None
+        raise QbackupError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            raise QbackupError(f"{path} is no longer a block device")
+        os.set_blocking(fd, True)
+        device_size = fd_size(fd, path)
+        if device_size < size:
+            raise QbackupError(f"{path} holds {device_size} bytes, the volume needs {size}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_target(path: str, size: int, force: bool) -> int | None:
+    """Check a restore target before anything is written: an open descriptor
+    for a block device (written in place), None for a file (written as
+    PATH.qbackup-partial, then renamed)."""
+    if os.path.lexists(path):
+        if not force:
+            raise QbackupError(f"{path} exists: refusing to overwrite it without --force")
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:  # a dangling symlink: replaced by the file
+            mode = stat.S_IFREG
+        if stat.S_ISBLK(mode):
+            return _open_device(path, size)
+        if not stat.S_ISREG(mode):
+            raise QbackupError(f"{path} is neither a regular file nor a block device")
+    _check_partial(path + PARTIAL_SUFFIX)
+    return None
+
+
+def _target_key(path: str) -> tuple:
+    """What a target names: a block device, or a name in a (real) directory.
+    A file target replaces the name itself, never what a symlink points to."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISBLK(st.st_mode):
+            return ("device", st.st_rdev)
+    except OSError:
+        pass
+    return ("name", os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+
+
+def _check_aliases(paths: Sequence[str]) -> None:
+    """Refuse two targets that are one file or device (out.img, ./out.img,
+    a symlinked directory, two device nodes), or one's partial the other."""
+    keys = [_target_key(p) for p in paths]
+    partials = {k[:2] + (k[2] + PARTIAL_SUFFIX,) for k in keys if k[0] == "name"}
+    if len(set(keys)) != len(keys) or partials & set(keys):
+        raise QbackupError("two volumes cannot be restored to the same path")
 
 
 def _restore_file(session, keys, label: str, vol: dict, path: str, fail, progress) -> tuple[int, int]:
     partial = path + PARTIAL_SUFFIX
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    _check_partial(partial)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)  # a regular file an interrupted restore left
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, vol["size"])
         result = _check_volume(session, keys, label, vol, _Sink(fd), fail, progress)
@@ -290,13 +349,9 @@ def _restore_file(session, keys, label: str, vol: dict, path: str, fail, progres
     return result
 
 
-def _restore_device(session, keys, label: str, vol: dict, path: str, fail, progress) -> tuple[int, int]:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        result = _check_volume(session, keys, label, vol, _Sink(fd, write_zeros=True), fail, progress)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _restore_device(session, keys, label: str, vol: dict, fd: int, fail, progress) -> tuple[int, int]:
+    result = _check_volume(session, keys, label, vol, _Sink(fd, write_zeros=True), fail, progress)
+    os.fsync(fd)
     return result
 
 
@@ -308,27 +363,36 @@ def restore(session, keys: crypto.Keys, snapshot: SnapshotInfo, targets: dict[tu
     nothing written). A volume that fails is reported in the result: its
     partial file is removed (a device is left partly written, and said so).
     """
-    if len(set(targets.values())) != len(targets):
-        raise QbackupError("two volumes cannot be restored to the same path")
-    plan = []
-    for (qube, name), path in sorted(targets.items()):
-        vol = snapshot.qubes.get(qube, {}).get("volumes", {}).get(name)
-        if vol is None:
-            raise QbackupError(f"snapshot {snapshot.id.hex()} has no volume {qube}:{name}")
-        plan.append((f"{qube}:{name}", vol, path, _target_is_device(path, vol["size"], force)))
+    _check_aliases(list(targets.values()))
     errors = _Errors()
     chunks = nbytes = 0
-    for label, vol, path, device in plan:
-        write = _restore_device if device else _restore_file
-        try:
-            good, n = write(session, keys, label, vol, path, errors.reporter(label, stop=True), progress)
-        except _Stop:
-            if device:
-                errors.add(f"{label}: {path} is left partly written")
-            continue
-        except OSError as e:
-            errors.add(f"{label}: cannot write {path}: {e.strerror}")
-            continue
-        chunks, nbytes = chunks + good, nbytes + n
+    with contextlib.ExitStack() as stack:
+        plan = []
+        for (qube, name), path in sorted(targets.items()):
+            vol = snapshot.qubes.get(qube, {}).get("volumes", {}).get(name)
+            if vol is None:
+                raise QbackupError(f"snapshot {snapshot.id.hex()} has no volume {qube}:{name}")
+            fd = _open_target(path, vol["size"], force)
+            if fd is not None:
+                stack.callback(os.close, fd)
+            plan.append((f"{qube}:{name}", vol, path, fd))
+        for label, vol, path, fd in plan:
+            fail = errors.reporter(label, stop=True)
+            try:
+                if fd is None:
+                    good, n = _restore_file(session, keys, label, vol, path, fail, progress)
+                else:
+                    good, n = _restore_device(session, keys, label, vol, fd, fail, progress)
+            except _Stop:
+                if fd is not None:
+                    errors.add(f"{label}: {path} is left partly written")
+                continue
+            except QbackupError as e:
+                errors.add(f"{label}: {e}")
+                continue
+            except OSError as e:
+                errors.add(f"{label}: cannot write {path}: {e.strerror}")
+                continue
+            chunks, nbytes = chunks + good, nbytes + n
     lines = errors.result()
     return CheckResult(not lines, lines, chunks, nbytes)
