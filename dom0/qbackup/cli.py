@@ -26,6 +26,7 @@ from qbackup.commands.backup import cmd_backup
 from qbackup.commands.common import (CONFIG_FILE, DEFAULT_REPO, DEFAULT_STATE_DIR,
                                      EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Context,
                                      clean, failure, make_context, parse_size)
+from qbackup.commands.pins import cmd_repo_list, cmd_repo_trust
 from qbackup.commands.repository import (MAX_SCRYPT_N, cmd_change_passphrase, cmd_delete,
                                          cmd_init, cmd_list, cmd_stats)
 from qbackup.commands.jobs import EXIT_CHECK_ERRORS, EXIT_CHECK_WARNINGS, cmd_check, cmd_status
@@ -79,7 +80,8 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
 def _add_command(sub: Any, name: str, func: Callable[[Context, argparse.Namespace], int],
                  help: str, description: str,
                  rollback: bool = False) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help, description=description)
+    parser = sub.add_parser(name, help=help, description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_global_options(parser, suppress=True)
     if rollback:
         parser.add_argument("--allow-rollback", action="store_true",
@@ -97,7 +99,8 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
         "dom0 reads the volumes and settings of qubes, encrypts them, and stores\n"
         "them through the backup qube, which never sees a key.",
         epilog="exit codes:\n  0 ok\n  1 error\n  2 usage error\n"
-        "  3 integrity or verification failure\n  4 rollback refused\n"
+        "  3 integrity or verification failure\n"
+        "  4 history refused (rollback, fork, or another repository under a pinned name)\n"
         f"  5 wrong passphrase\n  {EXIT_CHECK_WARNINGS} check: warnings\n"
         f"  {EXIT_CHECK_ERRORS} check: errors, the job is refused\n  130 interrupted\n\n"
         "Global options may also follow the command. See docs/CLI.md.")
@@ -116,6 +119,9 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
     p.add_argument("--scrypt-n", type=int, default=crypto.SCRYPT_N, metavar="N",
                    help=f"scrypt cost of the passphrase, a power of two from {crypto.MIN_SCRYPT_N} "
                    f"to {MAX_SCRYPT_N} (default {crypto.SCRYPT_N})")
+    p.add_argument("--replace", action="store_true",
+                   help="the name is pinned to a repository that is gone for good: create a "
+                   "new one and pin that instead")
 
     p = _add_command(sub, "backup", cmd_backup, "back up qubes",
                      "Back up the listed qubes (or --all: every qube but the backup qube): "
@@ -184,6 +190,27 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
                      rollback=True)
     p.add_argument("snapshot", metavar="SNAPSHOT",
                    help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
+
+    repo = sub.add_parser("repo", help="repository identities pinned by dom0",
+                          description="dom0 pins the repository id behind each (backup qube, "
+                          "repository name) at init or first use, and refuses another "
+                          "repository served under that name.")
+    repo_sub = repo.add_subparsers(dest="repo_command", required=True, metavar="COMMAND")
+    p = _add_command(repo_sub, "list", cmd_repo_list, "list the pinned repositories",
+                     "List every (backup qube, repository name) and the repository id it is "
+                     "pinned to. Needs neither the backup qube nor the passphrase.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = _add_command(repo_sub, "trust", cmd_repo_trust,
+                     "pin the name to the repository the backup qube serves now",
+                     "Accept the repository the backup qube now serves under --repo as the "
+                     "one this name means: after checking that it opens with the passphrase, "
+                     "show the pinned and the served repository ids (with the served one's "
+                     "creation time and snapshots), then ask for 'yes' on the terminal, or "
+                     "take --id. Use it only if you know why the repository changed (a new "
+                     "repository made elsewhere, a restored backup qube).", rollback=True)
+    p.add_argument("--id", metavar="HEX",
+                   help="trust the served repository only if its id starts with HEX "
+                   "(8+ hex digits); no question asked")
 
     p = _add_command(sub, "stats", cmd_stats, "show repository statistics",
                      "Show the repository's size as reported by the backup qube "

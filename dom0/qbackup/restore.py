@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from qbackup import chunkmap, crypto, manifest
 from qbackup.chunkmap import Leaf
 from qbackup.crypto import ZERO_ID
-from qbackup.errors import IntegrityError, QbackupError
+from qbackup.errors import IntegrityError, QbackupError, RemoteError, RollbackError
 from qbackup.volume import fd_size
 
 DATA_TYPE = crypto.TYPE_DATA
@@ -52,25 +52,52 @@ class CheckResult:
     bytes: int  # their plaintext bytes
 
 
-def load_history(session, keys: crypto.Keys, state, *, allow_rollback: bool = False) -> list[SnapshotInfo]:
+@dataclass
+class Damaged:
+    """A listed snapshot whose manifest cannot be fetched or fails authentication."""
+    id: bytes
+    reason: str
+
+
+class History(list):
+    """The authenticated snapshots of a repository, oldest first (a list of
+    SnapshotInfo); `damaged` names the listed ones that could not be read."""
+
+    def __init__(self, snapshots: Sequence[SnapshotInfo] = (), damaged: Sequence[Damaged] = ()):
+        super().__init__(snapshots)
+        self.damaged = list(damaged)
+
+
+def _read_snapshot(session, keys: crypto.Keys, untrusted_id: bytes) -> SnapshotInfo:
+    """One snapshot's manifest, fetched and authenticated (QbackupError if not)."""
+    untrusted_blob = session.get_snapshot(untrusted_id)
+    try:
+        plain = crypto.open_snapshot(keys, untrusted_id, untrusted_blob)
+    except IntegrityError as e:
+        raise IntegrityError(f"fails authentication: {e}") from None
+    m = manifest.decode(plain, repo_id=keys.repo_id, snapshot_id=untrusted_id, chunk_size=keys.chunk_size)
+    total = sum(v["size"] for q in m.qubes.values() for v in q["volumes"].values())
+    return SnapshotInfo(m.snapshot_id, m.time, m.host, m.predecessor, m.qubes, total)
+
+
+def load_history(session, keys: crypto.Keys, state, *, allow_rollback: bool = False) -> History:
     """Every snapshot of the repository, authenticated, oldest first.
 
-    IntegrityError names a snapshot that fails authentication or
-    validation; RollbackError if the history contradicts the local state.
+    A snapshot whose manifest cannot be fetched or fails authentication or
+    validation is left out and named in `damaged`: it hides none of the
+    others. RollbackError if the history contradicts the local state.
     """
-    history = []
+    snapshots, damaged = [], []
     for untrusted_id, _size, _time in session.list():
-        untrusted_blob = session.get_snapshot(untrusted_id)
         try:
-            plain = crypto.open_snapshot(keys, untrusted_id, untrusted_blob)
-        except IntegrityError as e:
-            raise IntegrityError(f"snapshot {untrusted_id.hex()} fails authentication: {e}") from None
-        m = manifest.decode(plain, repo_id=keys.repo_id, snapshot_id=untrusted_id, chunk_size=keys.chunk_size)
-        total = sum(v["size"] for q in m.qubes.values() for v in q["volumes"].values())
-        history.append(SnapshotInfo(m.snapshot_id, m.time, m.host, m.predecessor, m.qubes, total))
-    history.sort(key=lambda s: (s.time, s.id))
-    state.accept(keys.repo_id, history, allow_rollback=allow_rollback)
-    return history
+            snapshots.append(_read_snapshot(session, keys, untrusted_id))
+        except (IntegrityError, RollbackError, RemoteError) as e:  # RollbackError: names another repository
+            damaged.append(Damaged(untrusted_id, str(e)))
+    snapshots.sort(key=lambda s: (s.time, s.id))
+    replayed = state.accept(keys.repo_id, snapshots, damaged=[d.id for d in damaged],
+                            allow_rollback=allow_rollback)
+    return History([s for s in snapshots if s.id not in replayed],
+                   [d for d in damaged if d.id not in replayed])
 
 
 def resolve_snapshot(history: list[SnapshotInfo], spec: str) -> SnapshotInfo:
@@ -90,13 +117,18 @@ def resolve_snapshot(history: list[SnapshotInfo], spec: str) -> SnapshotInfo:
     return matches[0]
 
 
-def delete_snapshot(session, keys: crypto.Keys, state, snapshot: SnapshotInfo,
-                    history: Sequence[SnapshotInfo]) -> None:
-    """Delete a snapshot of `history` (from load_history), and record it so its
-    absence is not taken for a rollback (and, if it was the newest, that the
-    newest one left must not disappear)."""
-    session.delete_snapshot(snapshot.id)
-    state.record_deleted(keys.repo_id, snapshot.id, history)
+def delete_snapshots(session, keys: crypto.Keys, state, victims: Sequence[SnapshotInfo],
+                     history: Sequence[SnapshotInfo]) -> None:
+    """Delete snapshots of `history` (from load_history), in order, recording
+    each once the backup qube confirmed it, so its absence is not taken for a
+    rollback (and, if it was the newest, the newest one left may not
+    disappear). They are marked as being deleted first: if dom0 stops in
+    between, the next listing tells which ones went. This is the one place
+    dom0 asks the backup qube to delete snapshots."""
+    state.record_deleting(keys.repo_id, [v.id for v in victims])
+    for victim in victims:
+        session.delete_snapshot(victim.id)
+        state.record_deleted(keys.repo_id, victim.id, history)
 
 
 class _Errors:

@@ -20,7 +20,7 @@ import pytest
 from adversary import Daemon, Proxy, Tamper, frame
 from qbackup import crypto, transport
 from qbackup.backup import VolumeSource, backup
-from qbackup.errors import BadPassphrase, IntegrityError, ProtocolError, QbackupError, RollbackError
+from qbackup.errors import BadPassphrase, ProtocolError, QbackupError, RollbackError
 from qbackup.proto import Session
 from qbackup.restore import load_history, restore, verify
 from qbackup.state import State
@@ -101,7 +101,11 @@ def world(tmp_path_factory) -> World:
             f.seek(20 * CHUNK + 17)
             f.write(b"changed")
         second = run_backup(keys, daemon, state_dir, image, first)
-        yield World(tmp, daemon, keys, state_dir, image, [first, second])
+        with open(image, "r+b") as f:
+            f.seek(9 * CHUNK)
+            f.write(rng.randbytes(CHUNK))
+        third = run_backup(keys, daemon, state_dir, image, second)
+        yield World(tmp, daemon, keys, state_dir, image, [first, second, third])
     finally:
         daemon.stop()
 
@@ -242,30 +246,38 @@ class OlderUnderNewerName(Tamper):
 
 
 def test_older_snapshot_under_newer_name_is_refused(world):
-    first, second = world.snapshots
+    first, newest = world.snapshots[0], world.snapshots[-1]
     honest = world.session()
     old_blob = honest.get_snapshot(first)
     honest.close()
-    s = world.attacked(OlderUnderNewerName(second, old_blob))
-    with pytest.raises(IntegrityError):
-        within(world.history, s)
+    s = world.attacked(OlderUnderNewerName(newest, old_blob))
+    history = within(world.history, s)
     s.close()
+    assert [x.id for x in history] == world.snapshots[:-1]
+    [damaged] = history.damaged
+    assert damaged.id == newest and "authentication failed" in damaged.reason
 
 
-class HideNewest(Tamper):
-    def __init__(self, newest: bytes) -> None:
-        self.newest = newest
+class Hide(Tamper):
+    """Leaves some snapshots out of the listing."""
+
+    def __init__(self, hidden: set[bytes]) -> None:
+        self.hidden = hidden
 
     def to_client(self, msg):
         if msg.get("op") == "list":
-            snaps = [x for x in msg["snapshots"] if x["id"] != self.newest]
+            snaps = [x for x in msg["snapshots"] if x["id"] not in self.hidden]
             return [frame(dict(msg, snapshots=snaps))]
         return [frame(msg)]
 
 
-def test_rollback_is_refused(world):
-    s = world.attacked(HideNewest(world.snapshots[1]))
-    with pytest.raises(RollbackError, match="--allow-rollback"):
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["oldest", "middle", "newest"])
+def test_hidden_snapshot_is_refused(world, which):
+    """dom0 has seen every snapshot: hiding any one of them, head, middle or
+    oldest, is refused (the real daemon still holds them all)."""
+    hidden = world.snapshots[which]
+    s = world.attacked(Hide({hidden}))
+    with pytest.raises(RollbackError, match=f"{hidden.hex()}, .* is missing.*--allow-rollback"):
         within(world.history, s)
     s.close()
 

@@ -25,7 +25,8 @@ import pytest
 from qbackup import cli, transport
 from qbackup.commands import common
 from qbackup.errors import QbackupError, UsageError
-from qbackup_sim import daemon_pid, load_inventory, run_qbackup, save_inventory, start_daemon
+from qbackup_sim import (daemon_pid, load_inventory, run_qbackup, save_inventory, start_daemon,
+                         stop_daemon)
 
 VOLUMES = {("tpl", "private"), ("tpl", "root"), ("work", "private")}
 POLL = 0.005
@@ -259,7 +260,9 @@ def test_repository_errors(sim):
     missing = sim.run("list", expect=1)
     assert "no_repository" in one_error_line(missing)
     sim.init()
-    again = sim.run("init", "--scrypt-n", "16384", expect=1)
+    pinned = sim.run("init", "--scrypt-n", "16384", expect=4)
+    assert "is pinned to repository" in one_error_line(pinned) and "--replace" in pinned.stderr
+    again = sim.run("init", "--scrypt-n", "16384", "--replace", expect=1)
     assert "exists" in one_error_line(again)
     other_vm = sim.run("--backup-vm", "work2", "list", expect=1)
     assert "backup qube 'work2' does not exist" in one_error_line(other_vm)
@@ -270,6 +273,7 @@ def test_repository_errors(sim):
 
 def test_every_command_has_help(capsys):
     for command in (["init"], ["backup"], ["list"], ["verify"], ["restore"], ["delete"],
+                    ["repo", "list"], ["repo", "trust"],
                     ["stats"], ["key", "change-passphrase"]):
         code, out, _ = run_here([*command, "--help"], capsys)
         assert code == 0 and out.startswith("usage: qbackup ") and "--backup-vm VM" in out
@@ -292,6 +296,36 @@ def test_rollback_is_refused_end_to_end(sim):
     accepted = sim.run("list", "--json", "--allow-rollback")
     assert len(json.loads(accepted.stdout)["snapshots"]) == 1
     assert len(sim.json("list")["snapshots"]) == 1  # accepted: no longer refused
+
+
+def test_substituted_repository_is_refused_until_trusted(sim, tmp_path):
+    """The backup qube serves repository 'archive' (same passphrase) under
+    the name dom0 pinned for 'default': every command refuses it, naming
+    both ids, until `repo trust` re-pins the name explicitly."""
+    sim.init()
+    sim.run("--repo", "archive", "init", "--scrypt-n", "16384", "--pack-size", "8M")
+    sim.run("backup", "work")
+    archived = sim.json("--repo", "archive", "backup", "tpl")["snapshot"]
+    pins = {p["repo"]: p["repo_id"] for p in sim.json("repo", "list")["pins"]}
+    assert set(pins) == {"default", "archive"}
+    stop_daemon(sim.dir)
+    storage = sim.dir / "storage"
+    (storage / "default").rename(storage / "swap")
+    (storage / "archive").rename(storage / "default")
+    (storage / "swap").rename(storage / "archive")
+    for command in (["list"], ["backup", "work"], ["restore", "latest", "--to", str(tmp_path)],
+                    ["verify"], ["delete", "latest"]):
+        line = one_error_line(sim.run(*command, expect=4))
+        assert pins["default"] in line and pins["archive"] in line and "repo trust" in line
+    assert list(tmp_path.iterdir()) == []
+    asks = sim.run("repo", "trust", expect=2)  # no terminal: the id must be given
+    assert f"--id {pins['archive'][:16]}" in one_error_line(asks)
+    wrong = sim.run("repo", "trust", "--id", pins["default"][:12], expect=1)
+    assert "nothing changed" in one_error_line(wrong)
+    trusted = sim.run("repo", "trust", "--id", pins["archive"][:12])
+    assert pins["default"] in trusted.stdout and pins["archive"] in trusted.stdout
+    assert "1 snapshots" in trusted.stdout and "now pinned" in trusted.stdout
+    assert [s["id"] for s in sim.json("list")["snapshots"]] == [archived]
 
 
 def test_killed_backup_resumes(sim):

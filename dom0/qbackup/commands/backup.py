@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qbackup import jobs, restore as restore_mod
+from qbackup import jobs
 from qbackup.backup import VolumeSource, backup
-from qbackup.commands.common import (EXIT_OK, Context, ask_passphrase, clean, print_json,
-                                     unlock)
+from qbackup.commands.common import (EXIT_OK, Context, ask_passphrase, clean, open_history,
+                                     print_json)
 from qbackup.commands.jobs import job_run
 from qbackup.errors import QbackupError, UsageError
 from qbackup.progress import Progress, human_bytes
@@ -82,13 +82,11 @@ def _backup(ctx: Context, args: argparse.Namespace, qubes: list[QubeInfo],
                   file=sys.stderr)
     passphrase, state = ask_passphrase(args), ctx.state()
     with ctx.session() as session:
-        keys = unlock(session, passphrase, write=True)
-        history = restore_mod.load_history(session, keys, state,
-                                           allow_rollback=args.allow_rollback)
+        # the new snapshot follows dom0's head for this repository
+        keys, _ = open_history(ctx, args, session, passphrase, write=True)
         with Progress(sum(s.size for s in sources), "backup") as progress:
             stats = backup(session, keys, sources, {q.name: q.settings() for q in qubes},
-                           state=state, progress=progress,
-                           predecessor=history[-1].id if history else None)
+                           state=state, progress=progress)
     figures.update({"snapshot": stats.snapshot_id.hex(), "qubes": [q.name for q in qubes],
                     "volumes": stats.volumes, "bytes_total": stats.bytes_total,
                     "bytes_read": stats.bytes_read, "bytes_sent": stats.bytes_sent,

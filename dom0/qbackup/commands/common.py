@@ -130,6 +130,15 @@ class Context:
     def state(self) -> State:
         return State(self.state_dir)
 
+    def unlock(self, session: Session, passphrase: bytes, write: bool) -> crypto.Keys:
+        """Open the repository, unwrap its keys, and check it is the one
+        pinned under this name (pinning it on first use)."""
+        keys = unlock(session, passphrase, write)
+        if self.state().check_pin(self.backup_vm, self.repo, keys.repo_id):
+            print(f"qbackup: note: repository '{self.repo}' in {self.backup_vm} is now pinned to"
+                  f" {keys.repo_id.hex()}", file=sys.stderr)
+        return keys
+
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
         """One qrexec call to the backup qube; `bye` at the end, or the
@@ -207,21 +216,36 @@ def ask_passphrase(args: argparse.Namespace) -> bytes:
 
 
 def unlock(session: Session, passphrase: bytes, write: bool) -> crypto.Keys:
-    """Open the repository and unwrap its keys."""
+    """Open the repository and unwrap its keys (not checking the pin: see
+    Context.unlock)."""
     untrusted_config, _ = session.open(write=write, lock_wait=LOCK_WAIT)
     return crypto.unwrap_keys(untrusted_config, passphrase)
 
 
+def warn(message: str) -> None:
+    print(f"qbackup: warning: {clean(message)}", file=sys.stderr)
+
+
 def open_history(ctx: Context, args: argparse.Namespace, session: Session, passphrase: bytes,
-            write: bool = False) -> tuple[crypto.Keys, list[restore_mod.SnapshotInfo]]:
+                 write: bool = False, warn_damaged: bool = True
+                 ) -> tuple[crypto.Keys, restore_mod.History]:
     """Unlock the repository and load its authenticated history, refusing a
-    rollback unless --allow-rollback."""
-    keys = unlock(session, passphrase, write=write)
-    return keys, restore_mod.load_history(session, keys, ctx.state(),
-                                          allow_rollback=args.allow_rollback)
+    rollback unless --allow-rollback. Damaged snapshots are left out, each
+    named in a warning unless the caller reports them itself."""
+    keys = ctx.unlock(session, passphrase, write=write)
+    history = restore_mod.load_history(session, keys, ctx.state(),
+                                       allow_rollback=getattr(args, "allow_rollback", False))
+    if warn_damaged:
+        for bad in history.damaged:
+            warn(f"snapshot {bad.id.hex()} is damaged and left out: {bad.reason}")
+    return keys, history
 
 
-def find_snapshot(history: list[restore_mod.SnapshotInfo], spec: str) -> restore_mod.SnapshotInfo:
+def find_snapshot(history: restore_mod.History, spec: str) -> restore_mod.SnapshotInfo:
+    prefix = spec.lower()
+    damaged = [d for d in history.damaged if spec != "latest" and d.id.hex().startswith(prefix)]
+    if damaged and not any(s.id.hex().startswith(prefix) for s in history):
+        raise IntegrityError(f"snapshot {damaged[0].id.hex()} is damaged: {damaged[0].reason}")
     if not history:
         raise QbackupError("the repository holds no snapshots")
     return restore_mod.resolve_snapshot(history, spec)
