@@ -27,10 +27,11 @@ from qbackup.commands.common import (CONFIG_FILE, DEFAULT_REPO, DEFAULT_STATE_DI
                                      EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Context,
                                      clean, failure, make_context, parse_size)
 from qbackup.commands.pins import cmd_repo_list, cmd_repo_trust
+from qbackup.commands.prune import cmd_protect, cmd_prune, keep_within
 from qbackup.commands.repository import (MAX_SCRYPT_N, cmd_change_passphrase, cmd_delete,
                                          cmd_init, cmd_list, cmd_stats)
 from qbackup.commands.jobs import EXIT_CHECK_ERRORS, EXIT_CHECK_WARNINGS, cmd_check, cmd_status
-from qbackup.commands.restore import cmd_restore, cmd_verify, volume_target
+from qbackup.commands.restore import cmd_restore, cmd_verify, sample_percent, volume_target
 from qbackup.errors import QbackupError
 from qbackup.jobs import JOBS_FILE
 from qbackup.qubes import Backend, QubesAdminBackend
@@ -75,6 +76,12 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
                        help=f"the jobs file (default {JOBS_FILE})")
     group.add_argument("-v", "--verbose", action="store_true", default=default(False),
                        help="say more (volumes read; traceback of internal errors)")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of snapshots or periods")
+    return int(text)
 
 
 def _add_command(sub: Any, name: str, func: Callable[[Context, argparse.Namespace], int],
@@ -168,6 +175,9 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
     p.add_argument("snapshot", nargs="?", metavar="SNAPSHOT",
                    help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
     p.add_argument("--all", action="store_true", help="verify every snapshot")
+    p.add_argument("--sample", type=sample_percent, metavar="PERCENT",
+                   help="read back only a random PERCENT (0.01 to 100) of the distinct data "
+                   "chunks; every chunk map node is still checked")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = _add_command(sub, "restore", cmd_restore, "restore volumes to files or devices",
@@ -190,6 +200,43 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
                      rollback=True)
     p.add_argument("snapshot", metavar="SNAPSHOT",
                    help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
+
+    p = _add_command(sub, "prune", cmd_prune, "delete snapshots by retention rules",
+                     "Delete the snapshots no --keep-* rule keeps. dom0 decides from the "
+                     "authenticated times and qubes; the backup qube deletes.\n\n"
+                     "Rules (at least one): --keep-last N keeps the N newest snapshots; "
+                     "--keep-hourly/daily/weekly/monthly/yearly N keep, for the N newest such "
+                     "periods that have a snapshot, the newest snapshot of each (periods in "
+                     "dom0's local time, ISO weeks); --keep-within DURATION keeps every "
+                     "snapshot at most DURATION older than the newest one (e.g. 7d, 2w, 6m, "
+                     "1y6m, 36h). Protected snapshots (qbackup protect) and the newest snapshot "
+                     "are always kept; damaged snapshots are left alone.\n\n"
+                     "With --per-qube the rules apply to each qube's own snapshots, and a "
+                     "snapshot goes only when no qube in it keeps it.\n\n"
+                     "Deleting frees no space by itself: the backup qube's garbage collection "
+                     "(qbackup gc) does.", rollback=True)
+    p.add_argument("--keep-last", type=_count, default=0, metavar="N",
+                   help="keep the N newest snapshots")
+    for period, unit in (("hourly", "hours"), ("daily", "days"), ("weekly", "weeks"),
+                         ("monthly", "months"), ("yearly", "years")):
+        p.add_argument(f"--keep-{period}", type=_count, default=0, metavar="N",
+                       help=f"keep the newest snapshot of each of the N newest {unit} "
+                       "that have one")
+    p.add_argument("--keep-within", type=keep_within, metavar="DURATION",
+                   help="keep every snapshot this much older than the newest or less")
+    p.add_argument("--per-qube", action="store_true",
+                   help="apply the rules to each qube's snapshots separately")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only show what would be deleted and kept, and why")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    for name, verb, what in (("protect", "protect", "Protect a snapshot: prune keeps it and "
+                              "delete refuses it. Recorded in dom0's state directory, out of "
+                              "the backup qube's reach."),
+                             ("unprotect", "unprotect", "Remove a snapshot's protection.")):
+        p = _add_command(sub, name, cmd_protect, f"{verb} a snapshot", what, rollback=True)
+        p.add_argument("snapshot", metavar="SNAPSHOT",
+                       help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
 
     repo = sub.add_parser("repo", help="repository identities pinned by dom0",
                           description="dom0 pins the repository id behind each (backup qube, "

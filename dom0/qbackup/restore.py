@@ -14,6 +14,7 @@ written in place, zeros included.
 import collections
 import contextlib
 import errno
+import hashlib
 import os
 import re
 import stat
@@ -50,6 +51,25 @@ class CheckResult:
     errors: list[str]
     chunks: int  # stored chunks authenticated (and, for restore, written)
     bytes: int  # their plaintext bytes
+    skipped: int = 0  # stored chunks left out of a sample (verify --sample)
+
+
+class Sample:
+    """A random subset of the distinct chunk ids: each is in it with
+    probability `fraction`, decided by a keyed hash under a secret salt drawn
+    for this run, so an id is sampled everywhere or nowhere in the run and
+    the backup qube cannot know beforehand which ones will be read."""
+
+    def __init__(self, fraction: float):
+        if not 0 < fraction <= 1:
+            raise ValueError("a sample is a fraction in (0, 1]")
+        self.fraction = fraction
+        self._threshold = int(fraction * 2**64)
+        self._salt = os.urandom(16)
+
+    def __contains__(self, chunk_id: bytes) -> bool:
+        digest = hashlib.blake2b(chunk_id, key=self._salt, digest_size=8).digest()
+        return int.from_bytes(digest, "big") < self._threshold
 
 
 @dataclass
@@ -161,12 +181,22 @@ class _Stop(Exception):
 
 
 class _Sink:
-    """Where authenticated chunks go: nowhere (verify), a sparse file, or a device."""
+    """Where authenticated chunks go: nowhere (verify), a sparse file, or a
+    device; for verify --sample, which chunks are read at all."""
 
-    def __init__(self, fd: int | None = None, write_zeros: bool = False):
+    def __init__(self, fd: int | None = None, write_zeros: bool = False,
+                 sample: Sample | None = None):
         self.fd = fd
         self.write_zeros = write_zeros
         self._zero = b""
+        self.sample = sample
+        self.skipped = 0  # chunks left out of the sample
+
+    def wants(self, chunk_id: bytes) -> bool:
+        if self.sample is None or chunk_id in self.sample:
+            return True
+        self.skipped += 1
+        return False
 
     def chunk(self, offset: int, data: bytes | memoryview) -> None:
         if self.fd is not None:
@@ -208,7 +238,7 @@ def _check_leaf(session, keys: crypto.Keys, leaf: Leaf, size: int, sink: _Sink,
         index = leaf.start + k
         if chunk_id == ZERO_ID:
             sink.zero(index * cs, min(cs, size - index * cs))
-        else:
+        elif sink.wants(chunk_id):
             positions.setdefault(chunk_id, []).append(index)
     good = nbytes = 0
     window = max(4, GET_BYTES // cs)
@@ -271,16 +301,19 @@ def _volumes(snapshot: SnapshotInfo) -> list[tuple[str, str, dict]]:
             for q in sorted(snapshot.qubes) for v in sorted(snapshot.qubes[q]["volumes"])]
 
 
-def verify(session, keys: crypto.Keys, snapshot: SnapshotInfo, *, progress=None) -> CheckResult:
-    """Fetch and authenticate every chunk map node and chunk of a snapshot; write nothing."""
+def verify(session, keys: crypto.Keys, snapshot: SnapshotInfo, *, progress=None,
+           sample: Sample | None = None) -> CheckResult:
+    """Fetch and authenticate every chunk map node and chunk of a snapshot
+    (only the chunks in `sample`, if given); write nothing."""
     errors = _Errors()
+    sink = _Sink(sample=sample)
     chunks = nbytes = 0
     for qube, name, vol in _volumes(snapshot):
         label = f"{qube}:{name}"
-        good, n = _check_volume(session, keys, label, vol, _Sink(), errors.reporter(label, stop=False), progress)
+        good, n = _check_volume(session, keys, label, vol, sink, errors.reporter(label, stop=False), progress)
         chunks, nbytes = chunks + good, nbytes + n
     lines = errors.result()
-    return CheckResult(not lines, lines, chunks, nbytes)
+    return CheckResult(not lines, lines, chunks, nbytes, sink.skipped)
 
 
 def _check_partial(partial: str) -> None:

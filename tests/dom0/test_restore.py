@@ -264,3 +264,53 @@ def test_a_device_too_small_is_refused(volume, tmp_path):
     with loop_device(tmp_path / "img", 2 * CS) as dev:
         with pytest.raises(QbackupError, match=f"{dev} holds {2 * CS} bytes"):
             run(volume, {("work", "private"): dev}, force=True)
+
+
+@pytest.fixture(scope="module")
+def big(keys):
+    """200 distinct chunks, stored as two volumes sharing every chunk."""
+    store = MemoryStore(keys)
+    data = os.urandom(200 * CS)
+    vol = store_volume(store, data)
+    qubes = {"work": {"class": "AppVM", "properties": {}, "features": {}, "tags": [],
+                      "volumes": {"private": vol, "root": vol}}}
+    return store, SnapshotInfo(os.urandom(32), 1.0, "dom0", None, qubes, 2 * len(data)), data
+
+
+def test_verify_sample_reads_a_random_subset_of_distinct_chunks(big):
+    store, snap, _ = big
+    full = restore.verify(store, store.keys, snap)
+    assert full.ok and (full.chunks, full.skipped) == (400, 0)
+    first, second = restore.Sample(0.3), restore.Sample(0.3)
+    result = restore.verify(store, store.keys, snap, sample=first)
+    assert result.ok and result.chunks + result.skipped == 400
+    assert 0 < result.chunks < 400
+    # a distinct chunk is sampled everywhere or nowhere: both volumes hold each once
+    assert result.chunks % 2 == 0
+    picked = {i for i in store.blobs if store.blobs[i][0] == crypto.TYPE_DATA and i in first}
+    assert result.chunks == 2 * len(picked)
+    assert picked != {i for i in store.blobs if store.blobs[i][0] == crypto.TYPE_DATA
+                      and i in second}  # a new random subset each run
+
+
+def test_verify_sample_still_checks_every_chunk_map_node(big):
+    store, snap, _ = big
+    leaves = [i for i, (t, _) in store.blobs.items() if t == crypto.TYPE_TREE]
+    damaged = MemoryStore(store.keys)
+    damaged.blobs = {i: b for i, b in store.blobs.items() if i != leaves[0]}
+    result = restore.verify(damaged, store.keys, snap, sample=restore.Sample(0.0001))
+    assert not result.ok and len(result.errors) == 2  # the node's range in both volumes
+    assert all("chunk map node missing" in e for e in result.errors)
+
+
+def test_verify_sample_finds_a_forged_chunk_it_reads(big):
+    store, snap, data = big
+    bad_id = store.keys.chunk_id(data[7 * CS:8 * CS])
+    forged = Flip(store, bad_id)
+    samples = [restore.Sample(0.5) for _ in range(40)]
+    hit = next(s for s in samples if bad_id in s)
+    missed = next(s for s in samples if bad_id not in s)
+    result = restore.verify(forged, store.keys, snap, sample=hit)
+    assert [e.split(": ")[0] for e in result.errors] == [f"work:private at offset {7 * CS}",
+                                                         f"work:root at offset {7 * CS}"]
+    assert restore.verify(forged, store.keys, snap, sample=missed).ok
