@@ -138,15 +138,15 @@ def test_partial_left_by_an_interrupted_restore_is_replaced(volume, tmp_path):
 
 
 class Flip(MemoryStore):
-    """Serves chunk `bad` (by position in the volume) with a flipped bit."""
+    """Serves the blobs of `bad_ids` with a flipped bit."""
 
-    def __init__(self, store: MemoryStore, bad_id: bytes):
+    def __init__(self, store: MemoryStore, *bad_ids: bytes):
         self.__dict__.update(store.__dict__)
-        self.bad_id = bad_id
+        self.bad_ids = set(bad_ids)
 
     def get(self, ids, **kw):
         for i, t, d in super().get(ids, **kw):
-            if i == self.bad_id:
+            if i in self.bad_ids:
                 d = d[:60] + bytes([d[60] ^ 1]) + d[61:]
             yield i, t, d
 
@@ -314,3 +314,20 @@ def test_verify_sample_finds_a_forged_chunk_it_reads(big):
     assert [e.split(": ")[0] for e in result.errors] == [f"work:private at offset {7 * CS}",
                                                          f"work:root at offset {7 * CS}"]
     assert restore.verify(forged, store.keys, snap, sample=missed).ok
+
+
+def test_verify_reports_every_bad_chunk(big):
+    """Not only the first bad chunk of a volume: every one, at its offset,
+    up to MAX_ERRORS lines and then a count."""
+    store, snap, data = big
+    bad = [3, 4, 50, 199]
+    forged = Flip(store, *(store.keys.chunk_id(data[k * CS:(k + 1) * CS]) for k in bad))
+    result = restore.verify(forged, store.keys, snap)
+    assert [e.split(": ")[0] for e in result.errors] == [
+        f"work:{vol} at offset {k * CS}" for vol in ("private", "root") for k in bad]
+    assert all("authentication failed" in e for e in result.errors)
+    assert result.chunks == 400 - 2 * len(bad)
+    everything = Flip(store, *(i for i, (t, _) in store.blobs.items() if t == crypto.TYPE_DATA))
+    result = restore.verify(everything, store.keys, snap)
+    assert len(result.errors) == restore.MAX_ERRORS + 1
+    assert result.errors[-1] == f"... and {400 - restore.MAX_ERRORS} more errors"
