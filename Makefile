@@ -1,7 +1,8 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # qbackup developer entry points (fresh Debian with Python 3.11):
 #   make demo   set up .venv, then run the end-to-end demo in demo-out/
-#   make test   set up .venv, then run the whole test suite
+#   make test   set up .venv, then run the whole test suite and the mutation
+#               check of dom0's trust modules (docs/INVARIANTS.md)
 #   make rpm    dom0 and backup-qube (template) rpms in build/rpm/RPMS/noarch/
 #   make deb    backup-qube (template) deb in build/deb/
 #   make lint-packages   rpmlint and lintian on what rpm and deb built
@@ -32,8 +33,9 @@ demo: setup
 	$(VENV_PYTHON) -m qbackup_sim.demo demo-out
 
 test: setup
-	$(VENV_PYTHON) -m pyflakes dom0/qbackup vm-service/qbackupd sim/qbackup_sim bench tests
+	$(VENV_PYTHON) -m pyflakes dom0/qbackup vm-service/qbackupd sim/qbackup_sim bench tests scripts
 	$(VENV_PYTHON) -m pytest -q
+	$(VENV_PYTHON) scripts/mutants.py
 
 # The source tarball: the files git tracks (as they are in the work tree),
 # under qbackup-VERSION/, reproducible (sorted, owner 0, last commit's time).

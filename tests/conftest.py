@@ -48,6 +48,16 @@ def _missing_packaging_tools() -> str | None:
     return None
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under scripts/mutants.py, make sure the mutant is what the tests import."""
+    mutant_dir = os.environ.get("QBACKUP_MUTANT_DIR")
+    if mutant_dir:
+        import qbackup
+        if not qbackup.__file__.startswith(mutant_dir + os.sep):
+            raise pytest.UsageError(f"the mutant in {mutant_dir} is not the qbackup imported "
+                                    f"({qbackup.__file__})")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     missing = None
     if item.get_closest_marker("root") is not None:
