@@ -26,6 +26,7 @@ from qbackup import chunkmap, crypto, manifest
 from qbackup.chunkmap import Leaf
 from qbackup.crypto import ZERO_ID
 from qbackup.errors import IntegrityError, QbackupError, RemoteError, RollbackError
+from qbackup.proto import CLOSING_CODES
 from qbackup.volume import fd_size
 
 DATA_TYPE = crypto.TYPE_DATA
@@ -111,7 +112,11 @@ def load_history(session, keys: crypto.Keys, state, *, allow_rollback: bool = Fa
     for untrusted_id, _size, _time in session.list():
         try:
             snapshots.append(_read_snapshot(session, keys, untrusted_id))
-        except (IntegrityError, RollbackError, RemoteError) as e:  # RollbackError: names another repository
+        except RemoteError as e:
+            if e.code in CLOSING_CODES:  # the session is dead: no snapshot can be read
+                raise
+            damaged.append(Damaged(untrusted_id, str(e)))
+        except (IntegrityError, RollbackError) as e:  # RollbackError: names another repository
             damaged.append(Damaged(untrusted_id, str(e)))
     snapshots.sort(key=lambda s: (s.time, s.id))
     replayed = state.accept(keys.repo_id, snapshots, damaged=[d.id for d in damaged],

@@ -14,8 +14,9 @@ import pytest
 from engine_helpers import MemoryStore, store_volume
 
 from qbackup import crypto, restore
-from qbackup.errors import QbackupError
+from qbackup.errors import QbackupError, RemoteError
 from qbackup.restore import PARTIAL_SUFFIX, SnapshotInfo
+from qbackup.state import State
 from hangguard import within
 
 CS = 64 << 10
@@ -333,3 +334,25 @@ def test_verify_reports_every_bad_chunk(big):
     result = restore.verify(everything, store.keys, snap)
     assert len(result.errors) == restore.MAX_ERRORS + 1
     assert result.errors[-1] == f"... and {400 - restore.MAX_ERRORS} more errors"
+
+
+class Unreadable:
+    """A session listing two snapshots whose manifests cannot be fetched."""
+
+    def __init__(self, error: RemoteError):
+        self.error = error
+
+    def list(self):
+        return [(bytes([1]) * 32, 100, 0), (bytes([2]) * 32, 100, 0)]
+
+    def get_snapshot(self, snapshot_id):
+        raise self.error
+
+
+def test_a_snapshot_the_daemon_cannot_read_is_damaged_but_a_dead_session_is_an_error(keys, tmp_path):
+    state = State(str(tmp_path / "state"))
+    history = restore.load_history(Unreadable(RemoteError("io", "checksum mismatch")), keys, state)
+    assert list(history) == [] and len(history.damaged) == 2
+    assert "checksum mismatch" in history.damaged[0].reason
+    with pytest.raises(RemoteError, match="internal"):  # the daemon closed the session
+        restore.load_history(Unreadable(RemoteError("internal", "bug")), keys, state)
