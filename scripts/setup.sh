@@ -35,7 +35,8 @@ if [ ! -f "$stamp" ] || [ requirements-dev.txt -nt "$stamp" ] \
    || [ dom0/pyproject.toml -nt "$stamp" ] || [ vm-service/pyproject.toml -nt "$stamp" ] \
    || [ sim/pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt
-    .venv/bin/pip install -q --disable-pip-version-check --no-deps --no-build-isolation \
+    # with their dependencies: the current releases of the runtime libraries
+    .venv/bin/pip install -q --disable-pip-version-check --no-build-isolation \
         -e ./dom0 -e ./vm-service -e ./sim
     touch "$stamp"
 fi
