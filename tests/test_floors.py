@@ -7,11 +7,21 @@ ships: dom0 (Qubes R4.2, Fedora 37) and the backup qube's template (Debian
 pyproject.toml, from which the packages' requirements are generated (rpm:
 python3.11dist(NAME) >= FLOOR; Debian: ${python3:Depends}); the rpm spec and
 debian/control may name no other version, so that none can drift alone.
+
+`make test-floor` runs the suites on the floors with QBACKUP_FLOOR set to
+the side (dom0 or vm). Then the libraries must be exactly the floors, built
+as the distributions build them (msgpack's C extension, not its pure-Python
+fallback), and the daemon, which the dom0 run starts on the interpreter in
+QBACKUP_SIM_DAEMON_PYTHON, must run on Debian 12's own packages.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 import tomllib
 from importlib.metadata import version
 from pathlib import Path
@@ -23,6 +33,8 @@ from floors import NAME, SIDES, VERSION, floors
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECTS = {"dom0": ROOT / "dom0/pyproject.toml", "vm": ROOT / "vm-service/pyproject.toml"}
 assert tuple(PYPROJECTS) == SIDES
+FLOOR = os.environ.get("QBACKUP_FLOOR")  # the side whose floors this run has, if any
+DEBIAN_PACKAGES = Path("/usr/lib/python3/dist-packages")
 
 
 def release(text: str) -> tuple[int, ...]:
@@ -96,6 +108,66 @@ def test_packages_name_no_other_version(package, requires, side):
 
 
 def test_installed_libraries_are_at_least_the_floors():
+    """In .venv (both sides' libraries), or in a floor run (its side's)."""
     for side, pinned in floors().items():
-        for name, floor in pinned.items():
-            assert release(version(name)) >= release(floor), f"{side}: {name} {version(name)} < {floor}"
+        if FLOOR in (None, side):
+            for name, floor in pinned.items():
+                assert release(version(name)) >= release(floor), f"{side}: {name} {version(name)} < {floor}"
+
+
+floor_run = pytest.mark.skipif(FLOOR is None, reason="runs in make test-floor (QBACKUP_FLOOR=dom0|vm)")
+
+# Run by the daemon's interpreter: what the daemon imports besides the
+# standard library and itself, from where, and which versions. (Modules that
+# come from no file, such as Cython's cython_runtime, are left out.)
+DAEMON_PROBE = """
+import json, sys
+from importlib.metadata import version
+before = set(sys.modules)
+import qbackupd.cli, qbackupd.server
+imported = {name.partition(".")[0] for name in set(sys.modules) - before}
+def where(module):
+    return getattr(module, "__file__", None) or next(iter(getattr(module, "__path__", [])), None)
+import msgpack
+print(json.dumps({
+    "modules": {name: where(sys.modules[name])
+                for name in sorted(imported - set(sys.stdlib_module_names) - {"qbackupd"})
+                if where(sys.modules[name])},
+    "versions": {name: version(name) for name in ("msgpack", "trio")},
+    "msgpack": msgpack.Unpacker.__module__}))
+"""
+
+
+@floor_run
+def test_this_run_has_exactly_its_sides_floors():
+    import msgpack
+
+    assert FLOOR in ("dom0", "vm")
+    assert {name: version(name) for name in floors()[FLOOR]} == floors()[FLOOR]
+    assert msgpack.Unpacker.__module__ == "msgpack._cmsgpack", (
+        "msgpack runs its pure-Python fallback, which neither Fedora nor Debian ships "
+        "(was it built without g++?)")
+    if FLOOR == "dom0":
+        import zstandard
+
+        assert zstandard.backend == "cext"
+
+
+@floor_run
+def test_the_daemon_runs_on_debian_12s_own_packages():
+    if FLOOR == "dom0":
+        from qbackup_sim.daemon import DAEMON_PYTHON
+
+        python = os.environ.get(DAEMON_PYTHON)
+        assert python, f"{DAEMON_PYTHON} must name the backup qube's floor venv's python"
+    else:
+        python = sys.executable
+    probe = subprocess.run([python, "-c", DAEMON_PROBE], capture_output=True, text=True, timeout=60)
+    assert probe.returncode == 0, probe.stderr
+    daemon = json.loads(probe.stdout)
+    assert daemon["versions"] == floors()["vm"]
+    assert daemon["msgpack"] == "msgpack._cmsgpack"
+    assert {"trio", "msgpack"} <= set(daemon["modules"])
+    elsewhere = {name: path for name, path in daemon["modules"].items()
+                 if not Path(path).is_relative_to(DEBIAN_PACKAGES)}
+    assert not elsewhere, f"the daemon imports these from outside {DEBIAN_PACKAGES}: {elsewhere}"
