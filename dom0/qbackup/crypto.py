@@ -291,6 +291,8 @@ def open_blob(keys: Keys, type: int, id: bytes, untrusted_blob: bytes, max_plain
 def _decompress(payload: memoryview, max_plain: int, what: str) -> bytes:
     """One zstd frame that declares its size, at most `max_plain`, nothing after it."""
     try:
+        # This check is the bound: python-zstandard (0.19 as 0.25) allocates and
+        # returns what a frame declares, whatever max_output_size says.
         declared = zstandard.frame_content_size(payload)
         if declared < 0 or declared > max_plain:
             raise IntegrityError(f"{what}: zstd frame declares size {declared}, "
