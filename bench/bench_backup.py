@@ -34,7 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from workload import day_of_use, du, machine, make_image, timed  # noqa: E402
 
-from qbackup.cli import parse_size  # noqa: E402
+from qbackup.commands.common import parse_size  # noqa: E402
 from qbackup_sim.daemon import stop_daemon  # noqa: E402
 from qbackup_sim.inventory import create_sim  # noqa: E402
 
@@ -57,7 +57,7 @@ class Qbackup:
         self.last: dict = {}
 
     def cli(self, *args: str, json_out: bool = False) -> float:
-        argv = [sys.executable, "-m", "qbackup", "--sim", str(self.sim),
+        argv = [sys.executable, "-m", "qbackup_sim", "run", str(self.sim),
                 "--passphrase-file", str(self.pw), *args]
         t = time.perf_counter()
         out = subprocess.run(argv, check=True, stdout=subprocess.PIPE).stdout

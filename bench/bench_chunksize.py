@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_backup import Qbackup  # noqa: E402
 from workload import day_of_use, machine, make_image  # noqa: E402
 
-from qbackup.cli import parse_size  # noqa: E402
+from qbackup.commands.common import parse_size  # noqa: E402
 
 
 def main() -> int:

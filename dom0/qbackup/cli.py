@@ -1,473 +1,49 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """`qbackup`: the dom0 command line.
 
-Parses options, resolves the backup qube, repository and state directory,
-asks for the passphrase, opens one session with the backup qube per command
-and hands the work to the engine (qbackup.backup / qbackup.restore). Output:
-a human summary on stdout, or one JSON object with --json; progress on
-stderr when it is a terminal; every error as one line on stderr with a
-documented exit code (docs/CLI.md).
+This module only parses: it builds the argument parser, resolves the
+context (backend, backup qube, repository, state directory) and hands the
+parsed arguments to a command body in `qbackup.commands`. Output: a human
+summary on stdout, or one JSON object with --json; progress on stderr when
+it is a terminal; every error as one line on stderr with a documented exit
+code (docs/CLI.md).
+
+The backend is the real Qubes one (`QubesAdminBackend`) unless the caller
+of `run` hands in another: the simulated dom0 does that from outside this
+package (`python -m qbackup_sim run DIR ...`), so the shipped client does
+not know that a simulation exists.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import getpass
-import json
-import os
-import re
 import sys
-import time
 import traceback
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Callable, NoReturn
 
-from qbackup import crypto, restore as restore_mod
-from qbackup.backup import VolumeSource, backup
-from qbackup.errors import BadPassphrase, IntegrityError, QbackupError, RollbackError
-from qbackup.progress import Progress, human_bytes
-from qbackup.proto import Session
-from qbackup.qubes import Backend, QubeInfo, get_backend, volumes_to_backup
-from qbackup.state import State
-from qbackup.transport import QUBE_NAME_RE, REPO_NAME_RE
-from qbackup.volume import volume_size
+from qbackup import crypto
+from qbackup.commands.backup import cmd_backup
+from qbackup.commands.common import (CONFIG_FILE, DEFAULT_REPO, DEFAULT_STATE_DIR,
+                                     EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Context,
+                                     clean, failure, make_context, parse_size)
+from qbackup.commands.pins import cmd_repo_list, cmd_repo_trust
+from qbackup.commands.prune import cmd_protect, cmd_prune, keep_within
+from qbackup.commands.repository import (MAX_SCRYPT_N, cmd_change_passphrase, cmd_delete,
+                                         cmd_init, cmd_list, cmd_stats)
+from qbackup.commands.jobs import EXIT_CHECK_ERRORS, EXIT_CHECK_WARNINGS, cmd_check, cmd_status
+from qbackup.commands.restore import cmd_restore, cmd_verify, sample_percent, volume_target
+from qbackup.errors import QbackupError
+from qbackup.jobs import JOBS_FILE
+from qbackup.qubes import Backend, QubesAdminBackend
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTEGRITY = 3
-EXIT_ROLLBACK = 4
-EXIT_PASSPHRASE = 5
-EXIT_INTERRUPTED = 130
-
-CONFIG_FILE = "/etc/qbackup/qbackup.conf"
-CONFIG_KEYS = ("backup_vm", "repo", "state_dir")
-DEFAULT_STATE_DIR = "/var/lib/qbackup"
-DEFAULT_REPO = "default"
 DEFAULT_CHUNK_SIZE = 256 << 10
 DEFAULT_PACK_SIZE = 64 << 20
-# How long to wait for another writer (e.g. the connection of a run just
-# interrupted, finishing what it had received) before giving up.
-LOCK_WAIT = 15.0
-PACK_SIZE_RANGE = (8 << 20, 512 << 20)   # PROTOCOL.md, init
-# The largest scrypt cost crypto accepts with its r and p (work and memory bounds).
-MAX_SCRYPT_N = min(crypto.MAX_SCRYPT_N,
-                   crypto.MAX_SCRYPT_WORK // (crypto.SCRYPT_R * crypto.SCRYPT_P),
-                   crypto.MAX_SCRYPT_MEM // (128 * crypto.SCRYPT_R))
-
-_SIZE = re.compile(r"([0-9]+)([KMG]?)", re.IGNORECASE)
-
-
-class UsageError(QbackupError):
-    """The command line asks for something impossible (exit 2)."""
-
-
-# Most specific first: the first match decides the exit code.
-_EXIT_CODES: list[tuple[type[BaseException], int]] = [
-    (UsageError, EXIT_USAGE),
-    (BadPassphrase, EXIT_PASSPHRASE),
-    (RollbackError, EXIT_ROLLBACK),
-    (IntegrityError, EXIT_INTEGRITY),
-    (QbackupError, EXIT_ERROR),
-    (OSError, EXIT_ERROR),
-]
-
-
-def parse_size(text: str) -> int:
-    """`256K`, `64M`, `1G` or a plain number of bytes (binary units)."""
-    match = _SIZE.fullmatch(text.strip())
-    if not match:
-        raise ValueError(f"invalid size {text!r} (examples: 4096, 256K, 64M, 1G)")
-    return int(match[1]) << {"": 0, "K": 10, "M": 20, "G": 30}[match[2].upper()]
-
 
 def _size_arg(text: str) -> int:
     try:
         return parse_size(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
-
-
-def _power_of_two(value: int) -> bool:
-    return value > 0 and value & (value - 1) == 0
-
-
-def _clean(text: str, limit: int = 500) -> str:
-    """One printable line: control characters escaped, length bounded."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _print_json(obj: Any) -> None:
-    print(json.dumps(obj, sort_keys=True))
-
-
-# -- configuration --------------------------------------------------------
-
-def read_config(path: str) -> dict[str, str]:
-    """The key=value settings of `path` (# comments), {} if it does not exist."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except FileNotFoundError:
-        return {}
-    config = {}
-    for number, line in enumerate(lines, 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        key, sep, value = line.partition("=")
-        key, value = key.strip(), value.strip()
-        if not sep or key not in CONFIG_KEYS:
-            raise QbackupError(f"{path}:{number}: expected one of "
-                               f"{', '.join(CONFIG_KEYS)} = VALUE")
-        config[key] = value
-    return config
-
-
-@dataclass
-class Context:
-    """What every command needs: where to connect and where dom0's state is."""
-    backend: Backend
-    backup_vm: str
-    repo: str
-    state_dir: str
-    verbose: bool
-
-    def state(self) -> State:
-        return State(self.state_dir)
-
-    @contextlib.contextmanager
-    def session(self) -> Iterator[Session]:
-        """One qrexec call to the backup qube; `bye` at the end, or the
-        connection closed on any error."""
-        transport = self.backend.connect(self.backup_vm, self.repo)
-        try:
-            session = Session(transport)
-            yield session
-        except BaseException:
-            transport.abort()
-            transport.close()
-            raise
-        session.close()
-
-
-def make_context(args: argparse.Namespace) -> Context:
-    sim = getattr(args, "sim", None)
-    backend = get_backend(sim)
-    config = {} if sim else read_config(CONFIG_FILE)
-    backup_vm = (getattr(args, "backup_vm", None) or config.get("backup_vm")
-                 or (backend.backup_vm if sim else None))
-    if not backup_vm:
-        raise UsageError(f"no backup qube: give --backup-vm or set backup_vm in {CONFIG_FILE}")
-    if not QUBE_NAME_RE.fullmatch(backup_vm):
-        raise UsageError(f"invalid backup qube name {_clean(backup_vm)!r}")
-    repo = getattr(args, "repo", None) or config.get("repo") or DEFAULT_REPO
-    if not REPO_NAME_RE.fullmatch(repo) or ".." in repo:
-        raise UsageError(f"invalid repository name {_clean(repo)!r} "
-                         "(letters, digits, '_.-', at most 64, not starting with '.-_')")
-    state_dir = (getattr(args, "state_dir", None) or config.get("state_dir")
-                 or (os.path.join(sim, "dom0-state") if sim else DEFAULT_STATE_DIR))
-    return Context(backend, backup_vm, repo, state_dir, getattr(args, "verbose", False))
-
-
-# -- passphrases ----------------------------------------------------------
-
-def read_passphrase(path: str | None, prompt: str, *, confirm: bool = False) -> bytes:
-    """The passphrase from `path` (one trailing newline dropped) or asked on
-    the terminal without echo (twice if `confirm`). Empty is refused."""
-    if path is not None:
-        data = Path(path).read_bytes()
-        data = data[:-2] if data.endswith(b"\r\n") else data.removesuffix(b"\n")
-        if not data:
-            raise QbackupError(f"empty passphrase in {path}")
-        return data
-    if not sys.stdin.isatty():
-        raise UsageError("no terminal to ask for the passphrase: use --passphrase-file")
-    first = getpass.getpass(prompt).encode()
-    if not first:
-        raise QbackupError("empty passphrase refused")
-    if confirm and getpass.getpass("Repeat: ").encode() != first:
-        raise QbackupError("the passphrases do not match")
-    return first
-
-
-def _passphrase(args: argparse.Namespace) -> bytes:
-    """The repository passphrase (asked before connecting to the backup qube)."""
-    return read_passphrase(getattr(args, "passphrase_file", None), "Passphrase: ")
-
-
-def _unlock(session: Session, passphrase: bytes, write: bool) -> crypto.Keys:
-    """Open the repository and unwrap its keys."""
-    untrusted_config, _ = session.open(write=write, lock_wait=LOCK_WAIT)
-    return crypto.unwrap_keys(untrusted_config, passphrase)
-
-
-# -- commands -------------------------------------------------------------
-
-def _check_scrypt_n(n: int) -> None:
-    if not _power_of_two(n) or not crypto.MIN_SCRYPT_N <= n <= MAX_SCRYPT_N:
-        raise UsageError(f"--scrypt-n must be a power of two from {crypto.MIN_SCRYPT_N} "
-                         f"to {MAX_SCRYPT_N}")
-
-
-def cmd_init(ctx: Context, args: argparse.Namespace) -> int:
-    if not _power_of_two(args.chunk_size) or not (
-            crypto.MIN_CHUNK_SIZE <= args.chunk_size <= crypto.MAX_CHUNK_SIZE):
-        raise UsageError(f"--chunk-size must be a power of two from "
-                         f"{human_bytes(crypto.MIN_CHUNK_SIZE)} to "
-                         f"{human_bytes(crypto.MAX_CHUNK_SIZE)}")
-    if not PACK_SIZE_RANGE[0] <= args.pack_size <= PACK_SIZE_RANGE[1]:
-        raise UsageError("--pack-size must be from 8M to 512M")
-    _check_scrypt_n(args.scrypt_n)
-    passphrase = read_passphrase(getattr(args, "passphrase_file", None),
-                                 "New passphrase: ", confirm=True)
-    keys = crypto.create_keys(args.chunk_size)
-    config = crypto.wrap_keys(keys, passphrase, scrypt_n=args.scrypt_n)
-    with ctx.session() as session:
-        session.init(config, args.pack_size)
-    print(f"initialised repository {ctx.repo} in {ctx.backup_vm} (chunk size "
-          f"{human_bytes(args.chunk_size)}, pack size {human_bytes(args.pack_size)})")
-    print("keep the passphrase safe: without it the backups cannot be read")
-    return EXIT_OK
-
-
-def _select_qubes(args: argparse.Namespace, qubes: list[QubeInfo],
-                  backup_vm: str) -> list[QubeInfo]:
-    """The qubes named, or with --all every qube but the backup qube (whose
-    private volume holds the repository); minus --exclude."""
-    by_name = {q.name: q for q in qubes}
-    unknown = sorted(set(args.qubes + args.exclude) - set(by_name))
-    if unknown:
-        raise UsageError(f"no such qube: {', '.join(_clean(n) for n in unknown)}")
-    if args.all == bool(args.qubes):
-        raise UsageError("name the qubes to back up, or give --all (not both)")
-    names = set(by_name) - {backup_vm} if args.all else set(args.qubes)
-    return [by_name[n] for n in sorted(names - set(args.exclude))]
-
-
-def _sources(qubes: list[QubeInfo]) -> list[VolumeSource]:
-    sources = []
-    for qube in qubes:
-        for vol in volumes_to_backup(qube):
-            if vol.path is None:
-                raise QbackupError(f"{qube.name}: volume {vol.name} is in pool {vol.pool}, "
-                                   "whose driver qbackup cannot read")
-            sources.append(VolumeSource(qube=qube.name, volume=vol.name, path=vol.path,
-                                        size=volume_size(vol.path), settings=vol.settings()))
-    return sources
-
-
-def cmd_backup(ctx: Context, args: argparse.Namespace) -> int:
-    qubes = _select_qubes(args, ctx.backend.list_qubes(), ctx.backup_vm)
-    if not qubes:
-        raise UsageError("nothing to back up: every qube is excluded")
-    sources = _sources(qubes)
-    if ctx.verbose:
-        for s in sources:
-            print(f"qbackup: {s.qube}/{s.volume}: {s.path} ({human_bytes(s.size)})",
-                  file=sys.stderr)
-    passphrase, state = _passphrase(args), ctx.state()
-    with ctx.session() as session:
-        keys = _unlock(session, passphrase, write=True)
-        history = restore_mod.load_history(session, keys, state,
-                                           allow_rollback=args.allow_rollback)
-        with Progress(sum(s.size for s in sources), "backup") as progress:
-            stats = backup(session, keys, sources, {q.name: q.settings() for q in qubes},
-                           state=state, progress=progress,
-                           predecessor=history[-1].id if history else None)
-    if args.json:
-        _print_json({"snapshot": stats.snapshot_id.hex(), "qubes": [q.name for q in qubes],
-                     "volumes": stats.volumes, "bytes_total": stats.bytes_total,
-                     "bytes_read": stats.bytes_read, "bytes_sent": stats.bytes_sent,
-                     "chunks_total": stats.chunks_total, "chunks_zero": stats.chunks_zero,
-                     "chunks_new": stats.chunks_new, "chunks_dedup": stats.chunks_dedup,
-                     "seconds": stats.seconds})
-        return EXIT_OK
-    rate = stats.bytes_read / stats.seconds if stats.seconds > 0 else 0
-    print(f"snapshot {stats.snapshot_id.hex()}")
-    print(f"backed up {stats.volumes} volumes of {len(qubes)} qubes "
-          f"({', '.join(q.name for q in qubes)}): {human_bytes(stats.bytes_total)}")
-    print(f"  read {human_bytes(stats.bytes_read)}, sent {human_bytes(stats.bytes_sent)}")
-    print(f"  chunks: {stats.chunks_total} in all, {stats.chunks_zero} zero, "
-          f"{stats.chunks_new} new, {stats.chunks_dedup} already stored")
-    print(f"  took {stats.seconds:.2f} s ({human_bytes(rate)}/s read)")
-    return EXIT_OK
-
-
-def _history(ctx: Context, args: argparse.Namespace, session: Session, passphrase: bytes,
-             write: bool = False) -> tuple[crypto.Keys, list[restore_mod.SnapshotInfo]]:
-    keys = _unlock(session, passphrase, write=write)
-    return keys, restore_mod.load_history(session, keys, ctx.state(),
-                                          allow_rollback=args.allow_rollback)
-
-
-def _resolve(history: list[restore_mod.SnapshotInfo], spec: str) -> restore_mod.SnapshotInfo:
-    if not history:
-        raise QbackupError("the repository holds no snapshots")
-    return restore_mod.resolve_snapshot(history, spec)
-
-
-def _snapshot_json(snap: restore_mod.SnapshotInfo) -> dict[str, Any]:
-    return {"id": snap.id.hex(), "time": snap.time, "host": snap.host,
-            "predecessor": snap.predecessor.hex() if snap.predecessor else None,
-            "qubes": sorted(snap.qubes), "bytes_total": snap.bytes_total}
-
-
-def _local_time(t: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-
-
-def cmd_list(ctx: Context, args: argparse.Namespace) -> int:
-    passphrase = _passphrase(args)
-    with ctx.session() as session:
-        _, history = _history(ctx, args, session, passphrase)
-    if args.json:
-        _print_json({"snapshots": [_snapshot_json(s) for s in history]})
-        return EXIT_OK
-    if not history:
-        print("no snapshots")
-        return EXIT_OK
-    print(f"{'ID':16}  {'TIME':19}  {'SIZE':>10}  QUBES")
-    for snap in history:
-        print(f"{snap.id.hex()[:16]}  {_local_time(snap.time)}  "
-              f"{human_bytes(snap.bytes_total):>10}  {', '.join(sorted(snap.qubes))}")
-    return EXIT_OK
-
-
-def _check_json(snap: restore_mod.SnapshotInfo, result: restore_mod.CheckResult) -> dict:
-    return {"snapshot": snap.id.hex(), "ok": result.ok, "errors": result.errors,
-            "chunks": result.chunks, "bytes": result.bytes}
-
-
-def _report_check(snap: restore_mod.SnapshotInfo, result: restore_mod.CheckResult,
-                  verb: str) -> None:
-    status = "OK" if result.ok else f"FAILED ({len(result.errors)} errors)"
-    print(f"snapshot {snap.id.hex()[:16]}: {verb} {status}: {result.chunks} chunks, "
-          f"{human_bytes(result.bytes)}")
-    for error in result.errors:
-        print(f"  {_clean(error)}")
-
-
-def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
-    if args.all and args.snapshot:
-        raise UsageError("give a snapshot or --all, not both")
-    passphrase = _passphrase(args)
-    with ctx.session() as session:
-        keys, history = _history(ctx, args, session, passphrase)
-        snapshots = history if args.all else [_resolve(history, args.snapshot or "latest")]
-        results = []
-        for snap in snapshots:
-            with Progress(snap.bytes_total, f"verify {snap.id.hex()[:16]}") as progress:
-                results.append((snap, restore_mod.verify(session, keys, snap,
-                                                         progress=progress)))
-    if args.json:
-        _print_json({"ok": all(r.ok for _, r in results),
-                     "results": [_check_json(s, r) for s, r in results]})
-    else:
-        if not results:
-            print("no snapshots")
-        for snap, result in results:
-            _report_check(snap, result, "verify")
-    return EXIT_OK if all(r.ok for _, r in results) else EXIT_INTEGRITY
-
-
-def _volume_target(text: str) -> tuple[tuple[str, str], str]:
-    qube_vol, sep, path = text.partition("=")
-    qube, colon, vol = qube_vol.partition(":")
-    if not (sep and colon and qube and vol and path):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected QUBE:VOLUME=PATH")
-    return (qube, vol), path
-
-
-def _snapshot_volumes(snap: restore_mod.SnapshotInfo) -> list[tuple[str, str]]:
-    return sorted((qube, vol) for qube, settings in snap.qubes.items()
-                  for vol in settings["volumes"])
-
-
-def _restore_targets(args: argparse.Namespace,
-                     snap: restore_mod.SnapshotInfo) -> dict[tuple[str, str], str]:
-    available = _snapshot_volumes(snap)
-    if args.volume_target:
-        if args.qube:
-            raise UsageError("--qube goes with --to, not with --volume-target")
-        targets = dict(args.volume_target)
-        missing = sorted(set(targets) - set(available))
-        if missing:
-            raise UsageError("not in this snapshot: "
-                             + ", ".join(f"{q}:{v}" for q, v in missing))
-        return targets
-    qubes = set(args.qube) if args.qube else {q for q, _ in available}
-    unknown = sorted(qubes - {q for q, _ in available})
-    if unknown:
-        raise UsageError(f"qube not in this snapshot: {', '.join(_clean(q) for q in unknown)}")
-    # Names from an authenticated manifest: manifest.decode allows no "/"
-    # and no leading "." in them, so they are safe path components.
-    return {(qube, vol): os.path.join(args.to, qube, vol + ".img")
-            for qube, vol in available if qube in qubes}
-
-
-def cmd_restore(ctx: Context, args: argparse.Namespace) -> int:
-    passphrase = _passphrase(args)
-    with ctx.session() as session:
-        keys, history = _history(ctx, args, session, passphrase)
-        snap = _resolve(history, args.snapshot)
-        targets = _restore_targets(args, snap)
-        existing = sorted(p for p in targets.values() if os.path.lexists(p))
-        if existing and not args.force:  # checked before creating any directory
-            more = f" (and {len(existing) - 1} more)" if len(existing) > 1 else ""
-            raise QbackupError(f"{existing[0]} exists{more}: refusing to overwrite "
-                               "without --force")
-        if args.to:
-            for path in targets.values():
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-        total = sum(snap.qubes[q]["volumes"][v]["size"] for q, v in targets)
-        with Progress(total, f"restore {snap.id.hex()[:16]}") as progress:
-            result = restore_mod.restore(session, keys, snap, targets, force=args.force,
-                                         progress=progress)
-    _report_check(snap, result, "restore")
-    if result.ok:
-        for (qube, vol), path in sorted(targets.items()):
-            print(f"  {qube}/{vol} -> {path}")
-    return EXIT_OK if result.ok else EXIT_INTEGRITY
-
-
-def cmd_delete(ctx: Context, args: argparse.Namespace) -> int:
-    passphrase = _passphrase(args)
-    with ctx.session() as session:
-        keys, history = _history(ctx, args, session, passphrase, write=True)
-        snap = _resolve(history, args.snapshot)
-        restore_mod.delete_snapshot(session, keys, ctx.state(), snap, history)
-    print(f"deleted snapshot {snap.id.hex()}")
-    return EXIT_OK
-
-
-def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
-    with ctx.session() as session:
-        session.open(write=False)
-        untrusted_stats = session.stats()
-    if args.json:
-        _print_json(untrusted_stats)
-        return EXIT_OK
-    print(f"repository {ctx.repo} in {ctx.backup_vm} (as reported by the backup qube):")
-    for key, value in sorted(untrusted_stats.items()):
-        shown = human_bytes(value) if "bytes" in key else value
-        print(f"  {_clean(str(key))}: {_clean(str(shown))}")
-    return EXIT_OK
-
-
-def cmd_change_passphrase(ctx: Context, args: argparse.Namespace) -> int:
-    _check_scrypt_n(args.scrypt_n)
-    old = read_passphrase(getattr(args, "passphrase_file", None), "Current passphrase: ")
-    new = read_passphrase(args.new_passphrase_file, "New passphrase: ", confirm=True)
-    with ctx.session() as session:
-        untrusted_config, _ = session.open(write=True, lock_wait=LOCK_WAIT)
-        keys = crypto.unwrap_keys(untrusted_config, old)
-        session.set_config(crypto.wrap_keys(keys, new, scrypt_n=args.scrypt_n),
-                           expect=untrusted_config)
-    print(f"passphrase of repository {ctx.repo} changed (data untouched)")
-    return EXIT_OK
 
 
 # -- argument parsing -----------------------------------------------------
@@ -485,28 +61,34 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
     def default(value: Any) -> Any:
         return argparse.SUPPRESS if suppress else value
     group = parser.add_argument_group("global options")
-    group.add_argument("--sim", metavar="DIR", default=default(None),
-                       help="run against the simulated dom0 in DIR (development, tests)")
     group.add_argument("--backup-vm", metavar="VM", default=default(None),
-                       help=f"the backup qube (default: backup_vm in {CONFIG_FILE}; "
-                       "with --sim, the sim's backup qube)")
+                       help=f"the backup qube (default: backup_vm in {CONFIG_FILE})")
     group.add_argument("--repo", metavar="NAME", default=default(None),
                        help=f"repository name in the backup qube (default: repo in "
                        f"{CONFIG_FILE}, else {DEFAULT_REPO})")
     group.add_argument("--state-dir", metavar="DIR", default=default(None),
-                       help=f"dom0's record of seen history (default {DEFAULT_STATE_DIR}; "
-                       "with --sim, DIR/dom0-state)")
+                       help="dom0's record of seen history (default: state_dir in "
+                       f"{CONFIG_FILE}, else {DEFAULT_STATE_DIR})")
     group.add_argument("--passphrase-file", metavar="FILE", default=default(None),
                        help="read the passphrase from FILE (one trailing newline "
                        "ignored) instead of asking on the terminal")
+    group.add_argument("--jobs-file", metavar="FILE", default=default(None),
+                       help=f"the jobs file (default {JOBS_FILE})")
     group.add_argument("-v", "--verbose", action="store_true", default=default(False),
                        help="say more (volumes read; traceback of internal errors)")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of snapshots or periods")
+    return int(text)
 
 
 def _add_command(sub: Any, name: str, func: Callable[[Context, argparse.Namespace], int],
                  help: str, description: str,
                  rollback: bool = False) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help, description=description)
+    parser = sub.add_parser(name, help=help, description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_global_options(parser, suppress=True)
     if rollback:
         parser.add_argument("--allow-rollback", action="store_true",
@@ -517,15 +99,17 @@ def _add_command(sub: Any, name: str, func: Callable[[Context, argparse.Namespac
     return parser
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
     parser = _Parser(
-        prog="qbackup", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Incremental, deduplicating, encrypted backups of Qubes OS qubes.\n"
         "dom0 reads the volumes and settings of qubes, encrypts them, and stores\n"
         "them through the backup qube, which never sees a key.",
         epilog="exit codes:\n  0 ok\n  1 error\n  2 usage error\n"
-        "  3 integrity or verification failure\n  4 rollback refused\n"
-        "  5 wrong passphrase\n  130 interrupted\n\n"
+        "  3 integrity or verification failure\n"
+        "  4 history refused (rollback, fork, or another repository under a pinned name)\n"
+        f"  5 wrong passphrase\n  {EXIT_CHECK_WARNINGS} check: warnings\n"
+        f"  {EXIT_CHECK_ERRORS} check: errors, the job is refused\n  130 interrupted\n\n"
         "Global options may also follow the command. See docs/CLI.md.")
     _add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -542,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scrypt-n", type=int, default=crypto.SCRYPT_N, metavar="N",
                    help=f"scrypt cost of the passphrase, a power of two from {crypto.MIN_SCRYPT_N} "
                    f"to {MAX_SCRYPT_N} (default {crypto.SCRYPT_N})")
+    p.add_argument("--replace", action="store_true",
+                   help="the name is pinned to a repository that is gone for good: create a "
+                   "new one and pin that instead")
 
     p = _add_command(sub, "backup", cmd_backup, "back up qubes",
                      "Back up the listed qubes (or --all: every qube but the backup qube): "
@@ -553,6 +140,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="back up every qube except the backup qube")
     p.add_argument("--exclude", action="append", default=[], metavar="QUBE",
                    help="leave this qube out (repeatable)")
+    p.add_argument("--job", metavar="JOB",
+                   help="run the job JOB of the jobs file: its backup qube, repository, "
+                   "qubes and passphrase file; refused if `qbackup check JOB` finds errors; "
+                   "its outcome is kept for `qbackup status`")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = _add_command(sub, "check", cmd_check, "say what a job will and will not back up",
+                     "Say, before anything is read, what job JOB will back up and why, "
+                     "every qube it leaves out, the templates and netvms it depends on "
+                     "but leaves out, running qubes, volumes it cannot read consistently, "
+                     "its size and the free space the backup qube reports. Exit 0: no "
+                     "problem; 6: warnings (the job runs); 7: errors (the job is "
+                     "refused).")
+    p.add_argument("job", metavar="JOB", help="a job of the jobs file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = _add_command(sub, "status", cmd_status, "show the outcome of each job's last run",
+                     "Show, for each job of the jobs file, whether it runs now and the "
+                     "outcome of its last run (figures, or the error). Exit 1 if a job's "
+                     "last run failed.")
+    p.set_defaults(needs_backup_vm=False)
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = _add_command(sub, "list", cmd_list, "list snapshots",
@@ -567,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("snapshot", nargs="?", metavar="SNAPSHOT",
                    help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
     p.add_argument("--all", action="store_true", help="verify every snapshot")
+    p.add_argument("--sample", type=sample_percent, metavar="PERCENT",
+                   help="read back only a random PERCENT (0.01 to 100) of the distinct data "
+                   "chunks; every chunk map node is still checked")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = _add_command(sub, "restore", cmd_restore, "restore volumes to files or devices",
@@ -579,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --to: restore only this qube (repeatable)")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--to", metavar="DIR", help="write DIR/QUBE/VOLUME.img")
-    where.add_argument("--volume-target", type=_volume_target, action="append",
+    where.add_argument("--volume-target", type=volume_target, action="append",
                        metavar="QUBE:VOLUME=PATH",
                        help="write that volume to PATH, a file or device (repeatable)")
     p.add_argument("--force", action="store_true", help="overwrite existing targets")
@@ -589,6 +200,64 @@ def build_parser() -> argparse.ArgumentParser:
                      rollback=True)
     p.add_argument("snapshot", metavar="SNAPSHOT",
                    help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
+
+    p = _add_command(sub, "prune", cmd_prune, "delete snapshots by retention rules",
+                     "Delete the snapshots no --keep-* rule keeps. dom0 decides from the "
+                     "authenticated times and qubes; the backup qube deletes.\n\n"
+                     "Rules (at least one): --keep-last N keeps the N newest snapshots; "
+                     "--keep-hourly/daily/weekly/monthly/yearly N keep, for the N newest such "
+                     "periods that have a snapshot, the newest snapshot of each (periods in "
+                     "dom0's local time, ISO weeks); --keep-within DURATION keeps every "
+                     "snapshot at most DURATION older than the newest one (e.g. 7d, 2w, 6m, "
+                     "1y6m, 36h). Protected snapshots (qbackup protect) and the newest snapshot "
+                     "are always kept; damaged snapshots are left alone.\n\n"
+                     "With --per-qube the rules apply to each qube's own snapshots, and a "
+                     "snapshot goes only when no qube in it keeps it.\n\n"
+                     "Deleting frees no space by itself: the backup qube's garbage collection "
+                     "(qbackup gc) does.", rollback=True)
+    p.add_argument("--keep-last", type=_count, default=0, metavar="N",
+                   help="keep the N newest snapshots")
+    for period, unit in (("hourly", "hours"), ("daily", "days"), ("weekly", "weeks"),
+                         ("monthly", "months"), ("yearly", "years")):
+        p.add_argument(f"--keep-{period}", type=_count, default=0, metavar="N",
+                       help=f"keep the newest snapshot of each of the N newest {unit} "
+                       "that have one")
+    p.add_argument("--keep-within", type=keep_within, metavar="DURATION",
+                   help="keep every snapshot this much older than the newest or less")
+    p.add_argument("--per-qube", action="store_true",
+                   help="apply the rules to each qube's snapshots separately")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only show what would be deleted and kept, and why")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    for name, verb, what in (("protect", "protect", "Protect a snapshot: prune keeps it and "
+                              "delete refuses it. Recorded in dom0's state directory, out of "
+                              "the backup qube's reach."),
+                             ("unprotect", "unprotect", "Remove a snapshot's protection.")):
+        p = _add_command(sub, name, cmd_protect, f"{verb} a snapshot", what, rollback=True)
+        p.add_argument("snapshot", metavar="SNAPSHOT",
+                       help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
+
+    repo = sub.add_parser("repo", help="repository identities pinned by dom0",
+                          description="dom0 pins the repository id behind each (backup qube, "
+                          "repository name) at init or first use, and refuses another "
+                          "repository served under that name.")
+    repo_sub = repo.add_subparsers(dest="repo_command", required=True, metavar="COMMAND")
+    p = _add_command(repo_sub, "list", cmd_repo_list, "list the pinned repositories",
+                     "List every (backup qube, repository name) and the repository id it is "
+                     "pinned to. Needs neither the backup qube nor the passphrase.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = _add_command(repo_sub, "trust", cmd_repo_trust,
+                     "pin the name to the repository the backup qube serves now",
+                     "Accept the repository the backup qube now serves under --repo as the "
+                     "one this name means: after checking that it opens with the passphrase, "
+                     "show the pinned and the served repository ids (with the served one's "
+                     "creation time and snapshots), then ask for 'yes' on the terminal, or "
+                     "take --id. Use it only if you know why the repository changed (a new "
+                     "repository made elsewhere, a restored backup qube).", rollback=True)
+    p.add_argument("--id", metavar="HEX",
+                   help="trust the served repository only if its id starts with HEX "
+                   "(8+ hex digits); no question asked")
 
     p = _add_command(sub, "stats", cmd_stats, "show repository statistics",
                      "Show the repository's size as reported by the backup qube "
@@ -611,33 +280,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_code(error: BaseException) -> int:
-    return next(code for kind, code in _EXIT_CODES if isinstance(error, kind))
+def run(argv: list[str] | None = None, *, backend: Callable[[], Backend] | None = None,
+        config: dict[str, str] | None = None, prog: str = "qbackup") -> int:
+    """Run one command; the exit code.
 
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        where = f"{error.filename}: " if error.filename else ""
-        return f"{where}{error.strerror}"
-    return str(error) or type(error).__name__
-
-
-def run(argv: list[str] | None = None) -> int:
-    """Run one command; the exit code."""
-    args = build_parser().parse_args(argv)
+    `backend` makes the Backend once the command line is valid (default: the
+    real Qubes one); `config` stands in for the settings of CONFIG_FILE
+    (default: read that file)."""
+    args = build_parser(prog).parse_args(argv)
     try:
-        return args.func(make_context(args), args)
+        ctx = make_context(args, backend or QubesAdminBackend, config)
+        return args.func(ctx, args)
     except KeyboardInterrupt:
         newline = "\n" if sys.stderr.isatty() else ""  # after the terminal's ^C
         print(f"{newline}qbackup: error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (QbackupError, OSError) as e:
-        print(f"qbackup: error: {_clean(_describe(e))}", file=sys.stderr)
-        return _exit_code(e)
+        code, line = failure(e)
+        print(f"qbackup: error: {line}", file=sys.stderr)
+        return code
     except Exception as e:  # a bug: say so in one line, details with -v
         if getattr(args, "verbose", False):
             traceback.print_exc()
-        print(f"qbackup: error: internal error: {type(e).__name__}: {_clean(str(e))}"
+        print(f"qbackup: error: internal error: {type(e).__name__}: {clean(str(e))}"
               " (run with -v for details)", file=sys.stderr)
         return EXIT_ERROR
 

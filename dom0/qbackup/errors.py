@@ -40,9 +40,21 @@ class RemoteError(QbackupError):
         super().__init__(f"backup qube error {self.code}: {self.message}")
 
 
+class UsageError(QbackupError):
+    """The command line asks for something impossible (exit 2)."""
+
+
 class BadPassphrase(QbackupError):
     """The passphrase does not open the repository's key file."""
 
 
 class RollbackError(QbackupError):
     """The repository serves an older or different history than dom0 has seen."""
+
+
+class RepositoryChanged(RollbackError):
+    """The backup qube serves another repository under a name dom0 has pinned."""
+
+    def __init__(self, message: str, *, old: bytes, new: bytes):
+        super().__init__(message)
+        self.old, self.new = old, new

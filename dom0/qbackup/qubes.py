@@ -5,7 +5,8 @@ Everything qbackup learns about qubes (classes, properties, features, tags,
 volumes and where to read them) and the qrexec call to the backup qube go
 through a `Backend`. On a real system that is `QubesAdminBackend`, the only
 code in qbackup that imports `qubesadmin`; in development and tests the
-simulated dom0 (`qbackup_sim.SimBackend`) stands in for it.
+simulated dom0 stands in for it: it hands its own backend to `qbackup.cli.run`
+from outside this package, which never imports it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from qbackup.transport import SERVICE, ProcessTransport, Transport, check_repo_n
 
 # Volume names that never hold state worth keeping (QUBES_FACTS "Volumes").
 _NEVER_BACKED_UP = frozenset({"volatile", "kernel"})
+# The volumes of every qube in R4.2 (qubes/vm/{appvm,templatevm,standalonevm,
+# dispvm}.py define root, private, volatile and kernel, and no Admin API call
+# adds one), but `kernel`, whose content is the `kernel` property
+# (linux-kernel pool). The adapter asks for these by name rather than
+# listing them: one admin.vm.volume.List per qube saved (docs/QUBES.md).
+QUBE_VOLUMES = ("private", "root", "volatile")
 # Classes whose root volume belongs to the qube itself (not to a template).
 _OWN_ROOT_CLASSES = frozenset({"TemplateVM", "StandaloneVM"})
 
@@ -36,8 +43,9 @@ DERIVED_PROPERTIES = frozenset({
 
 @dataclass(frozen=True)
 class VolumeInfo:
-    """One volume of a qube; `path` is the readable committed image or device,
-    or None when qbackup cannot read this pool's volumes."""
+    """One volume of a qube. `path` is the committed image or device qbackup
+    reads; when qbackup cannot read this volume consistently, `path` is None
+    and `unreadable` says why, in words fit for the user."""
     name: str
     pool: str
     size: int
@@ -46,6 +54,8 @@ class VolumeInfo:
     save_on_stop: bool
     snap_on_start: bool
     revisions_to_keep: int
+    unreadable: str = ""
+    usage: int = 0    # bytes the volume holds (allocated), as Qubes reports it
 
     def settings(self) -> dict[str, Any]:
         """The volume's configuration as recorded in a snapshot (no path:
@@ -58,13 +68,15 @@ class VolumeInfo:
 
 @dataclass(frozen=True)
 class QubeInfo:
-    """A qube's settings as they are to be restored, and its volumes."""
+    """A qube's settings as they are to be restored, its volumes, and
+    whether it runs now (state, not a setting: not in `settings()`)."""
     name: str
     klass: str
     properties: dict[str, Any] = field(default_factory=dict)
     features: dict[str, str] = field(default_factory=dict)
     tags: list[str] = field(default_factory=list)
     volumes: dict[str, VolumeInfo] = field(default_factory=dict)
+    running: bool = False
 
     def settings(self) -> dict[str, Any]:
         """The qube's settings as recorded in a snapshot's manifest; the
@@ -98,12 +110,13 @@ def restorable_properties(properties: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in sorted(properties.items()) if k not in DERIVED_PROPERTIES}
 
 
-def get_backend(sim_dir: str | None) -> Backend:
-    """The real Qubes backend, or the simulated dom0 in `sim_dir`."""
-    if sim_dir is None:
-        return QubesAdminBackend()
-    from qbackup_sim import SimBackend  # dev/test only, never shipped
-    return SimBackend(sim_dir)
+def managed_tag(tag: str) -> bool:
+    """Whether qubesd sets `tag` itself from a property (its gui and audio
+    extensions add `guivm-NAME` / `audiovm-NAME` for the guivm / audiovm
+    property): not a user setting, recreated by qubesd on restore.
+    (`created-by-NAME` is kept: policies use it, and qubesd would not put
+    back the original creator.)"""
+    return tag.startswith(("guivm-", "audiovm-"))
 
 
 def _plain(value: Any) -> Any:
@@ -113,74 +126,145 @@ def _plain(value: Any) -> Any:
     return str(value)
 
 
+def parse_info(text: str) -> dict[str, str]:
+    """A `key=value` per line answer (admin.vm.volume.Info, admin.pool.Info)."""
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line)
+
+
+def _flag(info: dict[str, str], key: str) -> bool:
+    return info.get(key) == "True"
+
+
+def volume_path(driver: str, pool: dict[str, str], info: dict[str, str],
+                running: bool) -> tuple[str | None, str]:
+    """Where the committed image of a volume is, from its pool's driver and
+    configuration and its admin.vm.volume.Info (QUBES_FACTS "Volumes"), or
+    (None, why qbackup cannot read it consistently).
+
+    file-reflink: `{dir_path}/{vid}.img`, never the `-dirty.img` a running
+    qube writes (Info's path); lvm_thin: `/dev/{vid}`, refused when qubesd
+    reports a revision instead (the committed LV is missing); the legacy
+    file driver: `{dir_path}/{vid}.img`, refused while the qube runs, since
+    the qube then writes that very image."""
+    vid = info.get("vid", "")
+    if driver in ("file-reflink", "file"):
+        root = os.path.normpath(pool.get("dir_path", ""))
+        path = os.path.normpath(os.path.join(root, vid + ".img"))
+        if not vid or not os.path.isabs(root) or not path.startswith(root + os.sep):
+            return None, f"volume id {vid!r} is not inside pool directory {root!r}"
+        if driver == "file" and running:
+            return None, ("it is in a pool of the legacy 'file' driver, whose images a "
+                          "running qube writes directly: shut the qube down first")
+        return path, ""
+    if driver == "lvm_thin":
+        expected = "/dev/mapper/" + vid.replace("-", "--").replace("/", "-")
+        if info.get("path") != expected:
+            return None, (f"its logical volume {vid} is missing (qubesd points at "
+                          f"{info.get('path') or 'nothing'})")
+        return "/dev/" + vid, ""
+    return None, f"its pool uses the {driver!r} driver, which qbackup cannot read"
+
+
 class QubesAdminBackend:
     """The backend for a real dom0, through qubesadmin (Admin API).
 
-    Untested here (no Qubes): see docs/CLI.md, "What is not tested".
+    Tested against the real R4.2 qubesd handlers (tests/qubes_r42.py). Every
+    call it makes, per qube: one admin.vm.property.GetAll (cache_enabled),
+    admin.vm.feature.List plus one admin.vm.feature.Get per feature,
+    admin.vm.tag.List, and one admin.vm.volume.Info for each of
+    QUBE_VOLUMES; once per run admin.vm.List (which also gives every qube's
+    power state) and one admin.pool.Info per pool in use. See docs/QUBES.md.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, app: Any = None) -> None:
         try:
             import qubesadmin  # only present in a Qubes dom0
+            import qubesadmin.exc
         except ImportError:
             raise QbackupError("qubesadmin is not installed: qbackup runs in a Qubes "
-                               "dom0 (or against a simulation with --sim DIR)") from None
-        import qubesadmin.exc
-        self._app = qubesadmin.Qubes()
+                               "dom0") from None
+        self._app = qubesadmin.Qubes() if app is None else app
+        # One admin.vm.property.GetAll per qube instead of one Get per
+        # property, and power states from the admin.vm.List answer.
+        self._app.cache_enabled = True
         self._error = qubesadmin.exc.QubesException
+        self._pools: dict[str, dict[str, str]] = {}
 
     def list_qubes(self) -> list[QubeInfo]:
         try:
-            return self._list_qubes()
+            return sorted((self._qube(vm) for vm in self._app.domains
+                           if vm.klass != "AdminVM"),  # dom0: nothing to read this way
+                          key=lambda q: q.name)
         except self._error as e:
             raise QbackupError(f"reading the qubes failed: {e}") from None
 
-    def _list_qubes(self) -> list[QubeInfo]:
-        qubes = []
-        for vm in self._app.domains:
-            if vm.klass == "AdminVM":  # dom0 itself: no volumes to read this way
-                continue
-            properties = {
-                name: _plain(getattr(vm, name)) for name in vm.property_list()
-                if name not in DERIVED_PROPERTIES and not vm.property_is_default(name)}
-            volumes = {name: self._volume_info(name, vol)
-                       for name, vol in vm.volumes.items()}
-            qubes.append(QubeInfo(
-                name=vm.name, klass=vm.klass, properties=properties,
-                features=dict(vm.features.items()), tags=sorted(vm.tags),
-                volumes=volumes))
-        return sorted(qubes, key=lambda q: q.name)
+    def _qube(self, vm: Any) -> QubeInfo:
+        # With cache_enabled the first property read fetches them all at once
+        # (admin.vm.property.GetAll), which also gives property_list() its
+        # names without an admin.vm.property.List.
+        vm.property_is_default("label")
+        properties = {name: _plain(getattr(vm, name)) for name in vm.property_list()
+                      if name not in DERIVED_PROPERTIES and not vm.property_is_default(name)}
+        running = vm.get_power_state() != "Halted"
+        volumes = {}
+        for name in QUBE_VOLUMES:
+            info = parse_info(self._app.qubesd_call(
+                vm.name, "admin.vm.volume.Info", name).decode("ascii"))
+            volumes[name] = self._volume(name, info, running)
+        return QubeInfo(name=vm.name, klass=vm.klass, properties=properties,
+                        features=dict(vm.features.items()),
+                        tags=sorted(t for t in vm.tags if not managed_tag(t)),
+                        volumes=volumes, running=running)
 
-    def _volume_info(self, name: str, vol: Any) -> VolumeInfo:
+    def _volume(self, name: str, info: dict[str, str], running: bool) -> VolumeInfo:
+        pool_name = info["pool"]
+        if pool_name not in self._pools:
+            self._pools[pool_name] = parse_info(self._app.qubesd_call(
+                "dom0", "admin.pool.Info", pool_name).decode("ascii"))
+        pool = self._pools[pool_name]
+        path, unreadable = volume_path(pool.get("driver", ""), pool, info, running)
         return VolumeInfo(
-            name=name, pool=vol.pool, size=vol.size,
-            path=self._volume_path(vol.pool, vol.vid), rw=vol.rw,
-            save_on_stop=vol.save_on_stop, snap_on_start=vol.snap_on_start,
-            revisions_to_keep=vol.revisions_to_keep)
-
-    def _volume_path(self, pool_name: str, vid: str) -> str | None:
-        """The committed image of a volume (QUBES_FACTS "Volumes"): for file
-        pools `{dir_path}/{vid}.img` (vid is `appvms/NAME/VOL` or
-        `vm-templates/NAME/VOL`; never the `-dirty` image a running qube
-        writes), for lvm_thin `/dev/{vid}`; None for other drivers."""
-        pool = self._app.pools[pool_name]
-        if pool.driver in ("file-reflink", "file"):
-            return os.path.join(pool.config["dir_path"], vid + ".img")
-        if pool.driver == "lvm_thin":
-            return "/dev/" + vid
-        return None
+            name=name, pool=pool_name, size=int(info["size"]), path=path,
+            rw=_flag(info, "rw"), save_on_stop=_flag(info, "save_on_stop"),
+            snap_on_start=_flag(info, "snap_on_start"),
+            revisions_to_keep=int(info["revisions_to_keep"]), unreadable=unreadable,
+            usage=int(info.get("usage") or 0))
 
     def connect(self, backup_vm: str, repo: str) -> Transport:
         service = f"{SERVICE}+{check_repo_name(repo)}"
         try:
             if backup_vm not in self._app.domains:
                 raise QbackupError(f"backup qube {backup_vm!r} does not exist")
-            # Starts the backup qube if needed. filter_esc must stay off (it
-            # would rewrite binary data); bufsize=0 so reads return what has
-            # arrived.
-            proc = self._app.domains[backup_vm].run_service(
-                service, filter_esc=False, stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=None, bufsize=0)
+            vm = self._app.domains[backup_vm]
+            if vm.klass == "AdminVM":
+                raise QbackupError("the backup qube cannot be dom0")
+            # Starts the backup qube first if it is not running (admin.vm.Start,
+            # the only Admin API call run_service makes), then runs
+            # qrexec-client. As root: qrexec-agent then connects to the socket
+            # itself, so no process running as `user` in the backup qube
+            # (qrexec-fork-server included) can reach it and pose as dom0.
+            # filter_esc stays off (it would rewrite binary data); bufsize=0 so
+            # reads return what has arrived; stderr discarded, never shown.
+            proc = vm.run_service(service, user="root", filter_esc=False,
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.DEVNULL, bufsize=0)
         except self._error as e:
-            raise QbackupError(f"calling {service} in {backup_vm} failed: {e}") from None
-        return ProcessTransport(proc)
+            raise QbackupError(f"backup qube {backup_vm} failed to start: {e}") from None
+        return ProcessTransport(proc, explain=lambda code: qrexec_exit_reason(
+            code, backup_vm))
+
+
+def qrexec_exit_reason(code: int, backup_vm: str) -> str | None:
+    """What qrexec-client's exit `code` means for the call to qubes.BackupChunk
+    in `backup_vm` (QUBES_FACTS "qrexec socket services"), None for success."""
+    if code == 0:
+        return None
+    if code == 125:
+        return (f"{backup_vm} has the {SERVICE} service but nothing answers on its socket: "
+                f"is qbackupd running there? (qvm-service {backup_vm} qbackup-storage on, "
+                f"then restart {backup_vm})")
+    if code == 127:
+        return (f"{backup_vm} has no {SERVICE} service: install the qbackup-vm package in "
+                f"its template, run qvm-service {backup_vm} qbackup-storage on, and "
+                f"restart {backup_vm}")
+    return f"the qrexec call to {backup_vm} failed (qrexec-client exit code {code})"

@@ -5,11 +5,11 @@ A Transport is a plain bidirectional byte stream; proto.Session speaks the
 protocol over it. Two kinds exist:
 
 - ProcessTransport: the stdin/stdout pipes of a process that carries the
-  qrexec call. `qrexec()` starts `qrexec-client` itself, which needs nothing
-  beyond the Qubes dom0 tools; the qubes adapter may instead wrap the Popen
-  that qubesadmin's `run_service(..., filter_esc=False)` returns (that one can
-  also start the backup qube first). Either way this module never imports
-  qubesadmin.
+  qrexec call: the qrexec-client that qubesadmin's `run_service(...,
+  user='root', filter_esc=False)` starts (qbackup.qubes). When the stream
+  ends or breaks, the process's exit code says why (qrexec-client: 125, the
+  service's socket could not be reached; 127, no such service), through an
+  `explain` function the caller gives. This module never imports qubesadmin.
 - SocketTransport: a Unix socket, used by the simulation and the tests.
   `unix_socket()` connects to the daemon's socket and writes the qrexec
   header itself, as qrexec-agent would.
@@ -19,6 +19,7 @@ import abc
 import re
 import socket
 import subprocess
+from typing import Callable
 
 from .errors import QbackupError
 
@@ -88,25 +89,52 @@ class SocketTransport(Transport):
 
 
 class ProcessTransport(Transport):
-    """The stdin/stdout pipes (binary) of a process carrying the call."""
+    """The stdin/stdout pipes (binary) of a process carrying the call.
+
+    `explain(exit_code)` turns the exit code of a process that ended the
+    stream into a one-line error (None: a normal end); it is asked when a
+    read finds the end of the stream or a write finds the pipe broken."""
 
     # Seconds the process may take to exit once its pipes are closed. qrexec-client
     # waits for the backup qube to end the call, which a hostile one never does.
     exit_grace = 10.0
+    # Seconds to wait, at the end of the stream, for the process's exit code.
+    exit_wait = 2.0
 
-    def __init__(self, popen: subprocess.Popen):
+    def __init__(self, popen: subprocess.Popen,
+                 explain: Callable[[int], str | None] | None = None):
         if popen.stdin is None or popen.stdout is None:
             raise ValueError("ProcessTransport needs a Popen with stdin and stdout pipes")
         self._proc = popen
+        self._explain = explain
 
     def read(self, n: int) -> bytes:
-        return self._proc.stdout.read(n)
+        data = self._proc.stdout.read(n)
+        if not data:
+            self._check_exit()
+        return data
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
-        while len(view):
-            view = view[self._proc.stdin.write(view):]
-        self._proc.stdin.flush()
+        try:
+            while len(view):
+                view = view[self._proc.stdin.write(view):]
+            self._proc.stdin.flush()
+        except BrokenPipeError:
+            self._check_exit()
+            raise
+
+    def _check_exit(self) -> None:
+        """Raise the explained error if the process ended the stream by failing."""
+        if self._explain is None:
+            return
+        try:
+            code = self._proc.wait(self.exit_wait)
+        except subprocess.TimeoutExpired:
+            return  # still running: the stream just ended
+        reason = self._explain(code)
+        if reason:
+            raise QbackupError(reason)
 
     def close_write(self) -> None:
         self._proc.stdin.close()
@@ -125,19 +153,6 @@ class ProcessTransport(Transport):
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
-
-
-def qrexec(backup_vm: str, repo: str) -> Transport:
-    """Call qubes.BackupChunk+REPO in `backup_vm` with qrexec-client (real dom0).
-
-    The qube must be running: qrexec-client does not start it.
-    """
-    if not QUBE_NAME_RE.fullmatch(backup_vm):
-        raise QbackupError(f"invalid qube name {backup_vm!r}")
-    call = f"DEFAULT:QUBESRPC {SERVICE}+{check_repo_name(repo)} dom0"
-    proc = subprocess.Popen(["qrexec-client", "-d", backup_vm, call],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
-    return ProcessTransport(proc)
 
 
 def unix_socket(path: str, repo: str, source: str = "dom0") -> Transport:

@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """`python -m qbackup_sim`: create a simulated dom0, start/stop its daemon,
-show its status."""
+show its status, and run `qbackup` against it (`run DIR ARGS...`)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import argparse
 import sys
 from typing import Any
 
-from qbackup.cli import parse_size
+from qbackup.commands.common import parse_size
+from qbackup_sim.backend import run_qbackup
 from qbackup_sim.daemon import daemon_pid, socket_path, start_daemon, stop_daemon
 from qbackup_sim.inventory import CLASSES, SimError, create_sim, load_inventory
 
@@ -71,6 +72,13 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:  # everything after DIR belongs to qbackup, --help included
+        if len(argv) < 2 or argv[1].startswith("-"):
+            print("usage: python -m qbackup_sim run DIR [--] QBACKUP-ARGS...", file=sys.stderr)
+            return 2
+        rest = argv[2:]
+        return run_qbackup(argv[1], rest[1:] if rest[:1] == ["--"] else rest)
     parser = argparse.ArgumentParser(prog="python -m qbackup_sim",
                                      description="Simulated Qubes dom0 for qbackup.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--backup-vm", default="backup",
                         help="name of the backup qube (added as an AppVM; default backup)")
     create.set_defaults(func=_create)
+    sub.add_parser("run", help="run qbackup against a sim: run DIR [--] QBACKUP-ARGS...",
+                   description="Run the qbackup command line against the sim in DIR, "
+                   "with the sim's backup qube and DIR/dom0-state as defaults.")
     for name, func, text in (("start", _start, "start the daemon unless it runs"),
                              ("stop", _stop, "stop the daemon and wait for it to exit"),
                              ("status", _status, "show qubes and daemon state (exit 3: not running)")):

@@ -4,14 +4,18 @@
 `list_qubes` reads the sim's inventory; `connect` does what qrexec does for
 `qubes.BackupChunk+REPO`: starts the backup qube's service (the real daemon)
 if needed and connects to its socket, sending the same header qrexec sends.
+
+`run_qbackup(DIR, ARGV)` runs the real `qbackup` command line with this
+backend: the dom0 package itself never imports the simulation.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
-from qbackup import transport
+from qbackup import cli, transport
 from qbackup.qubes import QubeInfo
 from qbackup_sim.daemon import socket_path, start_daemon
 from qbackup_sim.inventory import SimError, load_inventory, qube_infos
@@ -37,3 +41,21 @@ class SimBackend:
             raise SimError(f"backup qube {backup_vm!r} does not exist")
         start_daemon(self.directory)
         return transport.unix_socket(str(socket_path(self.directory)), repo)
+
+
+def run_qbackup(directory: str | os.PathLike, argv: list[str]) -> int:
+    """Run `qbackup ARGV` against the sim in `directory`; the exit code.
+
+    The sim's settings stand in for /etc/qbackup/qbackup.conf: its backup
+    qube, dom0's state in `DIR/dom0-state` and job locks in `DIR/dom0-run`.
+    Options still win."""
+    try:
+        backend = SimBackend(directory)
+    except SimError as e:
+        print(f"qbackup: error: {e}", file=sys.stderr)
+        return 1
+    config = {"backup_vm": backend.backup_vm,
+              "state_dir": str(backend.directory / "dom0-state"),
+              "run_dir": str(backend.directory / "dom0-run")}
+    return cli.run(argv, backend=lambda: backend, config=config,
+                   prog=f"python -m qbackup_sim run {directory}")

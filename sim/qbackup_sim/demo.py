@@ -62,10 +62,11 @@ class Demo:
         self.passphrase_file = out / "passphrase.txt"
 
     def qbackup(self, *args: str, expect: int = 0, show: bool = True) -> str:
-        """Run `qbackup --sim OUT ARGS...` as a user would; its stdout."""
-        argv = ["--sim", str(self.out), *args, "--passphrase-file", str(self.passphrase_file)]
-        print(f"$ qbackup {shlex.join(argv)}", flush=True)
-        proc = subprocess.run([sys.executable, "-m", "qbackup", *argv],
+        """Run `qbackup ARGS...` against the sim in OUT as a user would
+        (`python -m qbackup_sim run OUT ARGS...`); its stdout."""
+        argv = [*args, "--passphrase-file", str(self.passphrase_file)]
+        print(f"$ qbackup-sim run {shlex.quote(str(self.out))} {shlex.join(argv)}", flush=True)
+        proc = subprocess.run([sys.executable, "-m", "qbackup_sim", "run", str(self.out), *argv],
                               capture_output=True, text=True)
         if show and proc.stdout:
             print(proc.stdout.rstrip())

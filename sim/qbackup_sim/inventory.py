@@ -13,8 +13,9 @@ Format (JSON object):
                                         "snap_on_start": false,
                                         "revisions_to_keep": 1}}}}}
 
-`label`, `template` and `netvm` are optional and join `properties`; volume
-paths are relative to the sim directory. `create_sim` writes a new sim
+`label`, `template` and `netvm` are optional and join `properties`;
+`"running": true` makes the qube run (default: halted); volume paths are
+relative to the sim directory. `create_sim` writes a new sim
 directory with sparse (all-zero) image files of the given sizes.
 """
 
@@ -46,11 +47,14 @@ def _check(condition: bool, where: str, what: str) -> None:
 
 
 def _volume_defaults(klass: str, volume: str) -> dict[str, Any]:
-    """Volume flags as Qubes sets them for a qube of class `klass`."""
+    """Volume flags as qubesd R4.2 sets them for a qube of class `klass` in a
+    file-reflink pool (checked against qubesd by tests/dom0/test_backend_contract.py):
+    every volume writable and keeping the pool's revisions_to_keep (1); root
+    is the qube's own in TemplateVMs and StandaloneVMs, a snapshot of the
+    template's otherwise."""
     own = volume == "private" or (volume == "root" and klass in ("TemplateVM", "StandaloneVM"))
-    return {"pool": "varlibqubes", "rw": volume != "root" or own,
-            "save_on_stop": own, "snap_on_start": volume == "root" and not own,
-            "revisions_to_keep": 1 if own else 0}
+    return {"pool": "varlibqubes", "rw": True, "save_on_stop": own,
+            "snap_on_start": volume == "root" and not own, "revisions_to_keep": 1}
 
 
 def create_sim(directory: str | os.PathLike, qubes: dict[str, dict[str, Any]],
@@ -58,8 +62,9 @@ def create_sim(directory: str | os.PathLike, qubes: dict[str, dict[str, Any]],
     """Create a sim directory holding `qubes` and the backup qube.
 
     Each qube is `{"class": ..., optional label/template/netvm/properties/
-    features/tags, "volumes": {VOL: SIZE or full volume dict}}`; volume
-    flags default to what Qubes uses for that class. Image files are created
+    features/tags/running, "volumes": {VOL: SIZE or full volume dict}}`;
+    volume flags default to what qubesd uses for that class, and every qube
+    is tagged `created-by-dom0`, as qubesd tags the qubes dom0 creates. Image files are created
     sparse (all zeros). The backup qube is added as an AppVM if not listed.
     """
     root = Path(directory).absolute()
@@ -71,6 +76,8 @@ def create_sim(directory: str | os.PathLike, qubes: dict[str, dict[str, Any]],
     inventory: dict[str, Any] = {"backup_vm": backup_vm, "qubes": {}}
     for name, spec in qubes.items():
         entry = {k: v for k, v in spec.items() if k != "volumes"}
+        # as qvm-create: qubesd tags every qube dom0 creates
+        entry["tags"] = sorted(set(spec.get("tags", [])) | {"created-by-dom0"})
         entry["volumes"] = {}
         for vol, value in spec.get("volumes", {}).items():
             settings = _volume_defaults(spec.get("class", ""), vol)
@@ -129,7 +136,8 @@ def _validate(inventory: Any) -> None:
 def _validate_qube(name: str, qube: Any) -> None:
     _check(bool(_QUBE_NAME.fullmatch(name)), repr(name), "invalid qube name")
     _check(isinstance(qube, dict), name, "not an object")
-    allowed = {"class", "volumes", "properties", "features", "tags", *_TOP_PROPERTIES}
+    allowed = {"class", "volumes", "properties", "features", "tags", "running",
+               *_TOP_PROPERTIES}
     _check(set(qube) <= allowed, name, f"unknown keys {sorted(set(qube) - allowed)}")
     _check(qube.get("class") in CLASSES, name, f"class must be one of {', '.join(CLASSES)}")
     _check(isinstance(qube.get("properties", {}), dict), name, "properties not an object")
@@ -139,6 +147,7 @@ def _validate_qube(name: str, qube: Any) -> None:
     tags = qube.get("tags", [])
     _check(isinstance(tags, list) and all(isinstance(t, str) for t in tags),
            name, "tags must be a list of strings")
+    _check(isinstance(qube.get("running", False), bool), name, "running must be true or false")
     volumes = qube.get("volumes", {})
     _check(isinstance(volumes, dict), name, "volumes not an object")
     for vol, settings in volumes.items():
@@ -154,6 +163,14 @@ def _validate_qube(name: str, qube: Any) -> None:
         _check(settings["size"] >= 0, where, "negative size")
 
 
+def _usage(image: Path) -> int:
+    """What an image file holds, as a file-reflink pool reports it."""
+    try:
+        return image.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
 def qube_infos(directory: str | os.PathLike, inventory: dict[str, Any]) -> list[QubeInfo]:
     """The inventory's qubes as the client sees them (derived properties
     dropped, volume paths made absolute)."""
@@ -167,10 +184,12 @@ def qube_infos(directory: str | os.PathLike, inventory: dict[str, Any]) -> list[
                             path=str(root / s["path"]), rw=s["rw"],
                             save_on_stop=s["save_on_stop"],
                             snap_on_start=s["snap_on_start"],
-                            revisions_to_keep=s["revisions_to_keep"])
+                            revisions_to_keep=s["revisions_to_keep"],
+                            usage=_usage(root / s["path"]))
             for vol, s in sorted(qube.get("volumes", {}).items())}
         qubes.append(QubeInfo(name=name, klass=qube["class"],
                               properties=restorable_properties(properties),
                               features=dict(qube.get("features", {})),
-                              tags=sorted(qube.get("tags", [])), volumes=volumes))
+                              tags=sorted(qube.get("tags", [])), volumes=volumes,
+                              running=qube.get("running", False)))
     return qubes

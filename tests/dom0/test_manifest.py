@@ -179,3 +179,21 @@ def test_check_qubes():
     manifest.check_qubes(qubes, CS)
     with pytest.raises(QbackupError, match="invalid qube metadata: qube work.volumes.private.chunks"):
         manifest.check_qubes(qubes, CS * 2)
+
+
+def test_oversized_manifest_is_refused_naming_the_largest_qube():
+    m = sample()
+    m.qubes["work"]["features"]["huge"] = "x" * manifest.MAX_PLAIN
+    with pytest.raises(QbackupError, match=f"over the {manifest.MAX_PLAIN} a snapshot may hold;"
+                       " qube work alone takes"):
+        manifest.encode(m)
+    m.qubes["work"]["features"]["huge"] = "x" * (manifest.MAX_PLAIN - len(manifest.encode(sample())) - 20)
+    assert len(manifest.encode(m)) <= manifest.MAX_PLAIN
+
+
+def test_the_largest_manifest_fits_a_snapshot_even_uncompressed():
+    from qbackup import proto
+    assert manifest.MAX_PLAIN + crypto.max_blob_size(0) == proto.MAX_SNAPSHOT
+    keys = crypto.create_keys(CS)
+    sealed = crypto.seal_snapshot(keys, SNAP, os.urandom(manifest.MAX_PLAIN))
+    assert len(sealed) == proto.MAX_SNAPSHOT

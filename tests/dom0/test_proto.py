@@ -8,12 +8,10 @@ real implementation. Hostile daemons are in test_proto_hostile.py.
 
 import concurrent.futures
 import hashlib
-import json
 import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 
@@ -22,7 +20,7 @@ import pytest
 
 from qbackup.errors import ProtocolError, QbackupError, RemoteError
 from qbackup.proto import Session
-from qbackup.transport import ProcessTransport, SocketTransport, qrexec, unix_socket
+from qbackup.transport import ProcessTransport, SocketTransport, unix_socket
 from hangguard import within
 
 TIMEOUT = 20
@@ -164,7 +162,8 @@ class FakeDaemon:
 
     def op_stats(self, rid):
         self.send(op="stats", rid=rid, packs=1, blobs=len(self.blobs), bytes=sum(
-            len(d) for _, d in self.blobs.values()), snapshots=len(self.snapshots), pack_bytes=0)
+            len(d) for _, d in self.blobs.values()), snapshots=len(self.snapshots), pack_bytes=0,
+            fs_size=1 << 30, fs_free=1 << 29)
 
     def op_bye(self, rid):
         self.send(op="bye", rid=rid, status="ok")
@@ -188,7 +187,8 @@ def test_every_operation_round_trip():
     s.commit(ident(100), b"snap", [ident(2)])
     assert s.list() == [(ident(100), 4, 1700000000)]
     assert s.get_snapshot(ident(100)) == b"snap"
-    assert s.stats() == {"packs": 1, "blobs": 2, "bytes": 7, "snapshots": 1, "pack_bytes": 0}
+    assert s.stats() == {"packs": 1, "blobs": 2, "bytes": 7, "snapshots": 1, "pack_bytes": 0,
+                         "fs_size": 1 << 30, "fs_free": 1 << 29}
     assert list(s.get([ident(2), ident(9), ident(1)])) == [
         (ident(2), 2, b"tree"), (ident(9), None, None), (ident(1), 1, b"one")]
     assert list(s.get([])) == []
@@ -402,8 +402,6 @@ def test_unix_socket_sends_the_qrexec_header(tmp_path):
 def test_invalid_repository_names_are_refused(tmp_path, repo):
     with pytest.raises(QbackupError, match="invalid repository name"):
         unix_socket(str(tmp_path / "nothing"), repo)
-    with pytest.raises(QbackupError, match="invalid repository name"):
-        qrexec("backup", repo)
 
 
 def test_unix_socket_connect_failure_is_one_line(tmp_path):
@@ -441,25 +439,36 @@ def test_process_transport_close_does_not_wait_forever_for_the_process():
     assert time.monotonic() - started < 5
 
 
-def test_qrexec_runs_qrexec_client(tmp_path, monkeypatch):
-    fake = tmp_path / "qrexec-client"
-    fake.write_text(f"#!{sys.executable}\nimport json, sys\n"
-                    "sys.stdout.write(json.dumps(sys.argv[1:]) + sys.stdin.read())\n")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    t = qrexec("backup-vm", "repo1")
-    t.write(b"!")
-    t.close_write()
-    out = b""
-    while chunk := t.read(4096):
-        out += chunk
+def explain(code):
+    return None if code == 0 else f"carrier failed with {code}"
+
+
+def test_process_transport_explains_a_failed_carrier():
+    """A process that ends the stream by failing (qrexec-client 125/127) is
+    reported by what its exit code means, at a read or at a write."""
+    t = ProcessTransport(subprocess.Popen(["sh", "-c", "exit 127"], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, bufsize=0), explain)
+    with pytest.raises(QbackupError, match="^carrier failed with 127$"):
+        t.read(10)
     t.close()
-    args, rest = out.rsplit(b"]", 1)
-    assert json.loads(args + b"]") == [
-        "-d", "backup-vm", "DEFAULT:QUBESRPC qubes.BackupChunk+repo1 dom0"]
-    assert rest == b"!"
-    with pytest.raises(QbackupError, match="invalid qube name"):
-        qrexec("dom0 -e evil", "repo1")
+    proc = subprocess.Popen(["sh", "-c", "exec 0<&-; sleep 0.2; exit 125"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, bufsize=0)
+    t = ProcessTransport(proc, explain)
+    with pytest.raises(QbackupError, match="^carrier failed with 125$"):
+        for _ in range(1000):  # until the pipe breaks
+            t.write(b"x" * 65536)
+    t.close()
+    with pytest.raises(QbackupError, match="carrier failed with 125"):
+        within(Session, ProcessTransport(subprocess.Popen(
+            ["sh", "-c", "exit 125"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            bufsize=0), explain))
+
+
+def test_process_transport_normal_end_is_not_an_error():
+    t = ProcessTransport(subprocess.Popen(["true"], stdin=subprocess.PIPE,
+                                          stdout=subprocess.PIPE, bufsize=0), explain)
+    assert t.read(10) == b""
+    t.close()
 
 
 def test_session_over_a_dead_transport_fails_cleanly():

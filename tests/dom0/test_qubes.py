@@ -1,17 +1,19 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Tests for qbackup.qubes (volume selection, settings, the qubesadmin
-backend against a stand-in qubesadmin module) and the simulated backend."""
+"""Tests for qbackup.qubes (volume selection, settings, where volumes are
+read, qrexec exit codes) and the simulated backend. The qubesadmin backend
+itself runs against the real R4.2 Admin API in test_qubes_admin.py and
+test_backend_contract.py."""
 
 import json
 import subprocess
 import sys
-import types
 
 import pytest
 
 from qbackup.errors import QbackupError
 from qbackup.qubes import (DERIVED_PROPERTIES, QubeInfo, QubesAdminBackend, VolumeInfo,
-                           get_backend, restorable_properties, volumes_to_backup)
+                           qrexec_exit_reason, restorable_properties, volume_path,
+                           volumes_to_backup)
 from qbackup_sim import SimBackend, SimError, create_sim, load_inventory, save_inventory
 from qbackup_sim.ext4 import make_ext4_image, read_file, write_files
 
@@ -68,166 +70,61 @@ def test_settings_hold_configuration_not_paths():
     assert "/x" not in json.dumps(settings)
 
 
-# -- the qubesadmin backend, against a stand-in qubesadmin ------------------
+# -- where volumes are read, and what qrexec-client's exit codes mean ------------
 
-class FakeQubesException(Exception):
-    pass
-
-
-class Named:
-    def __init__(self, name):
-        self.name = name
-
-    def __str__(self):
-        return self.name
+REFLINK = {"driver": "file-reflink", "dir_path": "/var/lib/qubes"}
 
 
-class FakeVolume:
-    def __init__(self, pool, vid, size=1 << 20, rw=True, save_on_stop=True,
-                 snap_on_start=False, revisions_to_keep=1):
-        self.pool, self.vid, self.size, self.rw = pool, vid, size, rw
-        self.save_on_stop, self.snap_on_start = save_on_stop, snap_on_start
-        self.revisions_to_keep = revisions_to_keep
+def info(vid, path=""):
+    return {"vid": vid, "path": path}
 
 
-class FakeFeatures(dict):
-    pass
+@pytest.mark.parametrize("running", [False, True])
+def test_reflink_volumes_are_read_from_the_committed_image(running):
+    assert volume_path("file-reflink", REFLINK, info("appvms/work/private",
+                       "/var/lib/qubes/appvms/work/private-dirty.img"), running) == (
+        "/var/lib/qubes/appvms/work/private.img", "")
 
 
-class FakeVM:
-    def __init__(self, name, klass, props, defaults, volumes, features=None, tags=()):
-        self.name, self.klass, self._props, self._defaults = name, klass, props, defaults
-        self.volumes, self.features = volumes, FakeFeatures(features or {})
-        self.tags = set(tags)
-        self.calls = []
-
-    def property_list(self):
-        return sorted(self._props)
-
-    def property_is_default(self, name):
-        return name in self._defaults
-
-    def __getattr__(self, name):
-        try:
-            return self.__dict__["_props"][name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __str__(self):
-        return self.name
-
-    def run_service(self, service, filter_esc=False, **kwargs):
-        self.calls.append((service, dict(kwargs, filter_esc=filter_esc)))
-        if self.name == "broken":
-            raise FakeQubesException("qube failed to start")
-        # a real process carrying the call: echoes what it is sent
-        return subprocess.Popen([sys.executable, "-c",
-                                 "import os\nwhile b := os.read(0, 65536): os.write(1, b)"],
-                                **kwargs)
+def test_file_driver_volumes_only_while_the_qube_is_halted():
+    pool = {"driver": "file", "dir_path": "/var/lib/qubes"}
+    assert volume_path("file", pool, info("vm-templates/t/root"), False) == (
+        "/var/lib/qubes/vm-templates/t/root.img", "")
+    path, why = volume_path("file", pool, info("vm-templates/t/root"), True)
+    assert path is None and "shut the qube down first" in why
 
 
-class FakeDomains(dict):
-    """Like qubesadmin's VMCollection: iterates over qubes, looks up names."""
-
-    def __iter__(self):
-        return iter(list(self.values()))
-
-
-class FakeApp:
-    def __init__(self, vms, pools):
-        self.domains = FakeDomains((vm.name, vm) for vm in vms)
-        self.pools = pools
+@pytest.mark.parametrize("vid", ["../../etc/shadow", "/etc/shadow", "appvms/../../x", ""])
+def test_a_volume_id_outside_its_pool_directory_is_refused(vid):
+    path, why = volume_path("file-reflink", REFLINK, info(vid), False)
+    assert path is None and "not inside pool directory" in why
 
 
-@pytest.fixture
-def fake_qubesadmin(monkeypatch):
-    template = FakeVM("fedora", "TemplateVM", {"label": Named("black")}, set(), {
-        "root": FakeVolume("lvm", "qubes_dom0/vm-fedora-root"),
-        "private": FakeVolume("lvm", "qubes_dom0/vm-fedora-private"),
-        "volatile": FakeVolume("lvm", "qubes_dom0/vm-fedora-volatile", save_on_stop=False)})
-    work = FakeVM("work", "AppVM",
-                  {"label": Named("red"), "template": template, "netvm": None,
-                   "memory": 400, "qid": 3, "uuid": "abc", "ip": "10.137.0.3",
-                   "maxmem": 4000, "kernel": "6.6"},
-                  {"maxmem", "kernel"},
-                  {"private": FakeVolume("reflink", "appvms/work/private"),
-                   "root": FakeVolume("reflink", "appvms/work/root", save_on_stop=False,
-                                      snap_on_start=True, rw=False),
-                   "other": FakeVolume("zfs", "tank/work")},
-                  features={"service.cups": "1"}, tags=["created-by-dom0", "b"])
-    dom0 = FakeVM("dom0", "AdminVM", {}, set(), {})
-    backup = FakeVM("backup", "AppVM", {}, set(), {})
-    broken = FakeVM("broken", "AppVM", {}, set(), {})
-    pools = {"lvm": types.SimpleNamespace(driver="lvm_thin", config={}),
-             "reflink": types.SimpleNamespace(driver="file-reflink",
-                                              config={"dir_path": "/var/lib/qubes"}),
-             "zfs": types.SimpleNamespace(driver="zfs", config={})}
-    app = FakeApp([template, work, dom0, backup, broken], pools)
-    module = types.ModuleType("qubesadmin")
-    module.Qubes = lambda: app
-    exc = types.ModuleType("qubesadmin.exc")
-    exc.QubesException = FakeQubesException
-    module.exc = exc
-    monkeypatch.setitem(sys.modules, "qubesadmin", module)
-    monkeypatch.setitem(sys.modules, "qubesadmin.exc", exc)
-    return app
+def test_lvm_volumes_are_the_committed_logical_volume():
+    vid = "qubes_dom0/vm-my-work-private"
+    assert volume_path("lvm_thin", {}, info(vid, "/dev/mapper/qubes_dom0-vm--my--work--private"),
+                       True) == ("/dev/qubes_dom0/vm-my-work-private", "")
+    path, why = volume_path("lvm_thin", {}, info(
+        vid, "/dev/mapper/qubes_dom0-vm--my--work--private--1700000000--back"), False)
+    assert path is None and "is missing" in why
 
 
-def test_qubesadmin_backend_reads_settings(fake_qubesadmin):
-    qubes = {q.name: q for q in get_backend(None).list_qubes()}
-    assert sorted(qubes) == ["backup", "broken", "fedora", "work"]  # no dom0
-    work = qubes["work"]
-    assert work.klass == "AppVM"
-    # explicit properties only, as names; derived and default ones left out
-    assert work.properties == {"label": "red", "template": "fedora", "netvm": None,
-                               "memory": 400}
-    assert work.features == {"service.cups": "1"}
-    assert work.tags == ["b", "created-by-dom0"]
+@pytest.mark.parametrize("driver", ["zfs", "callback", "linux-kernel", ""])
+def test_other_drivers_are_not_read(driver):
+    path, why = volume_path(driver, {}, info("x/y"), False)
+    assert path is None and f"{driver!r} driver, which qbackup cannot read" in why
 
 
-def test_qubesadmin_backend_resolves_committed_volume_paths(fake_qubesadmin):
-    qubes = {q.name: q for q in get_backend(None).list_qubes()}
-    work, fedora = qubes["work"].volumes, qubes["fedora"].volumes
-    assert work["private"].path == "/var/lib/qubes/appvms/work/private.img"
-    assert work["root"].path == "/var/lib/qubes/appvms/work/root.img"
-    assert work["other"].path is None  # unsupported driver: not readable
-    assert fedora["root"].path == "/dev/qubes_dom0/vm-fedora-root"
-    assert work["root"].snap_on_start and not work["root"].rw
-    assert [v.name for v in volumes_to_backup(qubes["fedora"])] == ["private", "root"]
-
-
-def test_qubesadmin_backend_connects_with_binary_safe_pipes(fake_qubesadmin):
-    transport = get_backend(None).connect("backup", "work-repo")
-    try:
-        service, kwargs = fake_qubesadmin.domains["backup"].calls[0]
-        assert service == "qubes.BackupChunk+work-repo"
-        assert kwargs["filter_esc"] is False and kwargs["bufsize"] == 0
-        data = bytes(range(256)) * 3  # escape bytes included, unchanged
-        transport.write(data)
-        got = b""
-        while len(got) < len(data):  # unbuffered: returns what has arrived
-            got += transport.read(1 << 20)
-        assert got == data
-        transport.close_write()
-        assert transport.read(10) == b""
-    finally:
-        transport.close()
-
-
-def test_qubesadmin_backend_errors_are_one_line(fake_qubesadmin):
-    backend = get_backend(None)
-    with pytest.raises(QbackupError, match="backup qube 'nope' does not exist"):
-        backend.connect("nope", "default")
-    with pytest.raises(QbackupError, match="invalid repository name"):
-        backend.connect("backup", "../etc")
-    with pytest.raises(QbackupError, match="calling qubes.BackupChunk.default in broken "
-                                           "failed: qube failed to start"):
-        backend.connect("broken", "default")
+def test_qrexec_exit_codes_are_explained():
+    assert qrexec_exit_reason(0, "vault") is None
+    assert "nothing answers on its socket" in qrexec_exit_reason(125, "vault")
+    assert "vault has no qubes.BackupChunk service" in qrexec_exit_reason(127, "vault")
+    assert qrexec_exit_reason(3, "vault").endswith("(qrexec-client exit code 3)")
 
 
 def test_without_qubesadmin_the_error_says_so(monkeypatch):
     monkeypatch.setitem(sys.modules, "qubesadmin", None)  # import fails
-    with pytest.raises(QbackupError, match="qubesadmin is not installed.*--sim"):
+    with pytest.raises(QbackupError, match="qubesadmin is not installed"):
         QubesAdminBackend()
 
 
@@ -245,14 +142,14 @@ def make_sim(tmp_path):
 
 def test_sim_lists_qubes_like_qubesadmin(tmp_path):
     root = make_sim(tmp_path)
-    backend = get_backend(str(root))
+    backend = SimBackend(root)
     assert isinstance(backend, SimBackend) and backend.backup_vm == "backup"
     qubes = {q.name: q for q in backend.list_qubes()}
     assert sorted(qubes) == ["backup", "fedora", "work"]
     work = qubes["work"]
     assert work.properties == {"label": "red", "memory": 400, "netvm": None,
                                "template": "fedora"}
-    assert work.features == {"f": "v"} and work.tags == ["t"]
+    assert work.features == {"f": "v"} and work.tags == ["created-by-dom0", "t"]
     private = work.volumes["private"]
     assert private.path == str(root / "volumes/work/private.img")
     assert private.size == 1 << 20 and private.save_on_stop

@@ -37,7 +37,7 @@ class Sim:
 
     def argv(self, *args: str, passphrase_file: Path | None = None) -> list[str]:
         pw = self.passphrase_file if passphrase_file is None else passphrase_file
-        return [sys.executable, "-m", "qbackup", "--sim", str(self.dir), *args,
+        return [sys.executable, "-m", "qbackup_sim", "run", str(self.dir), *args,
                 "--passphrase-file", str(pw)]
 
     def run(self, *args: str, expect: int | None = 0,

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import signal
 import socket
 import struct
@@ -23,7 +24,11 @@ import msgpack
 import pytest
 
 from qbackup import cli, transport
-from qbackup_sim import daemon_pid, load_inventory, save_inventory, start_daemon
+from qbackup.commands import common
+from qbackup.errors import QbackupError, UsageError
+from qbackup_sim import (daemon_pid, load_inventory, run_qbackup, save_inventory, socket_path,
+                         start_daemon, stop_daemon)
+from qbackup_sim.daemon import DAEMON_PYTHON, daemon_command
 
 VOLUMES = {("tpl", "private"), ("tpl", "root"), ("work", "private")}
 POLL = 0.005
@@ -38,10 +43,12 @@ def one_error_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-def run_here(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Run the CLI in this process: (exit code, stdout, stderr)."""
+def run_here(argv: list[str], capsys, sim_dir: Path | None = None,
+             **run_options) -> tuple[int, str, str]:
+    """Run the CLI in this process (against the sim in `sim_dir` if given):
+    (exit code, stdout, stderr)."""
     try:
-        code = cli.run(argv)
+        code = run_qbackup(sim_dir, argv) if sim_dir else cli.run(argv, **run_options)
     except SystemExit as e:  # argparse: --help, usage errors
         code = e.code
     out, err = capsys.readouterr()
@@ -160,6 +167,48 @@ def test_delete_snapshot(sim):
     assert f"no snapshot {first}" in one_error_line(gone)
 
 
+def test_prune_protect_and_dry_run(sim):
+    sim.init()
+    ids = [sim.json("backup", "work")["snapshot"] for _ in range(4)]
+    protected = sim.run("protect", ids[1][:12])
+    assert f"snapshot {ids[1]} is protected" in protected.stdout
+    assert [s["protected"] for s in sim.json("list")["snapshots"]] == [False, True, False, False]
+    dry = sim.run("prune", "--keep-last", "2", "--dry-run")
+    assert "dry run: would delete 1 and keep 3 snapshots" in dry.stdout
+    assert f"{ids[0][:16]}" in dry.stdout and "would delete" in dry.stdout
+    assert "keep (protected)" in dry.stdout and "keep (newest, last)" in dry.stdout
+    assert len(sim.json("list")["snapshots"]) == 4  # a dry run deletes nothing
+    pruned = sim.run("prune", "--keep-last", "1", "--json")
+    decisions = {s["id"]: (s["keep"], s["reasons"]) for s in json.loads(pruned.stdout)["snapshots"]}
+    assert decisions == {ids[3]: (True, ["newest", "last"]), ids[2]: (False, []),
+                         ids[1]: (True, ["protected"]), ids[0]: (False, [])}
+    assert [s["id"] for s in sim.json("list")["snapshots"]] == [ids[1], ids[3]]
+    refused = sim.run("delete", ids[1], expect=1)
+    assert "is protected: run `qbackup unprotect" in one_error_line(refused)
+    sim.run("unprotect", ids[1])
+    again = sim.run("prune", "--keep-within", "0h")  # backups seconds apart
+    assert "deleted 1 snapshots, kept 1" in again.stdout and "qbackup gc" in again.stdout
+    assert [s["id"] for s in sim.json("list")["snapshots"]] == [ids[3]]
+    assert "deleted 0 snapshots, kept 1" in sim.run("prune", "--keep-daily", "1").stdout
+    usage = sim.run("prune", expect=2)
+    assert "give at least one --keep-* rule" in one_error_line(usage)
+
+
+def test_verify_sample(sim):
+    # about 60 distinct chunks: a 50% sample takes all or none of them once in 2^60
+    sim.run("init", "--scrypt-n", "16384", "--chunk-size", "64K", "--pack-size", "8M")
+    sim.run("backup", "work", "tpl")
+    full = sim.json("verify")["results"][0]
+    sampled = sim.run("verify", "--sample", "50")
+    assert "sample: 50% of the distinct data chunks" in sampled.stdout
+    assert "verify OK" in sampled.stdout and "more not sampled" in sampled.stdout
+    result = sim.json("verify", "--sample", "50")["results"][0]
+    assert result["chunks"] + result["skipped"] == full["chunks"] and full["skipped"] == 0
+    assert 0 < result["chunks"] < full["chunks"]
+    usage = sim.run("verify", "--sample", "0", expect=2)
+    assert "not a percentage from 0.01 to 100" in one_error_line(usage)
+
+
 def test_change_passphrase(sim, tmp_path):
     sim.init()
     sim.run("backup", "work")
@@ -194,7 +243,7 @@ def test_empty_passphrase_and_no_terminal_are_refused(sim, tmp_path):
     empty.write_text("\n")
     proc = sim.run("init", "--scrypt-n", "16384", expect=1, passphrase_file=empty)
     assert "empty passphrase" in one_error_line(proc)
-    asks = subprocess.run([sys.executable, "-m", "qbackup", "--sim", str(sim.dir), "list"],
+    asks = subprocess.run([sys.executable, "-m", "qbackup_sim", "run", str(sim.dir), "list"],
                           capture_output=True, text=True, stdin=subprocess.DEVNULL)
     assert asks.returncode == 2
     assert "--passphrase-file" in one_error_line(asks)
@@ -222,8 +271,8 @@ def test_empty_passphrase_and_no_terminal_are_refused(sim, tmp_path):
 ])
 def test_usage_errors_exit_2(sim, capsys, args, message):
     # in process (fast): these are refused before anything is contacted
-    code, _, err = run_here(["--sim", str(sim.dir), *args, "--passphrase-file",
-                             str(sim.passphrase_file)], capsys)
+    code, _, err = run_here([*args, "--passphrase-file", str(sim.passphrase_file)], capsys,
+                            sim.dir)
     assert code == 2
     assert message in one_error_line(subprocess.CompletedProcess([], code, "", err))
     assert daemon_pid(sim.dir) is None
@@ -255,20 +304,23 @@ def test_repository_errors(sim):
     missing = sim.run("list", expect=1)
     assert "no_repository" in one_error_line(missing)
     sim.init()
-    again = sim.run("init", "--scrypt-n", "16384", expect=1)
+    pinned = sim.run("init", "--scrypt-n", "16384", expect=4)
+    assert "is pinned to repository" in one_error_line(pinned) and "--replace" in pinned.stderr
+    again = sim.run("init", "--scrypt-n", "16384", "--replace", expect=1)
     assert "exists" in one_error_line(again)
     other_vm = sim.run("--backup-vm", "work2", "list", expect=1)
     assert "backup qube 'work2' does not exist" in one_error_line(other_vm)
-    not_a_sim = subprocess.run([sys.executable, "-m", "qbackup", "--sim", str(sim.dir / "x"),
+    not_a_sim = subprocess.run([sys.executable, "-m", "qbackup_sim", "run", str(sim.dir / "x"),
                                 "list"], capture_output=True, text=True)
     assert not_a_sim.returncode == 1 and "not a sim directory" in one_error_line(not_a_sim)
 
 
 def test_every_command_has_help(capsys):
     for command in (["init"], ["backup"], ["list"], ["verify"], ["restore"], ["delete"],
+                    ["prune"], ["protect"], ["unprotect"], ["repo", "list"], ["repo", "trust"],
                     ["stats"], ["key", "change-passphrase"]):
         code, out, _ = run_here([*command, "--help"], capsys)
-        assert code == 0 and out.startswith("usage: qbackup ") and "--sim DIR" in out
+        assert code == 0 and out.startswith("usage: qbackup ") and "--backup-vm VM" in out
     proc = subprocess.run([sys.executable, "-m", "qbackup", "--help"],
                           capture_output=True, text=True)
     assert proc.returncode == 0 and "130 interrupted" in proc.stdout
@@ -288,6 +340,60 @@ def test_rollback_is_refused_end_to_end(sim):
     accepted = sim.run("list", "--json", "--allow-rollback")
     assert len(json.loads(accepted.stdout)["snapshots"]) == 1
     assert len(sim.json("list")["snapshots"]) == 1  # accepted: no longer refused
+
+
+def test_substituted_repository_is_refused_until_trusted(sim, tmp_path):
+    """The backup qube serves repository 'archive' (same passphrase) under
+    the name dom0 pinned for 'default': every command refuses it, naming
+    both ids, until `repo trust` re-pins the name explicitly."""
+    sim.init()
+    sim.run("--repo", "archive", "init", "--scrypt-n", "16384", "--pack-size", "8M")
+    sim.run("backup", "work")
+    archived = sim.json("--repo", "archive", "backup", "tpl")["snapshot"]
+    pins = {p["repo"]: p["repo_id"] for p in sim.json("repo", "list")["pins"]}
+    assert set(pins) == {"default", "archive"}
+    stop_daemon(sim.dir)
+    storage = sim.dir / "storage"
+    (storage / "default").rename(storage / "swap")
+    (storage / "archive").rename(storage / "default")
+    (storage / "swap").rename(storage / "archive")
+    for command in (["list"], ["backup", "work"], ["restore", "latest", "--to", str(tmp_path)],
+                    ["verify"], ["delete", "latest"], ["prune", "--keep-last", "1"]):
+        line = one_error_line(sim.run(*command, expect=4))
+        assert pins["default"] in line and pins["archive"] in line and "repo trust" in line
+    assert list(tmp_path.iterdir()) == []
+    asks = sim.run("repo", "trust", expect=2)  # no terminal: the id must be given
+    assert f"--id {pins['archive'][:16]}" in one_error_line(asks)
+    wrong = sim.run("repo", "trust", "--id", pins["default"][:12], expect=1)
+    assert "nothing changed" in one_error_line(wrong)
+    trusted = sim.run("repo", "trust", "--id", pins["archive"][:12])
+    assert pins["default"] in trusted.stdout and pins["archive"] in trusted.stdout
+    assert "1 snapshots" in trusted.stdout and "now pinned" in trusted.stdout
+    assert [s["id"] for s in sim.json("list")["snapshots"]] == [archived]
+
+
+def test_damaged_snapshot_hides_no_other_end_to_end(sim, tmp_path):
+    sim.init()
+    first = sim.json("backup", "work")["snapshot"]
+    second = sim.json("backup", "work")["snapshot"]
+    snapshot_file = sim.dir / "storage/default/snapshots" / first
+    rotten = bytearray(snapshot_file.read_bytes())
+    rotten[len(rotten) // 2] ^= 1
+    snapshot_file.write_bytes(bytes(rotten))
+    listed = sim.run("list", expect=3)
+    assert second[:16] in listed.stdout and f"{first[:16]}  DAMAGED" in listed.stdout
+    verified = sim.run("verify")
+    assert "verify OK" in verified.stdout
+    assert verified.stderr.startswith(f"qbackup: warning: snapshot {first} is damaged and left out")
+    everything = sim.run("verify", "--all", "--json", expect=3)
+    assert [r["ok"] for r in json.loads(everything.stdout)["results"]] == [False, True]
+    sim.run("restore", "latest", "--to", str(tmp_path / "out"))
+    assert same_bytes(tmp_path / "out/work/private.img", sim.image("work", "private"))
+    refused = sim.run("restore", first[:12], "--to", str(tmp_path / "bad"), expect=3)
+    warning, error = refused.stderr.splitlines()
+    assert warning.startswith("qbackup: warning:")
+    assert error.startswith(f"qbackup: error: snapshot {first} is damaged: ")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_killed_backup_resumes(sim):
@@ -370,6 +476,21 @@ def test_sim_daemon_start_stop_and_restart_after_crash(sim):
     stopped = subprocess.run([*sim_cli, "stop", str(sim.dir)], capture_output=True, text=True)
     assert stopped.returncode == 0 and "daemon stopped" in stopped.stdout
     assert daemon_pid(sim.dir) is None and not (sim.dir / "daemon.sock").exists()
+
+
+def test_sim_daemon_runs_on_the_interpreter_the_environment_names(sim, tmp_path, monkeypatch):
+    """make test points QBACKUP_SIM_DAEMON_PYTHON at the backup qube's floor venv."""
+    called = tmp_path / "called"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$@" > {shlex.quote(str(called))}\n'
+                      f'exec {shlex.quote(daemon_command()[0])} "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setenv(DAEMON_PYTHON, str(python))
+    pid = start_daemon(sim.dir)
+    assert called.read_text().split() == [
+        "-m", "qbackupd", "serve", "--socket", str(socket_path(sim.dir)),
+        "--storage", str(sim.dir / "storage")]
+    assert daemon_pid(sim.dir) == pid
 
 
 def test_sim_create_command(tmp_path):
@@ -456,11 +577,11 @@ def test_hostile_daemon_answers_give_one_clean_line(tmp_path, monkeypatch, capsy
                                                     reply, expected):
     sock = tmp_path / "evil.sock"
     hostile = HostileDaemon(sock, reply)
-    monkeypatch.setattr(cli, "get_backend", lambda sim: HostileBackend(sock))
     passphrase = tmp_path / "pw"
     passphrase.write_text("x\n")
-    code, _, err = run_here(["--sim", str(tmp_path), "--state-dir", str(tmp_path / "state"),
-                             "list", "--passphrase-file", str(passphrase)], capsys)
+    code, _, err = run_here(["--state-dir", str(tmp_path / "state"), "list",
+                             "--passphrase-file", str(passphrase)], capsys,
+                            backend=lambda: HostileBackend(sock), config={"backup_vm": "b"})
     assert code in (1, 3)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("qbackup: error: "), err
@@ -505,30 +626,32 @@ def test_progress_is_drawn_on_a_terminal(sim):
 @pytest.mark.parametrize("text, size", [("4096", 4096), ("256K", 256 << 10), ("64m", 64 << 20),
                                         ("1G", 1 << 30), (" 8M ", 8 << 20)])
 def test_parse_size(text, size):
-    assert cli.parse_size(text) == size
+    assert common.parse_size(text) == size
 
 
 @pytest.mark.parametrize("text", ["", "1.5M", "-1", "1T", "M", "12 K", "0x10"])
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError, match="invalid size"):
-        cli.parse_size(text)
+        common.parse_size(text)
 
 
 def test_config_file_gives_defaults(tmp_path, monkeypatch):
     conf = tmp_path / "qbackup.conf"
     conf.write_text("# qbackup settings\n\nbackup_vm = vault-backup\nrepo=laptop\n"
                     f"state_dir = {tmp_path}/state\n")
-    monkeypatch.setattr(cli, "CONFIG_FILE", str(conf))
-    monkeypatch.setattr(cli, "get_backend", lambda sim: HostileBackend(tmp_path / "x"))
-    ctx = cli.make_context(cli.build_parser().parse_args(["list"]))
+    monkeypatch.setattr(common, "CONFIG_FILE", str(conf))
+
+    def context(*argv):
+        return common.make_context(cli.build_parser().parse_args(argv),
+                                   lambda: HostileBackend(tmp_path / "x"))
+    ctx = context("list")
     assert (ctx.backup_vm, ctx.repo, ctx.state_dir) == ("vault-backup", "laptop",
                                                         f"{tmp_path}/state")
-    ctx = cli.make_context(cli.build_parser().parse_args(
-        ["--repo", "other", "list", "--backup-vm", "b2"]))
+    ctx = context("--repo", "other", "list", "--backup-vm", "b2")
     assert (ctx.backup_vm, ctx.repo) == ("b2", "other")  # options win, in either place
     conf.write_text("backup_vm = b\nrepository = typo\n")
-    with pytest.raises(cli.QbackupError, match=r"qbackup.conf:2: expected one of"):
-        cli.make_context(cli.build_parser().parse_args(["list"]))
+    with pytest.raises(QbackupError, match=r"qbackup.conf:2: expected one of"):
+        context("list")
     conf.unlink()
-    with pytest.raises(cli.UsageError, match="no backup qube: give --backup-vm"):
-        cli.make_context(cli.build_parser().parse_args(["list"]))
+    with pytest.raises(UsageError, match="no backup qube: give --backup-vm"):
+        context("list")

@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -22,7 +21,8 @@ import pytest
 from qbackup import crypto
 from qbackup.errors import QbackupError, RemoteError
 from qbackup.proto import MAX_BLOB, Session
-from qbackup.transport import SocketTransport, qrexec, unix_socket
+from qbackup.transport import SocketTransport, unix_socket
+from qbackup_sim.daemon import daemon_command
 from hangguard import within
 
 TIMEOUT = 60   # guards against hangs only
@@ -48,8 +48,8 @@ def daemon():
     root = Path(tempfile.mkdtemp(prefix="qbx-"))   # short: Unix socket paths are limited
     sock, storage = root / "sock", root / "storage"
     storage.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "qbackupd", "serve", "--socket", str(sock),
-                             "--storage", str(storage), "--log-level", "warning"])
+    proc = subprocess.Popen(daemon_command("serve", "--socket", str(sock), "--storage", str(storage),
+                                           "--log-level", "warning"))
     deadline = time.monotonic() + TIMEOUT
     while not accepts(sock):
         assert proc.poll() is None, "the daemon exited at start"
@@ -230,37 +230,6 @@ def test_disconnect_without_bye_keeps_what_was_put(daemon):
             s.close()
             time.sleep(0.05)
     assert s.have([ident(1)]).result(TIMEOUT) == []
-    within(s.close)
-
-
-def test_qrexec_transport_through_a_stand_in_qrexec_client(daemon, tmp_path, monkeypatch):
-    sock, _ = daemon
-    fake = tmp_path / "qrexec-client"
-    fake.write_text(f"""#!{sys.executable}
-# Stand-in for dom0's qrexec-client: connect to the service socket, send the
-# header qrexec-agent would, and copy stdin/stdout both ways.
-import os, socket, sys, threading
-assert sys.argv[1:3] == ["-d", "backup"], sys.argv
-kind, call = sys.argv[3].split(" ", 1)
-assert kind == "DEFAULT:QUBESRPC", kind
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect({sock!r})
-s.sendall(call.encode() + b"\\0")
-def pump_in():
-    while data := os.read(0, 65536):
-        s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
-threading.Thread(target=pump_in, daemon=True).start()
-while data := s.recv(65536):
-    os.write(1, data)
-""")
-    fake.chmod(0o755)
-    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
-    s = Session(qrexec("backup", "viaqrexec"))
-    s.init(b"config", PACK)
-    big = os.urandom(MAX_BLOB)
-    assert s.put(ident(1), 1, big).result(TIMEOUT)
-    assert list(s.get([ident(1)])) == [(ident(1), 1, big)]
     within(s.close)
 
 

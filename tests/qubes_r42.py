@@ -1,0 +1,447 @@
+# SPDX-License-Identifier: GPL-2.0-or-later
+"""A real Qubes R4.2 Admin API in this process, for testing qbackup's adapter.
+
+The oracle for everything qbackup asks of Qubes is the R4.2 code itself:
+qubesd's Admin API handlers (qubes-core-admin 4.2.39) answer the real
+qubesadmin client (qubes-core-admin-client 4.2.18), as the CI of Qubes runs
+them (../shared/vendor/qubes-r4.2/README.md):
+
+- qubesd: `qubes.Qubes` with a mocked libvirt connection, its storage pools
+  real: the `varlibqubes` file pool and any `file-reflink` pool on a
+  directory of the test's (a btrfs or xfs loop file system gives real
+  reflinks), and `lvm_thin` pools answered by a stand-in `lvm` on PATH that
+  keeps its volumes in a JSON file and logs every command it is given;
+- qubesadmin: `qubesadmin.app.QubesLocal` whose `qubesd_call` runs the
+  handler in-process instead of connecting to /var/run/qubesd.sock, and
+  records every call (method, destination, argument) so tests can count
+  them; replies and errors are encoded exactly as qubesd encodes them.
+  `run_service` is qubesadmin's own: it runs `qubesadmin.config.QREXEC_CLIENT`,
+  which a test points at a stand-in.
+
+The sources are located through $QBACKUP_QUBES_SOURCES (default
+`../shared/vendor/qubes-r4.2` next to the repository) and installed into the
+test venv by scripts/setup.sh. `missing()` says why the test bed cannot run;
+tests marked `qubesd` skip with that reason, and fail in CI (tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import textwrap
+import unittest.mock
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SOURCES_ENV = "QBACKUP_QUBES_SOURCES"
+# Where scripts/setup.sh unpacks the tarballs (editable installs point here).
+UNPACKED = REPO_ROOT / "build" / "qubes-r4.2"
+VERSIONS = {"qubes": "4.2.39", "qubesadmin": "4.2.18"}
+# What `qvm-features fedora-38` shows on an R4.2 system, roughly, and some
+# features app qubes carry.
+TEMPLATE_FEATURES = [
+    "gui", "os", "os-distribution", "os-distribution-like", "os-version", "os-eol",
+    "qrexec", "vmexec", "template-name", "template-epoch", "template-release",
+    "supported-service.cups", "supported-service.crond",
+    "supported-service.network-manager", "supported-service.qubes-firewall",
+    "supported-service.qubes-updates-proxy", "supported-rpc.qubes.PdfConvert",
+    "menu-items", "default-menu-items", "netvm-menu-items"]
+APP_FEATURES = ["service.cups", "service.crond", "menu-items", "gui-secure-copy",
+                "vm-config.x"]
+LVM_STATE_ENV = "QBACKUP_FAKE_LVM_STATE"
+LVM_LOG_ENV = "QBACKUP_FAKE_LVM_LOG"
+
+
+def sources_dir() -> Path:
+    """Where the R4.2 source tarballs are."""
+    default = REPO_ROOT.parent / "shared" / "vendor" / "qubes-r4.2"
+    return Path(os.environ.get(SOURCES_ENV) or default)
+
+
+def missing() -> str | None:
+    """Why the test bed cannot run here, or None if it can."""
+    if not sources_dir().is_dir():
+        return (f"the Qubes R4.2 sources are not at {sources_dir()} "
+                f"(set ${SOURCES_ENV})")
+    test_packages = UNPACKED / "qubes-core-admin" / "test-packages"
+    if not test_packages.is_dir():
+        return f"{test_packages} is missing: run scripts/setup.sh"
+    import importlib.metadata
+    for dist, version in VERSIONS.items():
+        try:
+            found = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return f"{dist} is not installed in this venv: run scripts/setup.sh"
+        if found != version:
+            return f"{dist} {found} is installed, the test bed needs {version}"
+    return None
+
+
+# -- the stand-in `lvm` --------------------------------------------------------
+
+_FAKE_LVM = '''\
+#!{python}
+# Stand-in for lvm(8), for qubesd's lvm_thin driver and qbackup's own calls.
+# Volumes live in the JSON file ${state}: {{"VG/LV": {{"size": B, "attr": ..,
+# "pool_lv": .., "origin": ..}}}}; every command line is appended to ${log}.
+import fcntl, json, os, sys
+state_path, log_path = os.environ["{state}"], os.environ["{log}"]
+argv = sys.argv[1:]
+lock = open(state_path + ".lock", "a")
+fcntl.flock(lock, fcntl.LOCK_EX)  # qubesd runs several at once
+with open(log_path, "a") as log:
+    log.write(json.dumps(argv) + "\\n")
+with open(state_path) as f:
+    lvs = json.load(f)
+
+def fail(message):
+    sys.stderr.write(message + "\\n")
+    sys.exit(5)
+
+def opt(name):
+    for a in argv:
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1]
+    return None
+
+def vg_lv(ref):
+    ref = ref.removeprefix("/dev/")
+    if ref not in lvs:
+        fail("Failed to find logical volume " + ref)
+    return ref
+
+command, args = argv[0], [a for a in argv[1:] if not a.startswith("-")]
+if command == "lvs":
+    rows = []
+    for name, lv in sorted(lvs.items()):
+        vg, lv_name = name.split("/", 1)
+        rows.append({{"vg_name": vg, "pool_lv": lv.get("pool_lv", ""), "lv_name": lv_name,
+                     "lv_size": str(lv["size"]) + "B", "data_percent": "0.00",
+                     "lv_attr": lv["attr"], "origin": lv.get("origin", ""),
+                     "lv_metadata_size": str(lv.get("metadata_size", "")) and
+                     str(lv.get("metadata_size")) + "B",
+                     "metadata_percent": "1.00" if lv.get("metadata_size") else ""}})
+    print(json.dumps({{"report": [{{"lv": rows}}]}}))
+    sys.exit(0)
+if command == "lvcreate":
+    name = opt("--name")
+    (source,) = args
+    vg = source.split("/")[0]
+    if vg + "/" + name in lvs:
+        fail("Logical Volume " + name + " already exists")
+    if "--thin" in argv:  # new thin volume in pool `source`
+        pool = vg_lv(source).split("/")[1]
+        size = int(opt("--virtualsize").removesuffix("B"))
+        lvs[vg + "/" + name] = {{"size": size, "attr": "Vwi-a-tz--", "pool_lv": pool,
+                                "origin": ""}}
+    else:  # thin snapshot of `source`
+        origin = lvs[vg_lv(source)]
+        lvs[vg + "/" + name] = dict(origin, origin=source.split("/")[1],
+                                   attr="Vwi-a-tz--")
+elif command == "lvremove":
+    (target,) = args
+    del lvs[vg_lv(target)]
+elif command == "lvrename":
+    old, new = args
+    lvs[new.removeprefix("/dev/")] = lvs.pop(vg_lv(old))
+elif command == "lvextend":
+    (target,) = args
+    lvs[vg_lv(target)]["size"] = int(opt("--size").removesuffix("B"))
+elif command == "lvchange":
+    (target,) = args
+    vg_lv(target)
+else:
+    fail("stand-in lvm: unsupported command " + command)
+with open(state_path + ".tmp", "w") as f:
+    json.dump(lvs, f)
+os.replace(state_path + ".tmp", state_path)
+'''
+
+
+class FakeLvm:
+    """The stand-in `lvm` and its state: volumes and the commands it ran."""
+
+    def __init__(self, bin_dir: Path, state_dir: Path):
+        self.state = state_dir / "lvm.json"
+        self.log = state_dir / "lvm.log"
+        self.state.write_text("{}")
+        self.log.write_text("")
+        script = bin_dir / "lvm"
+        script.write_text(_FAKE_LVM.format(python=sys.executable, state=LVM_STATE_ENV,
+                                           log=LVM_LOG_ENV))
+        script.chmod(0o755)
+        os.environ[LVM_STATE_ENV] = str(self.state)
+        os.environ[LVM_LOG_ENV] = str(self.log)
+
+    def volumes(self) -> dict[str, dict[str, Any]]:
+        return json.loads(self.state.read_text())
+
+    def add_thin_pool(self, vg: str, pool: str, size: int = 1 << 40) -> None:
+        lvs = self.volumes()
+        lvs[f"{vg}/{pool}"] = {"size": size, "attr": "twi-aotz--", "pool_lv": "",
+                               "origin": "", "metadata_size": 1 << 30}
+        self.state.write_text(json.dumps(lvs))
+
+    def commands(self) -> list[list[str]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+
+# -- the test bed ----------------------------------------------------------------
+
+class Testbed:
+    """qubesd (R4.2) in this process, with qubes, pools and running state
+    set up by the test, and qubesadmin clients that talk to it.
+
+    Patches module globals of qubes.config and os.environ['PATH'] while it
+    lives: use one at a time, and `close()` it (the fixture does)."""
+
+    def __init__(self, base: Path, varlibqubes_driver: str = "file-reflink"):
+        self.base = base
+        bin_dir = base / "bin"
+        bin_dir.mkdir(parents=True)
+        self._saved_path = os.environ["PATH"]
+        os.environ["PATH"] = f"{bin_dir}:{self._saved_path}"
+        self.lvm = FakeLvm(bin_dir, base)
+        # qubesd runs `sudo lvm ...` when not root, and `sudo ln -sf ...` into
+        # /etc/systemd when a qube's autostart is set: lvm goes to the
+        # stand-in, anything else is logged and never run on this machine.
+        sudo = bin_dir / "sudo"
+        sudo.write_text(f'#!/bin/sh\n[ "$1" = lvm ] && exec "$@"\n'
+                        f'echo "$@" >> {base / "sudo.log"}\n')
+        sudo.chmod(0o755)
+        test_packages = str(UNPACKED / "qubes-core-admin" / "test-packages")
+        if test_packages not in sys.path:  # stub libvirt, qubesdb, dbus
+            sys.path.insert(0, test_packages)
+
+        import qubes
+        import qubes.api.admin
+        import qubes.app
+        import qubes.config
+        import qubes.exc
+        self._qubes = qubes
+        self.varlib = base / "var-lib-qubes"
+        self._saved_config = (qubes.config.qubes_base_dir,
+                              dict(qubes.config.system_path),
+                              json.dumps(qubes.config.defaults["pool_configs"]))
+        qubes.config.qubes_base_dir = str(self.varlib)
+        qubes.config.system_path["qubes_base_dir"] = str(self.varlib)
+        pools = qubes.config.defaults["pool_configs"]
+        pools["varlibqubes"]["dir_path"] = str(self.varlib)
+        # As on a dom0 whose /var/lib/qubes supports reflinks (btrfs, xfs)
+        # unless told otherwise; without setup_check any directory will do.
+        pools["varlibqubes"]["driver"] = varlibqubes_driver
+        if varlibqubes_driver == "file-reflink":
+            pools["varlibqubes"]["setup_check"] = False
+        pools["linux-kernel"]["dir_path"] = str(self.varlib / "vm-kernels")
+
+        self.loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(self.loop)
+        # No QubesDB here: the stub's watch fd is a constant (3), which the
+        # event loop must not poll.
+        self._patches = [unittest.mock.patch.object(qubes.vm.BaseVM, "start_qdb_watch")]
+        self._patches[0].start()
+        self.app = qubes.Qubes(str(self.varlib / "qubes.xml"), load=False,
+                               offline_mode=False)
+        self.app.vmm = unittest.mock.Mock(spec=qubes.app.VMMConnection)
+        self.app.vmm.offline_mode = False
+        self.app.vmm.libvirt_conn.lookupByUUID.side_effect = self._libvirt_domain
+        # the host: 16 GiB, 4 CPUs (model, MiB, cpus, MHz, nodes, sockets, cores, threads)
+        self.app.vmm.libvirt_conn.getInfo.return_value = ["x86_64", 16384, 4, 2000, 1, 1, 4, 1]
+        self.app.vmm.xc.physinfo.return_value = {"free_memory": 8 << 20, "virt_caps": ""}
+        # xenstore: a start time for running qubes, nothing else
+        self.app.vmm.xs.read.side_effect = (
+            lambda _tx, path: "1764500000.5" if path.endswith("/start_time") else None)
+        self.app.load_initial_values()
+        self.app.default_kernel = None  # no kernels in vm-kernels/
+        self.run(self.app.setup_pools())
+        self.running: set[str] = set()
+        self.start_error: str | None = None  # set: admin.vm.Start fails with it
+        self._patches.append(unittest.mock.patch.object(
+            qubes.vm.qubesvm.QubesVM, "start", autospec=True, side_effect=self._start))
+        self._patches[-1].start()
+        # Every call made through a client: (method, destination, argument).
+        # Calls qubesd refused (method, destination, argument, exception
+        # name, "" for a dropped connection) and those it aborted with an
+        # unexpected exception (its log).
+        self.calls: list[tuple[str, str, str]] = []
+        self.refused: list[tuple[str, str, str, str]] = []
+        self.aborted: list[tuple[str, str]] = []
+
+    # -- qubesd side
+
+    def run(self, coroutine: Any) -> Any:
+        return self.loop.run_until_complete(coroutine)
+
+    def add_pool(self, name: str, driver: str, **config: Any) -> Any:
+        """A storage pool: e.g. `file-reflink` with dir_path= (setup_check=False
+        off a reflink file system), or `lvm_thin` with volume_group= and
+        thin_pool= (the stand-in lvm gets that thin pool)."""
+        if driver == "lvm_thin":
+            self.lvm.add_thin_pool(config["volume_group"], config["thin_pool"])
+        return self.run(self.app.add_pool(name, driver=driver, **config))
+
+    def add_qube(self, klass: str, name: str, *, label: str = "red",
+                 template: str | None = None, pool: str | None = None,
+                 **properties: Any) -> Any:
+        """A qube made as qvm-create makes it (admin.vm.Create.CLASS or
+        CreateInPool, so qubesd creates its volumes and tags it
+        created-by-dom0); `properties` are then set directly (qube names for
+        qube-valued ones). Returns qubesd's object."""
+        method = "admin.vm.CreateInPool." if pool else "admin.vm.Create."
+        payload = f"name={name} label={label}" + (f" pool={pool}" if pool else "")
+        reply = self.handle(method + klass, "dom0", template, payload.encode())
+        if not reply.startswith(b"0\0"):
+            raise RuntimeError(f"creating {name}: {reply!r}")
+        vm = self.app.domains[name]
+        for key, value in properties.items():
+            setattr(vm, key, value)
+        return vm
+
+    def populate(self, count: int, seed: int = 1) -> int:
+        """`count` qubes as on a typical system: one TemplateVM in ten, with
+        the features a Fedora template carries, the rest AppVMs with 0-3
+        features; every qube tagged. Returns the number of features."""
+        import random
+        rng = random.Random(seed)
+        templates = [f"tpl-{i}" for i in range(max(1, count // 10))]
+        features = 0
+        for i in range(count):
+            if i < len(templates):
+                name, names = templates[i], TEMPLATE_FEATURES
+                self.add_qube("TemplateVM", name, label="black")
+            else:
+                name = f"app-{i}"
+                names = rng.sample(APP_FEATURES, rng.randint(0, 3))
+                self.add_qube("AppVM", name, template=rng.choice(templates),
+                              memory=rng.choice([400, 800, 1200]))
+            vm = self.app.domains[name]
+            vm.features.update({n: "1" for n in names})
+            vm.tags.add(f"group-{i % 3}")
+            features += len(names)
+        return features
+
+    def set_running(self, name: str, running: bool = True) -> None:
+        """Make libvirt report the qube active (or not)."""
+        vm = self.app.domains[name]
+        vm._libvirt_domain = None  # qubesd caches the domain object
+        (self.running.add if running else self.running.discard)(name)
+
+    def _libvirt_domain(self, uuid_bytes: bytes) -> Any:
+        import libvirt
+        vm = next((vm for vm in self.app.domains if vm.uuid.bytes == uuid_bytes), None)
+        if vm is None:  # a qube being created: libvirt knows nothing of it yet
+            raise libvirt.libvirtError("no domain")
+        domain = unittest.mock.Mock()
+        active = vm.name in self.running
+        domain.isActive.return_value = active
+        domain.state.return_value = [libvirt.VIR_DOMAIN_RUNNING if active
+                                     else libvirt.VIR_DOMAIN_SHUTOFF, 0]
+        domain.ID.return_value = vm.qid if active else -1
+        return domain
+
+    async def _start(self, vm: Any, **_kwargs: Any) -> Any:
+        if self.start_error is not None:
+            raise self._qubes.exc.QubesVMError(vm, self.start_error)
+        if vm.name in self.running:
+            raise self._qubes.exc.QubesVMNotHaltedError(vm)
+        self.set_running(vm.name)
+        return vm
+
+    # -- qubesadmin side
+
+    def client(self) -> Any:
+        """A fresh qubesadmin app (cache off, as qubesadmin.Qubes() starts)
+        whose calls go to this qubesd and are recorded in `calls`."""
+        import qubesadmin.app
+        testbed = self
+
+        class Client(qubesadmin.app.QubesLocal):
+            def qubesd_call(self, dest, method, arg=None, payload=None,
+                            payload_stream=None):
+                testbed.calls.append((method, dest or "", arg or ""))
+                if payload_stream is not None:
+                    payload = (payload or b"") + payload_stream.read()
+                    payload_stream.close()
+                reply = testbed.handle(method, dest, arg, payload or b"")
+                if not reply.startswith(b"0\0"):
+                    testbed.refused.append((method, dest or "", arg or "",
+                                            reply.split(b"\0")[1].decode() if reply else ""))
+                return self._parse_qubesd_response(reply)
+
+        return Client()
+
+    def handle(self, method: str, dest: str | None, arg: str | None,
+               payload: bytes) -> bytes:
+        """One Admin API call from dom0, answered as qubesd answers it on its
+        socket: b'0\\0' + reply, b'2\\0' + exception, or b'' (call aborted)."""
+        qubes = self._qubes
+        try:
+            api = qubes.api.admin.QubesAdminAPI(
+                self.app, b"dom0", method.encode(), (dest or "dom0").encode(),
+                (arg or "").encode())
+            reply = self.run(api.execute(untrusted_payload=payload))
+        except qubes.exc.QubesException as e:
+            return b"2\0" + type(e).__name__.encode() + b"\0\0" + str(e).encode() + b"\0"
+        except (qubes.api.PermissionDenied, qubes.api.ProtocolError):
+            return b""
+        except Exception as e:  # qubesd logs it and closes the connection
+            self.aborted.append((method, repr(e)))
+            return b""
+        return b"0\0" + (reply or "").encode()
+
+    def count(self, method: str | None = None) -> int:
+        return sum(1 for m, _, _ in self.calls if method is None or m == method)
+
+    def close(self) -> None:
+        for patch in self._patches:
+            patch.stop()
+        self.app.close()
+        self.loop.close()
+        asyncio.set_event_loop(None)
+        qubes = self._qubes
+        base_dir, system_path, pool_configs = self._saved_config
+        qubes.config.qubes_base_dir = base_dir
+        qubes.config.system_path.clear()
+        qubes.config.system_path.update(system_path)
+        qubes.config.defaults["pool_configs"] = json.loads(pool_configs)
+        os.environ["PATH"] = self._saved_path
+
+
+def fake_qrexec_client(path: Path, log: Path) -> Path:
+    """Write a stand-in for dom0's qrexec-client at `path`.
+
+    It logs its argv (one JSON line) to `log`, then acts on its environment:
+    QBACKUP_FAKE_QREXEC_EXIT=N exits N at once (125: the socket service
+    could not be reached, 127: no such service); otherwise it connects to
+    the Unix socket QBACKUP_FAKE_QREXEC_SOCKET, sends the header
+    qrexec-agent sends (`SERVICE+ARG dom0\\0`), and copies data both ways
+    until the service closes, with stdin EOF passed on as a half-close.
+    QBACKUP_FAKE_QREXEC_STDERR is written to stderr first."""
+    path.write_text(textwrap.dedent(f"""\
+        #!{sys.executable}
+        import json, os, socket, sys, threading
+        with open({str(log)!r}, "a") as f:
+            f.write(json.dumps(sys.argv[1:]) + "\\n")
+        sys.stderr.write(os.environ.get("QBACKUP_FAKE_QREXEC_STDERR", ""))
+        sys.stderr.flush()
+        if "QBACKUP_FAKE_QREXEC_EXIT" in os.environ:
+            sys.exit(int(os.environ["QBACKUP_FAKE_QREXEC_EXIT"]))
+        user, call = sys.argv[-1].split(":", 1)
+        kind, service, source = call.split(" ")
+        assert kind == "QUBESRPC", kind
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(os.environ["QBACKUP_FAKE_QREXEC_SOCKET"])
+        s.sendall(f"{{service}} {{source}}".encode() + b"\\0")
+        def pump_in():
+            while data := os.read(0, 65536):
+                s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+        threading.Thread(target=pump_in, daemon=True).start()
+        while data := s.recv(65536):
+            os.write(1, data)
+        """))
+    path.chmod(0o755)
+    return path
