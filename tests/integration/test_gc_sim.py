@@ -11,16 +11,17 @@ import filecmp
 import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from conftest import fill
+from qbackup_sim.daemon import daemon_command
 
 GC_CHILD = Path(__file__).parents[1] / "daemon" / "gc_child.py"
 
 
 def child(storage: Path, kill_at: int) -> list[str]:
-    return [sys.executable, str(GC_CHILD), str(storage), "default", str(kill_at), "100"]
+    """gc_child.py on the interpreter the sim's daemon runs on (the backup qube's)."""
+    return [daemon_command()[0], str(GC_CHILD), str(storage), "default", str(kill_at), "100"]
 
 
 def test_gc_killed_then_finished_and_dom0_verifies_everything(sim, tmp_path):
@@ -47,7 +48,7 @@ def test_gc_killed_then_finished_and_dom0_verifies_everything(sim, tmp_path):
     killed = subprocess.run(child(storage, steps - 3), capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     finished = subprocess.run(
-        [sys.executable, "-m", "qbackupd", "gc", "--storage", str(storage), "default"],
+        daemon_command("gc", "--storage", str(storage), "default"),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert finished.returncode == 0, finished.stdout + finished.stderr
@@ -59,7 +60,7 @@ def test_gc_killed_then_finished_and_dom0_verifies_everything(sim, tmp_path):
     sim.run("restore", snapshots[1], "--volume-target", f"work:private={target}")
     assert filecmp.cmp(target, images[1], shallow=False)
     check = subprocess.run(
-        [sys.executable, "-m", "qbackupd", "check", "--read-data", "--storage", str(storage), "default"],
+        daemon_command("check", "--read-data", "--storage", str(storage), "default"),
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
