@@ -2,8 +2,9 @@
 """The one adapter between qbackup and Qubes OS.
 
 Everything qbackup learns about qubes (classes, properties, features, tags,
-volumes and where to read them) and the qrexec call to the backup qube go
-through a `Backend`. On a real system that is `QubesAdminBackend`, the only
+volumes and where to read them, firewall rules, device assignments), the
+qrexec call to the backup qube, and every change restore makes (creating
+qubes, setting their settings, importing volumes) go through a `Backend`. On a real system that is `QubesAdminBackend`, the only
 code in qbackup that imports `qubesadmin`; in development and tests the
 simulated dom0 stands in for it: it hands its own backend to `qbackup.cli.run`
 from outside this package, which never imports it.
@@ -55,6 +56,7 @@ class VolumeInfo:
     snap_on_start: bool
     revisions_to_keep: int
     unreadable: str = ""
+    ephemeral: bool = False
 
     def settings(self) -> dict[str, Any]:
         """The volume's configuration as recorded in a snapshot (no path:
@@ -62,7 +64,8 @@ class VolumeInfo:
         return {"pool": self.pool, "size": self.size, "rw": self.rw,
                 "save_on_stop": self.save_on_stop,
                 "snap_on_start": self.snap_on_start,
-                "revisions_to_keep": self.revisions_to_keep}
+                "revisions_to_keep": self.revisions_to_keep,
+                "ephemeral": self.ephemeral}
 
 
 @dataclass(frozen=True)
@@ -86,10 +89,62 @@ class QubeInfo:
                 "volume_config": {n: v.settings() for n, v in sorted(self.volumes.items())}}
 
 
+# The properties that name the qubes a qube depends on (manifest.DEPENDENCIES).
+DEPENDENCIES = ("template", "netvm", "default_dispvm", "audiovm", "guivm", "management_dispvm")
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device assignment as R4.2 lists it (admin.vm.device.CLASS.List):
+    `persistent` ones are in qubes.xml and attached at every start; the
+    others are attached to the running qube only."""
+    devclass: str
+    backend: str
+    ident: str
+    options: dict[str, str] = field(default_factory=dict)
+    persistent: bool = True
+
+    def settings(self) -> dict[str, Any]:
+        return {"class": self.devclass, "backend": self.backend, "ident": self.ident,
+                "options": dict(self.options), "persistent": self.persistent}
+
+
+@dataclass(frozen=True)
+class QubeDetails:
+    """The settings read only for the qubes a backup includes: firewall
+    rules (admin.vm.firewall.Get lines, in order), device assignments, and
+    the qubes it depends on (the value of each of DEPENDENCIES it has,
+    default or not; `properties` says which are set)."""
+    firewall: list[str]
+    devices: list[Device]
+    dependencies: dict[str, str | None]
+
+    def settings(self) -> dict[str, Any]:
+        return {"firewall": list(self.firewall),
+                "devices": [d.settings() for d in self.devices],
+                "dependencies": dict(sorted(self.dependencies.items()))}
+
+
+def parse_device_list(devclass: str, text: str) -> list[Device]:
+    """admin.vm.device.CLASS.List: `BACKEND+IDENT [OPT=VALUE ...] persistent=yes|no` lines."""
+    devices = []
+    for line in text.splitlines():
+        target, *options = line.split(" ")
+        backend, _, ident = target.partition("+")
+        opts = dict(o.split("=", 1) for o in options if "=" in o)
+        persistent = opts.pop("persistent", "no") == "yes"
+        devices.append(Device(devclass, backend, ident, opts, persistent))
+    return devices
+
+
 class Backend(Protocol):
-    """What qbackup needs from dom0: the qube inventory and a qrexec call."""
+    """What qbackup needs from dom0: the qube inventory, a qube's further
+    settings, the qrexec call, and (restore) the changes below. Every
+    method raises QbackupError with one line on failure."""
 
     def list_qubes(self) -> list[QubeInfo]: ...
+
+    def qube_details(self, name: str) -> QubeDetails: ...
 
     def connect(self, backup_vm: str, repo: str) -> Transport: ...
 
@@ -188,6 +243,7 @@ class QubesAdminBackend:
         self._app.cache_enabled = True
         self._error = qubesadmin.exc.QubesException
         self._pools: dict[str, dict[str, str]] = {}
+        self._device_classes: list[str] | None = None
 
     def list_qubes(self) -> list[QubeInfo]:
         try:
@@ -226,7 +282,31 @@ class QubesAdminBackend:
             name=name, pool=pool_name, size=int(info["size"]), path=path,
             rw=_flag(info, "rw"), save_on_stop=_flag(info, "save_on_stop"),
             snap_on_start=_flag(info, "snap_on_start"),
-            revisions_to_keep=int(info["revisions_to_keep"]), unreadable=unreadable)
+            revisions_to_keep=int(info["revisions_to_keep"]), unreadable=unreadable,
+            ephemeral=_flag(info, "ephemeral"))
+
+    def qube_details(self, name: str) -> QubeDetails:
+        """One admin.vm.firewall.Get and one admin.vm.device.CLASS.List per
+        device class (admin.deviceclass.List once per run); the dependencies
+        come from the properties list_qubes already fetched (GetAll)."""
+        try:
+            if name not in self._app.domains:
+                raise QbackupError(f"reading the settings of {name} failed: no such qube")
+            vm = self._app.domains[name]
+            names = vm.property_list()
+            dependencies = {p: _plain(getattr(vm, p)) for p in DEPENDENCIES if p in names}
+            firewall = self._app.qubesd_call(name, "admin.vm.firewall.Get").decode(
+                "ascii").splitlines()
+            if self._device_classes is None:
+                self._device_classes = self._app.qubesd_call(
+                    "dom0", "admin.deviceclass.List").decode("ascii").split()
+            devices = []
+            for devclass in self._device_classes:
+                devices += parse_device_list(devclass, self._app.qubesd_call(
+                    name, f"admin.vm.device.{devclass}.List").decode("ascii"))
+        except self._error as e:
+            raise QbackupError(f"reading the settings of {name} failed: {e}") from None
+        return QubeDetails(firewall, devices, dependencies)
 
     def connect(self, backup_vm: str, repo: str) -> Transport:
         service = f"{SERVICE}+{check_repo_name(repo)}"

@@ -16,9 +16,9 @@ import sys
 from pathlib import Path
 
 from qbackup import cli, transport
-from qbackup.qubes import QubeInfo
+from qbackup.qubes import QubeDetails, QubeInfo
 from qbackup_sim.daemon import socket_path, start_daemon
-from qbackup_sim.inventory import SimError, load_inventory, qube_infos
+from qbackup_sim.inventory import SimError, load_inventory, qube_details, qube_infos
 
 
 class SimBackend:
@@ -35,6 +35,11 @@ class SimBackend:
 
     def list_qubes(self) -> list[QubeInfo]:
         return qube_infos(self.directory, self.inventory)
+
+    def qube_details(self, name: str) -> QubeDetails:
+        if name not in self.inventory["qubes"]:
+            raise SimError(f"reading the settings of {name} failed: no such qube")
+        return qube_details(self.inventory, name)
 
     def connect(self, backup_vm: str, repo: str) -> transport.Transport:
         if backup_vm not in self.inventory["qubes"]:

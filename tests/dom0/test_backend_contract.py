@@ -28,9 +28,12 @@ QUBES = {
                "features": {"os": "Linux", "qrexec": "1", "supported-service.cups": "1"},
                "tags": ["os-fedora"]},
     "sys-net": {"class": "AppVM", "label": "red", "template": "fedora",
-                "properties": {"provides_network": True, "memory": 300, "netvm": None},
+                "properties": {"provides_network": True, "memory": 300, "netvm": None,
+                               "virt_mode": "hvm"},
                 # servicevm: qubesd adds it with provides_network (core_features)
-                "features": {"service.network-manager": "1", "servicevm": "1"}},
+                "features": {"service.network-manager": "1", "servicevm": "1"},
+                "devices": [{"class": "pci", "backend": "dom0", "ident": "00_1f.6",
+                             "options": {"no-strict-reset": "True"}, "persistent": True}]},
     "dvm": {"class": "AppVM", "label": "red", "template": "fedora",
             "properties": {"template_for_dispvms": True},
             "features": {"appmenus-dispvm": "1"}},
@@ -38,7 +41,13 @@ QUBES = {
              "properties": {"netvm": "sys-net", "memory": 600, "maxmem": 4000, "vcpus": 2,
                             "kernelopts": "quiet", "default_dispvm": "dvm"},
              "features": {"service.cups": "1", "gui-default-secure-copy-sequence": "Ctrl-c"},
-             "tags": ["work", "important"], "running": True},
+             "tags": ["work", "important"], "running": True,
+             # as qubesd answers admin.vm.firewall.Get (it writes dsthost=10.0.0.0/8 so)
+             "firewall": ["action=accept dst4=10.0.0.0/8 proto=tcp dstports=443-443",
+                          "action=accept specialtarget=dns", "action=drop"],
+             "devices": [{"class": "block", "backend": "sa", "ident": "sdb",
+                          "options": {"read-only": "yes", "frontend-dev": "xvdi"},
+                          "persistent": True}]},
     "sa": {"class": "StandaloneVM", "label": "green", "properties": {"virt_mode": "hvm"}},
     "backup": {"class": "AppVM", "label": "black", "template": "fedora", "running": True},
 }
@@ -63,6 +72,7 @@ def sim_backend(tmp_path):
 
 @pytest.fixture
 def qubesd_backend(qubesd):
+    qubesd.pci_devices.add("00_1f.6")
     for name in ORDER:
         qube = QUBES[name]
         qubesd.add_qube(qube["class"], name, label=qube["label"],
@@ -70,7 +80,16 @@ def qubesd_backend(qubesd):
         vm = qubesd.app.domains[name]
         vm.features.update(qube.get("features", {}))
         vm.tags.update(qube.get("tags", []))
-        if qube.get("running"):
+        if "firewall" in qube:
+            assert qubesd.handle("admin.vm.firewall.Set", name, "", "".join(
+                f"{rule}\n" for rule in qube["firewall"]).encode()) == b"0\0"
+    for name in ORDER:  # devices once their backends exist
+        for dev in QUBES[name].get("devices", []):
+            options = [f"{k}={v}" for k, v in dev["options"].items()]
+            assert qubesd.handle(f"admin.vm.device.{dev['class']}.Attach", name,
+                                 f"{dev['backend']}+{dev['ident']}",
+                                 " ".join([*options, "persistent=True"]).encode()) == b"0\0"
+        if QUBES[name].get("running"):
             qubesd.set_running(name)
     return QubesAdminBackend(qubesd.client())
 
@@ -129,12 +148,12 @@ def test_volume_configuration(backend):
     # qubesd R4.2 in a file-reflink pool: every volume writable, every volume
     # keeping the pool's revisions_to_keep (1)
     own_root = {"rw": True, "save_on_stop": True, "snap_on_start": False,
-                "revisions_to_keep": 1}
+                "revisions_to_keep": 1, "ephemeral": False}
     template_root = {"rw": True, "save_on_stop": False, "snap_on_start": True,
-                     "revisions_to_keep": 1}
+                     "revisions_to_keep": 1, "ephemeral": False}
     private = own_root
     volatile = {"rw": True, "save_on_stop": False, "snap_on_start": False,
-                "revisions_to_keep": 1}
+                "revisions_to_keep": 1, "ephemeral": False}
     for name, qube in qubes.items():
         root = own_root if qube.klass in ("TemplateVM", "StandaloneVM") else template_root
         assert set(qube.volumes) == {"root", "private", "volatile"}, name  # no kernel
@@ -159,11 +178,32 @@ def test_committed_images_are_read_never_the_running_ones(backend):
     assert [v.name for v in volumes_to_backup(work)] == ["private"]
 
 
+def test_firewall_devices_and_dependencies(backend):
+    qubes = {q.name: q for q in backend.list_qubes()}
+    for name, spec in QUBES.items():
+        details = backend.qube_details(name)
+        assert details.firewall == spec.get("firewall", ["action=accept"]), name
+        assert [d.settings() for d in details.devices] == spec.get("devices", []), name
+        explicit = {"template": spec.get("template"), **spec.get("properties", {})}
+        expected = {"netvm": None, "default_dispvm": None, "audiovm": "dom0", "guivm": "dom0",
+                    "management_dispvm": None}
+        if spec["class"] == "AppVM":
+            expected["template"] = None
+        expected.update({k: v for k, v in explicit.items() if k in expected})
+        assert details.dependencies == expected, name
+        assert details.dependencies.items() >= {
+            k: v for k, v in qubes[name].properties.items() if k in expected}.items()
+    with pytest.raises(QbackupError, match="reading the settings of nope failed"):
+        backend.qube_details("nope")
+
+
 @pytest.mark.qubesd
 def test_settings_are_the_same_in_both_backends(sim_backend, qubesd_backend):
     """Beyond the explicit contract above: every field of every qube."""
     real = [without_paths(q) for q in qubesd_backend.list_qubes()]
     assert [without_paths(q) for q in sim_backend.list_qubes()] == real
+    for name in ORDER:
+        assert sim_backend.qube_details(name) == qubesd_backend.qube_details(name), name
 
 
 def test_connect_reaches_the_daemon(backend, reachable):

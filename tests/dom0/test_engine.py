@@ -100,7 +100,8 @@ def repo(daemon, tmp_path):
 
 
 def qube_meta(klass="AppVM"):
-    return {"class": klass, "properties": {"label": "red", "netvm": ""}, "features": {}, "tags": ["t"]}
+    return {"class": klass, "properties": {"label": "red", "netvm": ""}, "features": {}, "tags": ["t"],
+            "volume_config": {}, "firewall": None, "devices": None, "dependencies": {}}
 
 
 def source(qube, volume, path):

@@ -51,13 +51,16 @@ def cmd_backup(ctx: Context, args: argparse.Namespace) -> int:
         for s in sources:
             print(f"qbackup: {s.qube}/{s.volume}: {s.path} ({human_bytes(s.size)})",
                   file=sys.stderr)
+    # Firewall rules and device assignments: only for the qubes backed up.
+    settings = {q.name: {**q.settings(), **ctx.backend.qube_details(q.name).settings()}
+                for q in qubes}
     passphrase, state = ask_passphrase(args), ctx.state()
     with ctx.session() as session:
         keys = unlock(session, passphrase, write=True)
         history = restore_mod.load_history(session, keys, state,
                                            allow_rollback=args.allow_rollback)
         with Progress(sum(s.size for s in sources), "backup") as progress:
-            stats = backup(session, keys, sources, {q.name: q.settings() for q in qubes},
+            stats = backup(session, keys, sources, settings,
                            state=state, progress=progress,
                            predecessor=history[-1].id if history else None)
     if args.json:
