@@ -429,10 +429,10 @@ class Testbed:
     def internal(self, method: str, dest: str, arg: str, payload: bytes) -> bytes:
         """One call to qubesd's internal API (qubesd.internal.sock), answered
         as qubesd-query prints it: b'0\\0' + reply or b'2\\0' + exception."""
-        import qubes.api.internal
+        import qubes.api.internal as internal_api
         qubes = self._qubes
         try:
-            api = qubes.api.internal.QubesInternalAPI(
+            api = internal_api.QubesInternalAPI(
                 self.app, b"dom0", method.encode(), dest.encode(), arg.encode())
             reply = self.run(api.execute(untrusted_payload=payload))
         except qubes.exc.QubesException as e:
