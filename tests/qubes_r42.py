@@ -280,6 +280,10 @@ class Testbed:
         self._patches.append(unittest.mock.patch.object(
             qubes.vm.qubesvm.QubesVM, "start", autospec=True, side_effect=self._start))
         self._patches[-1].start()
+        # kill waits for libvirt's shutdown event, which never comes here
+        self._patches.append(unittest.mock.patch.object(
+            qubes.vm.qubesvm.QubesVM, "kill", autospec=True, side_effect=self._kill))
+        self._patches[-1].start()
         # The host's PCI devices, as qubesd's pci extension looks for them in
         # sysfs (its only check when a device is assigned to a halted qube).
         import qubes.ext.pci
@@ -369,12 +373,24 @@ class Testbed:
         domain.XMLDesc.return_value = "<domain><devices/></domain>"
         return domain
 
-    async def _start(self, vm: Any, **_kwargs: Any) -> Any:
+    async def _start(self, vm: Any, start_guid: bool = True, mem_required: Any = None,
+                     **_kwargs: Any) -> Any:
+        """QubesVM.start up to its first event: qubesd's domain-pre-start
+        handlers run (backup_restore refuses a qube being restored), then
+        the qube is running; nothing of Xen is started."""
         if self.start_error is not None:
             raise self._qubes.exc.QubesVMError(vm, self.start_error)
         if vm.name in self.running:
             raise self._qubes.exc.QubesVMNotHaltedError(vm)
+        await vm.fire_event_async("domain-pre-start", pre_event=True, start_guid=start_guid,
+                                  mem_required=mem_required)
         self.set_running(vm.name)
+        return vm
+
+    async def _kill(self, vm: Any) -> Any:
+        if vm.name not in self.running:
+            raise self._qubes.exc.QubesVMNotStartedError(vm)
+        self.set_running(vm.name, False)
         return vm
 
     # -- qubesadmin side
@@ -568,7 +584,9 @@ def fake_qrexec_client(path: Path, log: Path) -> Path:
     the Unix socket QBACKUP_FAKE_QREXEC_SOCKET, sends the header
     qrexec-agent sends (`SERVICE+ARG dom0\\0`), and copies data both ways
     until the service closes, with stdin EOF passed on as a half-close.
-    QBACKUP_FAKE_QREXEC_STDERR is written to stderr first."""
+    QBACKUP_FAKE_QREXEC_STDERR is written to stderr first. A service other
+    than qubes.BackupChunk (qubes.VMShell, say) only has its input logged
+    (`{"stdin": TEXT}`) and exits QBACKUP_FAKE_QREXEC_SERVICE_EXIT (0)."""
     path.write_text(textwrap.dedent(f"""\
         #!{sys.executable}
         import json, os, socket, sys, threading
@@ -581,6 +599,11 @@ def fake_qrexec_client(path: Path, log: Path) -> Path:
         user, call = sys.argv[-1].split(":", 1)
         kind, service, source = call.split(" ")
         assert kind == "QUBESRPC", kind
+        if not service.startswith("qubes.BackupChunk"):
+            stdin = sys.stdin.buffer.read().decode()
+            with open({str(log)!r}, "a") as f:
+                f.write(json.dumps({{"stdin": stdin}}) + "\\n")
+            sys.exit(int(os.environ.get("QBACKUP_FAKE_QREXEC_SERVICE_EXIT", "0")))
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(os.environ["QBACKUP_FAKE_QREXEC_SOCKET"])
         s.sendall(f"{{service}} {{source}}".encode() + b"\\0")

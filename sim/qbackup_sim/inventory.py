@@ -58,16 +58,17 @@ def _check(condition: bool, where: str, what: str) -> None:
         raise SimError(f"sim inventory: {where}: {what}")
 
 
-def _volume_defaults(klass: str, volume: str) -> dict[str, Any]:
+def volume_defaults(klass: str, volume: str) -> dict[str, Any]:
     """Volume flags as qubesd R4.2 sets them for a qube of class `klass` in a
     file-reflink pool (checked against qubesd by tests/dom0/test_backend_contract.py):
     every volume writable and keeping the pool's revisions_to_keep (1); root
     is the qube's own in TemplateVMs and StandaloneVMs, a snapshot of the
-    template's otherwise."""
-    own = volume == "private" or (volume == "root" and klass in ("TemplateVM", "StandaloneVM"))
+    template's otherwise; a DispVM's private is a snapshot of its template's."""
+    own = ((volume == "private" and klass != "DispVM")
+           or (volume == "root" and klass in ("TemplateVM", "StandaloneVM")))
+    snapshot = (volume == "root" and not own) or (volume == "private" and klass == "DispVM")
     return {"pool": "varlibqubes", "rw": True, "save_on_stop": own,
-            "snap_on_start": volume == "root" and not own, "revisions_to_keep": 1,
-            "ephemeral": False}
+            "snap_on_start": snapshot, "revisions_to_keep": 1, "ephemeral": False}
 
 
 def create_sim(directory: str | os.PathLike, qubes: dict[str, dict[str, Any]],
@@ -93,7 +94,7 @@ def create_sim(directory: str | os.PathLike, qubes: dict[str, dict[str, Any]],
         entry["tags"] = sorted(set(spec.get("tags", [])) | {"created-by-dom0"})
         entry["volumes"] = {}
         for vol, value in spec.get("volumes", {}).items():
-            settings = _volume_defaults(spec.get("class", ""), vol)
+            settings = volume_defaults(spec.get("class", ""), vol)
             settings.update(value if isinstance(value, dict) else {"size": value})
             settings.setdefault("path", f"volumes/{name}/{vol}.img")
             entry["volumes"][vol] = settings
