@@ -31,6 +31,7 @@ from qbackup.commands.repository import (MAX_SCRYPT_N, cmd_change_passphrase, cm
                                          cmd_init, cmd_list, cmd_stats)
 from qbackup.commands.qubes_restore import rename_arg
 from qbackup.commands.restore import cmd_restore, cmd_verify, volume_target
+from qbackup.commands.show import cmd_show
 from qbackup.errors import (BadPassphrase, IntegrityError, QbackupError, RollbackError,
                             UsageError)
 from qbackup.qubes import RESTORE_IN_PROGRESS, Backend, QubesAdminBackend
@@ -198,6 +199,15 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
     g.add_argument("--qube", action="append", default=[], metavar="QUBE",
                    help="with --to: restore only this qube (repeatable)")
     g.add_argument("--force", action="store_true", help="overwrite existing targets")
+
+    p = _add_command(sub, "show", cmd_show, "show what a snapshot holds and what changed",
+                     "Show the qubes of a snapshot: their settings, volumes and sizes, and "
+                     "what changed since the snapshot before it (qubes added or removed, "
+                     "settings changed, bytes changed per volume, found by comparing chunk "
+                     "maps).", rollback=True)
+    p.add_argument("snapshot", metavar="SNAPSHOT",
+                   help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = _add_command(sub, "delete", cmd_delete, "delete a snapshot",
                      "Delete one snapshot. Data shared with other snapshots stays.",

@@ -46,6 +46,7 @@ class SnapshotInfo:
     predecessor: bytes | None
     qubes: dict  # the manifest's qubes map (see docs/SNAPSHOTS.md)
     bytes_total: int
+    version: int = manifest.VERSION  # the manifest's format
 
 
 @dataclass
@@ -71,7 +72,8 @@ def load_history(session, keys: crypto.Keys, state, *, allow_rollback: bool = Fa
             raise IntegrityError(f"snapshot {untrusted_id.hex()} fails authentication: {e}") from None
         m = manifest.decode(plain, repo_id=keys.repo_id, snapshot_id=untrusted_id, chunk_size=keys.chunk_size)
         total = sum(v["size"] for q in m.qubes.values() for v in q["volumes"].values())
-        history.append(SnapshotInfo(m.snapshot_id, m.time, m.host, m.predecessor, m.qubes, total))
+        history.append(SnapshotInfo(m.snapshot_id, m.time, m.host, m.predecessor, m.qubes, total,
+                                    m.version))
     history.sort(key=lambda s: (s.time, s.id))
     state.accept(keys.repo_id, history, allow_rollback=allow_rollback)
     return history

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""`qbackup restore --qubes` through the command line
+"""`qbackup restore --qubes` and `show` through the command line
 (subprocesses) on the simulated dom0: qubes of every class backed up from
 one sim and restored onto an empty one that has the backup qube's storage
 (a reinstalled system), compared setting by setting and byte by byte;
@@ -7,6 +7,7 @@ renames, the refusal to touch an existing qube, a tampered chunk."""
 
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import subprocess
@@ -143,6 +144,44 @@ def test_every_class_restored_onto_an_empty_sim(dom0s):
     for name in names:
         assert RESTORE_IN_PROGRESS not in new.backend().qube_tags(name)
 
+    # show: the qubes, their settings, and what changed (first snapshot: all added)
+    shown = json.loads(new.run("show", "latest", "--json").stdout)
+    assert sorted(shown["qubes"]) == names
+    assert shown["qubes"]["work"]["firewall"] == QUBES["work"]["firewall"]
+    assert shown["qubes"]["work"]["volumes"]["private"] == {
+        "size": 2 * MiB + 12345, "backed_up": True,
+        "config": {"pool": "varlibqubes", "size": 2 * MiB + 12345, "rw": True,
+                   "save_on_stop": True, "snap_on_start": False, "revisions_to_keep": 2,
+                   "ephemeral": False}}
+    assert shown["changes"]["added"] == names and shown["changes"]["predecessor"] is None
+
+
+def test_show_says_what_changed(dom0s):
+    make, _ = dom0s
+    dom0 = source(make)
+    dom0.run("backup", "tpl", "work", "sa")
+    backend = dom0.backend()
+    backend.set_property("work", "memory", 800)
+    backend.add_tag("work", "new-tag")
+    backend.set_firewall("work", ["action=drop"])
+    with open(backend.volume_config("work")["private"].path, "r+b") as f:
+        f.seek(1 * MiB)
+        f.write(random.Random(9).randbytes(300 << 10))  # two chunks of 256 KiB, or three
+    dom0.run("backup", "tpl", "work")
+    shown = json.loads(dom0.run("show", "latest", "--json").stdout)
+    changes = shown["changes"]
+    assert changes["added"] == [] and changes["removed"] == ["sa"]
+    assert {c["setting"]: (c["old"], c["new"]) for c in changes["settings"]["work"]} == {
+        "property memory": (600, 800), "tag new-tag": (False, True),
+        "firewall": (QUBES["work"]["firewall"], ["action=drop"])}
+    private = changes["volumes"]["work"]["private"]
+    assert private["changed_chunks"] == 2 and private["changed_bytes"] == 512 << 10
+    assert changes["volumes"]["tpl"]["root"]["changed_chunks"] == 0
+    text = dom0.run("show", "latest").stdout
+    assert "work: property memory: 600 -> 800" in text
+    assert "work:private: 512.0 KiB changed (2 chunks) of 2.0 MiB" in text
+    assert "removed: sa" in text
+
 
 
 def test_rename_replace_and_refusal(dom0s):
@@ -189,3 +228,4 @@ def test_tampered_chunk_leaves_the_qube_marked(dom0s):
     for name in failed:
         tags = new.backend().qube_tags(name)
         assert RESTORE_IN_PROGRESS in tags and RESTORE_FAILED in tags
+
