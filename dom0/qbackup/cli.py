@@ -23,6 +23,7 @@ from typing import Any, Callable, NoReturn
 
 from qbackup import crypto
 from qbackup.commands.backup import cmd_backup
+from qbackup.commands.browse import cmd_browse
 from qbackup.commands.common import (CONFIG_FILE, DEFAULT_REPO, DEFAULT_STATE_DIR,
                                      EXIT_ERROR, EXIT_INTEGRITY, EXIT_INTERRUPTED,
                                      EXIT_PASSPHRASE, EXIT_ROLLBACK, EXIT_USAGE, Context,
@@ -208,6 +209,24 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
     p.add_argument("snapshot", metavar="SNAPSHOT",
                    help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = _add_command(sub, "browse", cmd_browse, "browse a qube's files from a snapshot",
+                     "Make a temporary qube (qbackup-browse-..., red, no network) whose "
+                     "private volume is QUBE's from SNAPSHOT, streamed in and authenticated "
+                     "as restore does, and open its file manager. Its files are read in "
+                     "that qube, never in dom0: copy what you need out with qvm-copy. "
+                     "--cleanup removes every such qube.", rollback=True)
+    p.add_argument("snapshot", nargs="?", metavar="SNAPSHOT",
+                   help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
+    p.add_argument("qube", nargs="?", metavar="QUBE", help="the qube whose files to browse")
+    p.add_argument("--template", metavar="TEMPLATE",
+                   help="template of the browse qube (default: QUBE's own if it is on this "
+                   "system, else the system's default template)")
+    p.add_argument("--pool", metavar="POOL", help="pool for its volumes (default: the "
+                   "system's default)")
+    p.add_argument("--cleanup", action="store_true",
+                   help="remove every qbackup-browse-... qube made by this command (killed "
+                   "first if running)")
 
     p = _add_command(sub, "delete", cmd_delete, "delete a snapshot",
                      "Delete one snapshot. Data shared with other snapshots stays.",

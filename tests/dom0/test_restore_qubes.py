@@ -317,3 +317,57 @@ def test_a_tampered_chunk_leaves_no_qube_that_looks_complete(world, capfd):
     reply = qubesd.handle("admin.vm.Start", "work", "", b"")
     assert b"Restore of this domain in progress, cannot start" in reply
     assert json.dumps(out)  # printable report
+
+
+def test_browse_a_qubes_files_in_a_disposable_qube(world, capfd, tmp_path):
+    qubesd = world.new_system()
+    backend = world.backend()
+    small_template(qubesd, backend)
+    qubesd.add_qube("AppVM", "work", template="fedora", label="blue", netvm=None)
+    data = fill(backend, "work", "private", 6 * MiB, 12)
+    world.qbackup("init", "--scrypt-n", "16384", "--pack-size", "8M", capfd=capfd)
+    world.qbackup("backup", "work", capfd=capfd)
+    fill(backend, "work", "private", 1 * MiB, 13)  # the file was lost since
+
+    out, _ = world.qbackup("browse", "latest", "work", capfd=capfd)
+    qubes = {q.name: q for q in world.backend().list_qubes()}
+    [name] = [n for n in qubes if n.startswith("qbackup-browse-")]
+    assert name.startswith("qbackup-browse-work-") and len(name) <= 31
+    assert out.startswith(f"{name}: the private volume of work from snapshot ")
+    browse = qubes[name]
+    assert browse.klass == "AppVM" and browse.running
+    assert browse.properties["label"] == "red" and browse.properties["netvm"] is None
+    assert browse.properties["template"] == "fedora"
+    assert browse.properties["include_in_backups"] is False
+    assert "qbackup-browse" in browse.tags and RESTORE_IN_PROGRESS not in browse.tags
+    assert Path(browse.volumes["private"].path).read_bytes() == data
+    log = [json.loads(line) for line in (tmp_path / "qrexec.log").read_text().splitlines()]
+    assert log[-2] == ["-d", name, "DEFAULT:QUBESRPC qubes.VMShell dom0"]
+    assert "nautilus" in log[-1]["stdin"]
+
+    # a qube that only looks like one is left alone; ours is killed and removed
+    qubesd.add_qube("AppVM", "qbackup-browse-mine", template="fedora")
+    out, err = world.qbackup("browse", "--cleanup", capfd=capfd)
+    assert out == f"removed 1 browse qubes: {name}\n"
+    assert "qbackup-browse-mine has no tag qbackup-browse" in err
+    assert set(world.backend().system().qubes) == {"dom0", "backup", "fedora", "work",
+                                                    "qbackup-browse-mine"}
+
+
+def test_browse_removes_its_qube_when_a_chunk_is_forged(world, capfd):
+    qubesd = world.new_system()
+    backend = world.backend()
+    small_template(qubesd, backend)
+    qubesd.add_qube("AppVM", "work", template="fedora")
+    world.qbackup("init", "--scrypt-n", "16384", "--pack-size", "8M", capfd=capfd)
+    storage = Path(os.environ["QBACKUP_FAKE_QREXEC_SOCKET"]).parent / "storage"
+    world.qbackup("backup", "fedora", capfd=capfd)
+    first = set(storage.glob("default/packs/*/*.pack"))
+    fill(backend, "work", "private", 6 * MiB, 14)
+    world.qbackup("backup", "work", capfd=capfd)
+    [pack] = set(storage.glob("default/packs/*/*.pack")) - first
+    forge_middle_chunk(pack)
+    _, err = world.qbackup("browse", "latest", "work", capfd=capfd, expect=3)
+    assert err.startswith("qbackup: error: the private volume of work failed authentication: "
+                          "work:private at offset ") and "was removed" in err
+    assert not [q for q in world.backend().system().qubes if q.startswith("qbackup-browse")]

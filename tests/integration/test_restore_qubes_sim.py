@@ -229,3 +229,25 @@ def test_tampered_chunk_leaves_the_qube_marked(dom0s):
         tags = new.backend().qube_tags(name)
         assert RESTORE_IN_PROGRESS in tags and RESTORE_FAILED in tags
 
+
+def test_browse_and_cleanup(dom0s):
+    make, _ = dom0s
+    dom0 = source(make)
+    dom0.run("backup", "work")
+    data = dom0.state(["work"])["work"][2]["private"]
+    proc = dom0.run("browse", "latest", "work")
+    name = proc.stdout.split(":")[0]
+    assert name.startswith("qbackup-browse-work-")
+    backend = dom0.backend()
+    browse = {q.name: q for q in backend.list_qubes()}[name]
+    assert browse.running and browse.properties["netvm"] is None
+    assert browse.properties["label"] == "red" and browse.properties["template"] == "tpl"
+    assert Path(browse.volumes["private"].path).read_bytes() == data
+    [call] = [json.loads(line) for line in (dom0.dir / "qrexec.log").read_text().splitlines()]
+    assert call["qube"] == name and call["service"] == "qubes.VMShell"
+    proc = dom0.run("browse", "--cleanup")
+    assert proc.stdout == f"removed 1 browse qubes: {name}\n"
+    assert name not in dom0.backend().system().qubes
+    assert not (dom0.dir / "volumes" / name).exists()
+    dom0.run("browse", "latest", expect=2)
+    dom0.run("browse", "--cleanup", "latest", expect=2)
