@@ -427,30 +427,22 @@ class Testbed:
                payload: bytes) -> bytes:
         """One Admin API call from dom0, answered as qubesd answers it on its
         socket: b'0\\0' + reply, b'2\\0' + exception, or b'' (call aborted)."""
-        qubes = self._qubes
-        try:
-            api = qubes.api.admin.QubesAdminAPI(
-                self.app, b"dom0", method.encode(), (dest or "dom0").encode(),
-                (arg or "").encode())
-            reply = self.run(api.execute(untrusted_payload=payload))
-        except qubes.exc.QubesException as e:
-            return b"2\0" + type(e).__name__.encode() + b"\0\0" + str(e).encode() + b"\0"
-        except (qubes.api.PermissionDenied, qubes.api.ProtocolError):
-            return b""
-        except Exception as e:  # qubesd logs it and closes the connection
-            self.aborted.append((method, repr(e)))
-            return b""
-        return b"0\0" + (reply or "").encode()
+        import qubes.api.admin as admin_api
+        return self._answer(method, payload, lambda: admin_api.QubesAdminAPI(
+            self.app, b"dom0", method.encode(), (dest or "dom0").encode(),
+            (arg or "").encode()))
 
     def internal(self, method: str, dest: str, arg: str, payload: bytes) -> bytes:
         """One call to qubesd's internal API (qubesd.internal.sock), answered
         as qubesd-query prints it: b'0\\0' + reply or b'2\\0' + exception."""
         import qubes.api.internal as internal_api
+        return self._answer(method, payload, lambda: internal_api.QubesInternalAPI(
+            self.app, b"dom0", method.encode(), dest.encode(), arg.encode()))
+
+    def _answer(self, method: str, payload: bytes, make_api: Any) -> bytes:
         qubes = self._qubes
         try:
-            api = internal_api.QubesInternalAPI(
-                self.app, b"dom0", method.encode(), dest.encode(), arg.encode())
-            reply = self.run(api.execute(untrusted_payload=payload))
+            reply = self.run(make_api().execute(untrusted_payload=payload))
         except qubes.exc.QubesException as e:
             return b"2\0" + type(e).__name__.encode() + b"\0\0" + str(e).encode() + b"\0"
         except (qubes.api.PermissionDenied, qubes.api.ProtocolError):
