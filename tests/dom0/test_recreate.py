@@ -201,3 +201,75 @@ def test_format_1_snapshots_say_what_they_lack():
     assert any("no volume configuration" in w for w in p.warnings)
     # the original was not created by dom0: the tag qubesd adds comes off
     assert ("untag", "fedora", "created-by-dom0") in [s.action for s in p.steps]
+
+
+def test_a_format_1_snapshot_restores(tmp_path):
+    """A snapshot written before format 2 (no firewall, devices or
+    ephemeral recorded) still gives working qubes, with its data, on the sim."""
+    import msgpack
+
+    from qbackup import crypto, proto, transport
+    from qbackup.backup import VolumeSource, backup
+    from qbackup.recreate import execute
+    from qbackup.restore import load_history
+    from qbackup.state import State
+    from qbackup_sim import SimBackend, create_sim, socket_path, start_daemon, stop_daemon
+
+    old = create_sim(tmp_path / "old", {
+        "tpl": {"class": "TemplateVM", "label": "black", "volumes": {"root": 1 << 20,
+                                                                     "private": 1 << 20}},
+        "work": {"class": "AppVM", "label": "blue", "template": "tpl",
+                 "volumes": {"private": 3 << 20}}})
+    data = os.urandom(1 << 20)
+    with open(old / "volumes/work/private.img", "r+b") as f:
+        f.seek(1 << 20)
+        f.write(data)
+    keys = crypto.create_keys(64 << 10)
+    state = State(str(tmp_path / "state"))
+    start_daemon(old)
+    try:
+        def session():
+            return proto.Session(transport.unix_socket(str(socket_path(old)), "v1"))
+        s = session()
+        s.init(crypto.wrap_keys(keys, b"pw", scrypt_n=2 ** 14), 8 << 20)
+        qubes = {q.name: q for q in SimBackend(old).list_qubes()}
+        sources = [VolumeSource(q, v.name, v.path, v.size, v.settings())
+                   for q in ("tpl", "work") for v in qubes[q].volumes.values()
+                   if v.name in ("private", "root") and v.save_on_stop]
+        meta = {q: {k: v for k, v in qubes[q].settings().items()} for q in ("tpl", "work")}
+        stats = backup(s, keys, sources, meta, state=state)
+        s.close()
+        # rewrite its manifest as format 1 wrote it, under a new snapshot id
+        s = session()
+        s.open(True, lock_wait=15)
+        [snap] = load_history(s, keys, state)
+        doc = {"format": "qbackup-manifest", "version": 1, "repo_id": keys.repo_id,
+               "snapshot_id": os.urandom(32), "time": snap.time + 1, "host": "dom0",
+               "predecessor": stats.snapshot_id, "chunk_size": keys.chunk_size,
+               "qubes": {}}
+        for name, entry in snap.qubes.items():
+            entry = {k: v for k, v in entry.items()
+                     if k not in ("firewall", "devices", "dependencies")}
+            entry["volume_config"] = {v: {k: x for k, x in c.items() if k != "ephemeral"}
+                                      for v, c in entry["volume_config"].items()}
+            doc["qubes"][name] = entry
+        plain = msgpack.packb(doc, use_bin_type=True)
+        roots = [v["root"] for q in snap.qubes.values() for v in q["volumes"].values()
+                 if v["root"] != crypto.ZERO_ID]
+        s.commit(doc["snapshot_id"], crypto.seal_snapshot(keys, doc["snapshot_id"], plain), roots)
+        v1 = load_history(s, keys, state)[-1]
+        assert v1.version == 1 and v1.id == doc["snapshot_id"]
+        new = create_sim(tmp_path / "new", {})
+        backend = SimBackend(new)
+        p = plan(v1, backend.system(), Options([]))
+        assert p.problems == []
+        assert sum("no firewall rules recorded" in w for w in p.warnings) == 2
+        outcome = execute(p, backend, s, keys)
+        s.close()
+    finally:
+        stop_daemon(old)
+    assert outcome.restored == ["tpl", "work"] and not outcome.failed
+    restored = {q.name: q for q in SimBackend(new).list_qubes()}
+    assert restored["work"].properties == qubes["work"].properties
+    with open(restored["work"].volumes["private"].path, "rb") as f:
+        assert f.read() == bytes(1 << 20) + data + bytes(1 << 20)
