@@ -304,6 +304,11 @@ def backup(session, keys: crypto.Keys, sources: list[VolumeSource], qubes_meta: 
     qubes = _manifest_qubes(sources, qubes_meta, chunk_size)
     if predecessor is None:
         predecessor = state.load(keys.repo_id).head
+    snapshot_id, host = os.urandom(32), socket.gethostname()
+    # The final manifest differs only in its roots and time (of the same
+    # sizes): one too large for a snapshot is refused before anything is sent.
+    manifest.encode(manifest.Manifest(keys.repo_id, snapshot_id, time.time(), host, predecessor,
+                                      chunk_size, qubes))
     workers = workers or os.cpu_count() or 1
     bytes_read = 0
     with ThreadPoolExecutor(workers, thread_name_prefix="qbackup-backup") as pool:
@@ -327,11 +332,10 @@ def backup(session, keys: crypto.Keys, sources: list[VolumeSource], qubes_meta: 
             raise
     session.flush()
     pipeline.check()  # every PUT has been answered once flush returns
-    snapshot_id = os.urandom(32)
     for vol in volumes:
         qubes[vol.source.qube]["volumes"][vol.source.volume]["root"] = vol.root
     now = time.time()
-    plain = manifest.encode(manifest.Manifest(keys.repo_id, snapshot_id, now, socket.gethostname(),
+    plain = manifest.encode(manifest.Manifest(keys.repo_id, snapshot_id, now, host,
                                               predecessor, chunk_size, qubes))
     sealed = crypto.seal_snapshot(keys, snapshot_id, plain)
     session.commit(snapshot_id, sealed, _distinct_roots(v.root for v in volumes))

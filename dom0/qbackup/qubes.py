@@ -56,6 +56,7 @@ class VolumeInfo:
     snap_on_start: bool
     revisions_to_keep: int
     unreadable: str = ""
+    usage: int = 0    # bytes the volume holds (allocated), as Qubes reports it
     ephemeral: bool = False
 
     def settings(self) -> dict[str, Any]:
@@ -349,6 +350,7 @@ class QubesAdminBackend:
             rw=_flag(info, "rw"), save_on_stop=_flag(info, "save_on_stop"),
             snap_on_start=_flag(info, "snap_on_start"),
             revisions_to_keep=int(info["revisions_to_keep"]), unreadable=unreadable,
+            usage=int(info.get("usage") or 0),
             ephemeral=_flag(info, "ephemeral"))
 
     def qube_details(self, name: str) -> QubeDetails:

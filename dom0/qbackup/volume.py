@@ -27,17 +27,22 @@ def volume_size(path: str) -> int:
     except OSError as e:
         raise QbackupError(f"cannot open volume {path}: {e.strerror}") from None
     try:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode):
-            return st.st_size
-        if not stat.S_ISBLK(st.st_mode):
-            raise QbackupError(f"volume {path} is neither a regular file nor a block device")
-        try:
-            return struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]
-        except OSError:
-            return os.lseek(fd, 0, os.SEEK_END)
+        return fd_size(fd, path)
     finally:
         os.close(fd)
+
+
+def fd_size(fd: int, path: str) -> int:
+    """Size in bytes of the regular file or block device open as `fd`."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size
+    if not stat.S_ISBLK(st.st_mode):
+        raise QbackupError(f"volume {path} is neither a regular file nor a block device")
+    try:
+        return struct.unpack("Q", fcntl.ioctl(fd, BLKGETSIZE64, bytes(8)))[0]
+    except OSError:
+        return os.lseek(fd, 0, os.SEEK_END)
 
 
 def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:

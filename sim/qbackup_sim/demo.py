@@ -202,11 +202,12 @@ def run_demo(out: Path) -> None:
 
 
 def _settings(root: Path, names: list[str]) -> dict:
-    """Every setting of the qubes, without where their images are."""
+    """Every setting of the qubes, without where their images are and how
+    much of them is allocated (state of this machine, not settings)."""
     backend = SimBackend(root)
     qubes = {q.name: q for q in backend.list_qubes()}
-    return {name: (replace(qubes[name], volumes={n: replace(v, path=None) for n, v in
-                                                 qubes[name].volumes.items()}),
+    return {name: (replace(qubes[name], volumes={n: replace(v, path=None, usage=0)
+                                                 for n, v in qubes[name].volumes.items()}),
                    backend.qube_details(name)) for name in names}
 
 

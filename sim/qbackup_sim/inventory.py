@@ -189,6 +189,14 @@ def _validate_qube(name: str, qube: Any) -> None:
         _check(settings["size"] >= 0, where, "negative size")
 
 
+def _usage(image: Path) -> int:
+    """What an image file holds, as a file-reflink pool reports it."""
+    try:
+        return image.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
 def qube_infos(directory: str | os.PathLike, inventory: dict[str, Any]) -> list[QubeInfo]:
     """The inventory's qubes as the client sees them (derived properties
     dropped, volume paths made absolute)."""
@@ -203,6 +211,7 @@ def qube_infos(directory: str | os.PathLike, inventory: dict[str, Any]) -> list[
                             save_on_stop=s["save_on_stop"],
                             snap_on_start=s["snap_on_start"],
                             revisions_to_keep=s["revisions_to_keep"],
+                            usage=_usage(root / s["path"]),
                             ephemeral=s.get("ephemeral", False))
             for vol, s in sorted(qube.get("volumes", {}).items())}
         qubes.append(QubeInfo(name=name, klass=qube["class"],

@@ -297,3 +297,29 @@ def test_format_1_keeps_its_looser_checks():
     doc["qubes"]["work"]["Bad-Key"] = 1
     with pytest.raises(IntegrityError, match="bad key"):
         decode(msgpack.packb(doc, use_bin_type=True))
+
+
+def huge_features(total: int) -> dict[str, str]:
+    """Features of about `total` bytes in all, each within format 2's bound."""
+    n, rest = divmod(total, 60000)
+    return {**{f"huge{i}": "x" * 60000 for i in range(n)}, "huge-rest": "x" * rest}
+
+
+def test_oversized_manifest_is_refused_naming_the_largest_qube():
+    m = sample()
+    m.qubes["work"]["features"].update(huge_features(manifest.MAX_PLAIN))
+    with pytest.raises(QbackupError, match=f"over the {manifest.MAX_PLAIN} a snapshot may hold;"
+                       " qube work alone takes"):
+        manifest.encode(m)
+    m = sample()
+    m.qubes["work"]["features"].update(huge_features(
+        manifest.MAX_PLAIN - len(manifest.encode(sample())) - 2000))
+    assert len(manifest.encode(m)) <= manifest.MAX_PLAIN
+
+
+def test_the_largest_manifest_fits_a_snapshot_even_uncompressed():
+    from qbackup import proto
+    assert manifest.MAX_PLAIN + crypto.max_blob_size(0) == proto.MAX_SNAPSHOT
+    keys = crypto.create_keys(CS)
+    sealed = crypto.seal_snapshot(keys, SNAP, os.urandom(manifest.MAX_PLAIN))
+    assert len(sealed) == proto.MAX_SNAPSHOT

@@ -149,13 +149,15 @@ def build_source(world) -> dict[str, dict[str, bytes]]:
 
 
 def snapshot_of_system(backend: QubesAdminBackend, names) -> dict:
-    """Every setting of the qubes `names` and the data of their volumes."""
+    """Every setting of the qubes `names` and the data of their volumes (not
+    where the images are, nor how much of them is allocated)."""
     qubes = {q.name: q for q in backend.list_qubes()}
     state = {}
     for name in names:
         qube = qubes[name]
         state[name] = {
-            "info": replace(qube, volumes={n: replace(v, path=None) for n, v in qube.volumes.items()}),
+            "info": replace(qube, volumes={n: replace(v, path=None, usage=0)
+                                           for n, v in qube.volumes.items()}),
             "details": backend.qube_details(name),
             "data": {v.name: Path(v.path).read_bytes() for v in volumes_to_backup(qube)},
         }

@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from qbackup import restore as restore_mod
+from qbackup import jobs
 from qbackup.backup import VolumeSource, backup
-from qbackup.commands.common import (EXIT_OK, Context, ask_passphrase, clean, print_json,
-                                     unlock)
+from qbackup.commands.common import (EXIT_OK, Context, ask_passphrase, clean, open_history,
+                                     print_json)
+from qbackup.commands.jobs import job_run
 from qbackup.errors import QbackupError, UsageError
 from qbackup.progress import Progress, human_bytes
 from qbackup.qubes import QubeInfo, volumes_to_backup
@@ -42,8 +43,36 @@ def _sources(qubes: list[QubeInfo]) -> list[VolumeSource]:
     return sources
 
 
+def _job_qubes(ctx: Context, args: argparse.Namespace) -> list[QubeInfo]:
+    """The qubes of the context's job, after the checks of `qbackup check`:
+    refused on any error, warnings on stderr."""
+    assert ctx.job is not None
+    if args.qubes or args.all or args.exclude:
+        raise UsageError(f"job {ctx.job.name} chooses the qubes: give no QUBE, --all or "
+                         "--exclude with --job")
+    qubes = ctx.backend.list_qubes()
+    result = jobs.review(ctx.job, qubes)
+    for warning in result.warnings:
+        print(f"qbackup: warning: {clean(warning)}", file=sys.stderr)
+    if result.errors:
+        more = f" (and {len(result.errors) - 1} more: qbackup check {ctx.job.name})" \
+            if len(result.errors) > 1 else ""
+        raise QbackupError(f"job {ctx.job.name} refused: {result.errors[0]}{more}")
+    by_name = {q.name: q for q in qubes}
+    return [by_name[name] for name in result.selection.included]
+
+
 def cmd_backup(ctx: Context, args: argparse.Namespace) -> int:
-    qubes = _select_qubes(args, ctx.backend.list_qubes(), ctx.backup_vm)
+    if ctx.job is None:
+        return _backup(ctx, args, _select_qubes(args, ctx.backend.list_qubes(),
+                                                ctx.backup_vm), {})
+    with job_run(ctx) as figures:
+        return _backup(ctx, args, _job_qubes(ctx, args), figures)
+
+
+def _backup(ctx: Context, args: argparse.Namespace, qubes: list[QubeInfo],
+            figures: dict) -> int:
+    """Back up `qubes`; their figures also go into `figures`."""
     if not qubes:
         raise UsageError("nothing to back up: every qube is excluded")
     sources = _sources(qubes)
@@ -56,20 +85,19 @@ def cmd_backup(ctx: Context, args: argparse.Namespace) -> int:
                 for q in qubes}
     passphrase, state = ask_passphrase(args), ctx.state()
     with ctx.session() as session:
-        keys = unlock(session, passphrase, write=True)
-        history = restore_mod.load_history(session, keys, state,
-                                           allow_rollback=args.allow_rollback)
+        # the new snapshot follows dom0's head for this repository
+        keys, _ = open_history(ctx, args, session, passphrase, write=True)
         with Progress(sum(s.size for s in sources), "backup") as progress:
             stats = backup(session, keys, sources, settings,
-                           state=state, progress=progress,
-                           predecessor=history[-1].id if history else None)
+                           state=state, progress=progress)
+    figures.update({"snapshot": stats.snapshot_id.hex(), "qubes": [q.name for q in qubes],
+                    "volumes": stats.volumes, "bytes_total": stats.bytes_total,
+                    "bytes_read": stats.bytes_read, "bytes_sent": stats.bytes_sent,
+                    "chunks_total": stats.chunks_total, "chunks_zero": stats.chunks_zero,
+                    "chunks_new": stats.chunks_new, "chunks_dedup": stats.chunks_dedup,
+                    "seconds": stats.seconds})
     if args.json:
-        print_json({"snapshot": stats.snapshot_id.hex(), "qubes": [q.name for q in qubes],
-                     "volumes": stats.volumes, "bytes_total": stats.bytes_total,
-                     "bytes_read": stats.bytes_read, "bytes_sent": stats.bytes_sent,
-                     "chunks_total": stats.chunks_total, "chunks_zero": stats.chunks_zero,
-                     "chunks_new": stats.chunks_new, "chunks_dedup": stats.chunks_dedup,
-                     "seconds": stats.seconds})
+        print_json({**({"job": ctx.job.name} if ctx.job else {}), **figures})
         return EXIT_OK
     rate = stats.bytes_read / stats.seconds if stats.seconds > 0 else 0
     print(f"snapshot {stats.snapshot_id.hex()}")
