@@ -7,7 +7,6 @@ import contextlib
 import itertools
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from qbackup.errors import QbackupError, RollbackError
 from qbackup.restore import (VolumeStream, delete_snapshots, load_history, resolve_snapshot,
                              restore, verify)
 from qbackup.state import State
+from qbackup_sim.daemon import daemon_command
 
 CS = 64 << 10  # the smallest chunk size: more chunks per byte of test data
 START_TIMEOUT = 30  # guard against a daemon that never comes up, not a performance check
@@ -32,8 +32,8 @@ def daemon(tmp_path_factory):
     sock, storage = base / "sock", base / "storage"
     storage.mkdir()
     with open(base / "daemon.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "qbackupd", "serve", "--socket", str(sock),
-                                 "--storage", str(storage), "--log-level", "warning"],
+        proc = subprocess.Popen(daemon_command("serve", "--socket", str(sock), "--storage",
+                                               str(storage), "--log-level", "warning"),
                                 stdout=log, stderr=log)
     deadline = time.monotonic() + START_TIMEOUT
     while not sock.exists():

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import signal
 import socket
 import struct
@@ -25,8 +26,9 @@ import pytest
 from qbackup import cli, transport
 from qbackup.commands import common
 from qbackup.errors import QbackupError, UsageError
-from qbackup_sim import (daemon_pid, load_inventory, run_qbackup, save_inventory, start_daemon,
-                         stop_daemon)
+from qbackup_sim import (daemon_pid, load_inventory, run_qbackup, save_inventory, socket_path,
+                         start_daemon, stop_daemon)
+from qbackup_sim.daemon import DAEMON_PYTHON, daemon_command
 
 VOLUMES = {("tpl", "private"), ("tpl", "root"), ("work", "private")}
 POLL = 0.005
@@ -481,6 +483,21 @@ def test_sim_daemon_start_stop_and_restart_after_crash(sim):
     stopped = subprocess.run([*sim_cli, "stop", str(sim.dir)], capture_output=True, text=True)
     assert stopped.returncode == 0 and "daemon stopped" in stopped.stdout
     assert daemon_pid(sim.dir) is None and not (sim.dir / "daemon.sock").exists()
+
+
+def test_sim_daemon_runs_on_the_interpreter_the_environment_names(sim, tmp_path, monkeypatch):
+    """make test points QBACKUP_SIM_DAEMON_PYTHON at the backup qube's floor venv."""
+    called = tmp_path / "called"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$@" > {shlex.quote(str(called))}\n'
+                      f'exec {shlex.quote(daemon_command()[0])} "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setenv(DAEMON_PYTHON, str(python))
+    pid = start_daemon(sim.dir)
+    assert called.read_text().split() == [
+        "-m", "qbackupd", "serve", "--socket", str(socket_path(sim.dir)),
+        "--storage", str(sim.dir / "storage")]
+    assert daemon_pid(sim.dir) == pid
 
 
 def test_sim_create_command(tmp_path):
