@@ -274,7 +274,8 @@ class _Pipeline:
 
 def _manifest_qubes(sources: list[VolumeSource], qubes_meta: dict, chunk_size: int) -> dict:
     """The manifest's qubes map with placeholder roots, validated before any work."""
-    qubes = {name: {"properties": {}, "features": {}, "tags": [], **meta, "volumes": {}}
+    qubes = {name: {"properties": {}, "features": {}, "tags": [], "volume_config": {},
+                    "firewall": None, "devices": None, "dependencies": {}, **meta, "volumes": {}}
              for name, meta in qubes_meta.items()}
     for s in sources:
         if s.qube not in qubes:
@@ -292,9 +293,10 @@ def backup(session, keys: crypto.Keys, sources: list[VolumeSource], qubes_meta: 
            progress=None, workers: int | None = None, predecessor: bytes | None = None) -> BackupStats:
     """Back up `sources` and the qubes' metadata as one new snapshot; commit it last.
 
-    `qubes_meta` = {qube: {"class", "properties", "features", "tags", ...}}
-    (properties, features and tags default to empty); each qube's "volumes"
-    in the manifest are the sources. The predecessor defaults to the state's
+    `qubes_meta` = {qube: {"class", "properties", "features", "tags",
+    "volume_config", "firewall", "devices", "dependencies"}} (docs/SNAPSHOTS.md
+    §3; all but "class" default to empty, firewall and devices to nil: not
+    recorded); each qube's "volumes" in the manifest are the sources. The predecessor defaults to the state's
     head for this repository.
     """
     started = time.monotonic()

@@ -80,12 +80,15 @@ def _backup(ctx: Context, args: argparse.Namespace, qubes: list[QubeInfo],
         for s in sources:
             print(f"qbackup: {s.qube}/{s.volume}: {s.path} ({human_bytes(s.size)})",
                   file=sys.stderr)
+    # Firewall rules and device assignments: only for the qubes backed up.
+    settings = {q.name: {**q.settings(), **ctx.backend.qube_details(q.name).settings()}
+                for q in qubes}
     passphrase, state = ask_passphrase(args), ctx.state()
     with ctx.session() as session:
         # the new snapshot follows dom0's head for this repository
         keys, _ = open_history(ctx, args, session, passphrase, write=True)
         with Progress(sum(s.size for s in sources), "backup") as progress:
-            stats = backup(session, keys, sources, {q.name: q.settings() for q in qubes},
+            stats = backup(session, keys, sources, settings,
                            state=state, progress=progress)
     figures.update({"snapshot": stats.snapshot_id.hex(), "qubes": [q.name for q in qubes],
                     "volumes": stats.volumes, "bytes_total": stats.bytes_total,
