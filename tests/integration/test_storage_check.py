@@ -1,7 +1,7 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Bit rot injected into a pack written by real backups is found by the backup
 qube's `check --read-data` (no keys) and named, through dom0's authenticated
-history, by snapshot, qube and volume (maintenance.affected_volumes)."""
+history, by snapshot, qube and volume (restore.affected_volumes)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import sqlite3
 from pathlib import Path
 
 from adversary import Daemon
-from qbackup import crypto, maintenance, transport
+from qbackup import crypto, transport
 from qbackup.backup import VolumeSource, backup
 from qbackup.proto import Session
-from qbackup.restore import load_history
+from qbackup.progress import PhaseProgress
+from qbackup.restore import affected_volumes, load_history
 from qbackup.state import State
 
 CHUNK = 64 * 1024
@@ -67,16 +68,17 @@ def test_bit_rot_is_attributed_to_snapshots_qubes_and_volumes(tmp_path):
         flip_chunk(storage, keys.chunk_id(chunks["tpl", "root"][4]))  # in both snapshots
 
         with Session(transport.unix_socket(str(daemon.sock), "repo")) as s:
-            quick = maintenance.storage_check(s)
+            s.open(write=False)
+            quick = s.check()
         assert quick["problems"] == [] and quick["affected"] == []
         with Session(transport.unix_socket(str(daemon.sock), "repo")) as s:
-            progress = maintenance.PhaseProgress("check")
-            report = maintenance.storage_check(s, read_data=True, progress=progress)
+            s.open(write=False)
             history = load_history(s, keys, State(str(state_dir)))
+            report = s.check(read_data=True, progress=PhaseProgress("check"))
         assert report["damaged_total"] == 2 and report["complete"]
         assert sorted(report["damaged"]) == sorted([keys.chunk_id(changed),
                                                     keys.chunk_id(chunks["tpl", "root"][4])])
-        named = {(a.snapshot, a.qube, a.volume) for a in maintenance.affected_volumes(history, report)}
+        named = {(a.snapshot, a.qube, a.volume) for a in affected_volumes(history, report)}
         assert named == {(first, "tpl", "root"), (second, "tpl", "root"), (second, "work", "private")}
     finally:
         daemon.stop()

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Command line of the backup-qube daemon: `qbackupd serve|reindex|check|gc`.
+"""Command line of the backup-qube daemon: `qbackupd serve|reindex|check|gc`
+(`gc --all`: every repository, what the scheduled qbackupd-gc.service runs).
 
 Errors are printed as one line on stderr with exit status 2; `check` exits
 with status 1 when it finds problems.  `gc` stopped by SIGINT or SIGTERM
@@ -22,7 +23,7 @@ from .frames import valid_repo_name
 from .gc import DEFAULT_REPACK_BELOW, collect_garbage
 from .monitor import Cancelled
 from .server import ServerError, run
-from .storage import Storage, StorageError
+from .storage import Locked, Storage, StorageError
 
 EXIT_PROBLEMS = 1
 EXIT_ERROR = 2
@@ -80,7 +81,16 @@ def _parser() -> argparse.ArgumentParser:
     ):
         sub = subs[name] = commands.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         sub.add_argument("--storage", required=True, type=Path, metavar="DIR", help="directory of repositories")
-        sub.add_argument("repo", type=_repo_name, metavar="REPO", help="repository name")
+        if name != "gc":
+            sub.add_argument("repo", type=_repo_name, metavar="REPO", help="repository name")
+    which = subs["gc"].add_mutually_exclusive_group(required=True)
+    which.add_argument("repo", nargs="?", type=_repo_name, metavar="REPO", help="repository name")
+    which.add_argument(
+        "--all",
+        action="store_true",
+        help="every repository of the storage directory, one after the other (what qbackupd-gc.timer "
+        "runs); one being collected by another process is skipped",
+    )
     subs["check"].add_argument(
         "--read-data",
         action="store_true",
@@ -145,6 +155,23 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     raise AssertionError("unreachable")
+
+
+def _gc_all(storage: Storage, repack_below: int, dry_run: bool) -> int:
+    """Collect every repository; one error line per failed one (exit 2 if any
+    failed), a repository another collection holds is skipped."""
+    status = 0
+    for repo in storage.names():
+        try:
+            status = _gc(storage, repo, repack_below, dry_run) or status
+        except Locked as exc:
+            print(f"{repo}: skipped: {exc}")
+        except StorageError as exc:
+            print(f"qbackupd: error: gc of {repo}: {exc}", file=sys.stderr)
+            status = EXIT_ERROR
+        if status == EXIT_STOPPED:
+            break
+    return status
 
 
 def _gc(storage: Storage, repo: str, repack_below: int, dry_run: bool) -> int:
@@ -220,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         logging.basicConfig(level=args.log_level.upper(), format="qbackupd[%(process)d] %(levelname)s %(message)s")
         storage = Storage(args.storage)
+        if args.command == "gc" and args.all:
+            return _gc_all(storage, args.repack_below, args.dry_run)
         if args.command == "gc":
             return _gc(storage, args.repo, args.repack_below, args.dry_run)
         if args.command == "reindex":

@@ -593,6 +593,22 @@ class Storage:
             directory.close()
             raise
 
+    def names(self) -> list[str]:
+        """The repositories stored here, sorted: subdirectories of a valid name
+        holding a config file (a symlink, or anything else, is left out)."""
+        found = []
+        with _io("listing the repositories"), Dir.open_root(self.root) as root:
+            for name in sorted(os.listdir(root.fd)):
+                if not _NAME_RE.fullmatch(name) or ".." in name:
+                    continue
+                try:
+                    with root.sub(name) as directory:
+                        if directory.check_file(CONFIG):
+                            found.append(name)
+                except (UnsafeEntry, FileNotFoundError):
+                    continue
+        return found
+
     def _tree(self, name: str, what: str) -> _Tree:
         with _io(f"{what} repository {name!a}"):
             return self.open_tree(name)
