@@ -731,6 +731,9 @@ class Session:
                         complete=_bool)
             if len(f["problems"]) > MAX_PROBLEMS or len(f["affected"]) > MAX_AFFECTED:
                 raise ProtocolError("check answer lists more than it may")
+            if (f["problems_total"] < len(f["problems"]) or f["damaged_total"] < len(f["damaged"])
+                    or f["affected_total"] < len(f["affected"])):
+                raise ProtocolError("check answer counts fewer than it lists")
             f["problems"] = [sanitize(_str(MAX_PROBLEM_CHARS)(p, f"check.problems[{i}]"),
                                       MAX_PROBLEM_CHARS) for i, p in enumerate(f["problems"])]
             affected = []

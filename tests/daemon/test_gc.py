@@ -5,6 +5,7 @@ backup that deduplicates against dead blobs while it runs."""
 
 from __future__ import annotations
 
+import fcntl
 import random
 import sqlite3
 
@@ -13,6 +14,7 @@ import pytest
 from gcmodel import Model, content, ident, random_history
 from qbackupd import gc
 from qbackupd.check import check_repository
+from qbackupd.cli import main
 from qbackupd.storage import MIN_PACK_SIZE, Locked, Storage
 
 PACK = MIN_PACK_SIZE
@@ -296,3 +298,30 @@ def test_orphan_refs_are_purged_but_never_those_of_a_node_indexed_again(tmp_path
     assert index.purge_orphan_refs(10) == 1 and index.purge_orphan_refs(10) == 0
     assert dict(index.iter_refs()) == {node.id: ident("child")}
     index.close()
+
+
+def test_qbackupd_gc_all_collects_every_repository_and_skips_one_being_collected(storage, capsys):
+    """`qbackupd gc --all` (what qbackupd-gc.timer runs): every repository of the
+    storage directory; one whose collection another process holds is skipped;
+    a symlink to a repository, and a directory without a config, are not
+    repositories."""
+    model = build(storage)
+    delete(storage, model, "s0", "s1")
+    with storage.create("other", b"config", PACK, "creator"):
+        pass
+    (storage.root / "alias").symlink_to(storage.root / "work")
+    (storage.root / "empty").mkdir()
+    (storage.root / "not a name").mkdir()
+    assert storage.names() == ["other", "work"]
+    before = pack_names(storage)
+    assert main(["gc", "--all", "--storage", str(storage.root), "--repack-below", "100"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("other: 0 snapshots") and "\nwork: " in out and "freed" in out
+    assert pack_names(storage) != before
+    assert_intact(storage, model)
+
+    with open(storage.root / "work" / "gc" / "lock", "a+b") as held:   # another collection
+        fcntl.flock(held, fcntl.LOCK_EX)
+        assert main(["gc", "--all", "--storage", str(storage.root)]) == 0
+    out = capsys.readouterr().out
+    assert "work: skipped:" in out and out.startswith("other: ")
