@@ -293,9 +293,86 @@ BAD_ANSWERS = [
 ]
 
 
-@pytest.mark.parametrize("call, bad, match", BAD_ANSWERS)
-def test_bad_answer_kills_the_session(evil, call, bad, match):
-    d = evil(script=lambda d: d.sock.sendall(bad(d.recv())))
+HELLO2 = {**HELLO, "version": 2}
+GC = {"dry_run": False, "snapshots": 1, "live_blobs": 2, "packs_deleted": 0, "packs_repacked": 0,
+      "packs_written": 0, "packs_kept": 1, "bytes_copied": 0, "bytes_freed": -5}
+CHECK = {"problems": [], "problems_total": 0, "damaged": [], "damaged_total": 0,
+         "bad_snapshots": [], "affected": [], "affected_total": 0, "complete": True}
+USAGE = {"snapshots": [[ID[1], 2, 300]], "shared_blobs": 0, "shared_bytes": 0,
+         "unreferenced_blobs": 0, "unreferenced_bytes": 0, "missing": 0, "unreadable": 0}
+
+
+def progress(**over):
+    return answer(**{"op": "progress", "phase": "mark", "done": 1, "total": 0, **over})
+
+
+def gc(s):
+    return s.gc()
+
+
+def check(s):
+    return s.check(read_data=True)
+
+
+def usage(s):
+    return s.usage()
+
+
+BAD_V2_ANSWERS = [
+    (lambda s: s.delete_snapshots(ID[:2]), answer(op="ok", stored=True), "unknown fields: stored"),
+    (lambda s: s.delete_snapshots(ID[:2]), answer(op="gc", **GC), "expected 'ok', got 'gc'"),
+    (gc, answer(op="gc", **{**GC, "packs_deleted": -1}), "'gc.packs_deleted' value -1 outside"),
+    (gc, answer(op="gc", **{**GC, "dry_run": 0}), "'gc.dry_run' is int, not bool"),
+    (gc, answer(op="gc", **{**GC, "bytes_freed": -(1 << 63)}), "'gc.bytes_freed' value -9223372036854775808 outside"),
+    (gc, answer(op="gc", **GC, extra=1), "unknown fields: extra"),
+    (gc, stream(progress(phase="x" * 33)), "'progress.phase' has 33 characters, over 32"),
+    (gc, stream(progress(done=-1)), "'progress.done' value -1 outside"),
+    (gc, stream(progress(total="all")), "'progress.total' is str, not int"),
+    (gc, lambda req: frame(op="progress", rid=9, phase="mark", done=1, total=0), "rid 9 while awaiting gc"),
+    (gc, stream(progress(extra=True)), "unknown fields: extra"),
+    (gc, stream(progress(), answer(op="usage", **USAGE)), "expected 'gc', got 'usage'"),
+    (usage, stream(progress(), progress(), answer(op="usage", **{**USAGE, "snapshots": [[ID[1], 2]]})),
+     "usage.snapshots\\[0\\] is not \\[id, blobs, bytes\\]"),
+    (usage, answer(op="usage", **{**USAGE, "snapshots": [{"id": ID[1]}]}), "is not \\[id, blobs"),
+    (usage, answer(op="usage", **{**USAGE, "snapshots": [[ID[1][:31], 2, 3]]}),
+     "'usage.snapshots\\[0\\].id' is not a 32-byte id"),
+    (usage, answer(op="usage", **{**USAGE, "snapshots": [[ID[1], -2, 3]]}),
+     "'usage.snapshots\\[0\\].blobs' value -2 outside"),
+    (usage, answer(op="usage", **{**USAGE, "snapshots": [[ID[1], 2, 3]] * 2}), "names a snapshot twice"),
+    (usage, answer(op="usage", **{**USAGE, "snapshots": {}}), "'usage.snapshots' is dict, not array"),
+    (usage, answer(op="usage", **{**USAGE, "missing": True}), "'usage.missing' is bool"),
+    (check, answer(op="check", **{**CHECK, "problems": ["x"] * 101, "problems_total": 101}),
+     "check answer lists more than it may"),
+    (check, answer(op="check", **{**CHECK, "problems": ["x" * 301], "problems_total": 1}),
+     "'check.problems\\[0\\]' has 301 characters, over 300"),
+    (check, answer(op="check", **{**CHECK, "problems": [b"x"], "problems_total": 1}),
+     "'check.problems\\[0\\]' is bytes, not str"),
+    (check, answer(op="check", **{**CHECK, "problems": ["x"]}), "counts fewer than it lists"),
+    (check, answer(op="check", **{**CHECK, "damaged": [ID[1]]}), "counts fewer than it lists"),
+    (check, answer(op="check", **{**CHECK, "damaged": [ID[1]] * 4097, "damaged_total": 4097}),
+     "'check.damaged' has 4097 ids, over 4096"),
+    (check, answer(op="check", **{**CHECK, "damaged": [b"short"], "damaged_total": 1}),
+     "'check.damaged\\[0\\]' is not a 32-byte id"),
+    (check, answer(op="check", **{**CHECK, "bad_snapshots": [1]}),
+     "'check.bad_snapshots\\[0\\]' is not a 32-byte id"),
+    (check, answer(op="check", **{**CHECK, "affected": [[ID[1], []]], "affected_total": 1}),
+     "check.affected\\[0\\] is not a map"),
+    (check, answer(op="check", **{**CHECK, "affected": [{"id": ID[1]}], "affected_total": 1}),
+     "'check.affected\\[0\\]' with missing or unknown fields: roots"),
+    (check, answer(op="check", **{**CHECK, "affected": [{"id": ID[1], "roots": [ID[2]] * 1025}],
+                                  "affected_total": 1}), "'check.affected\\[0\\].roots' has 1025 ids"),
+    (check, answer(op="check", **{**CHECK, "affected": [{"id": ID[1], "roots": []}]}),
+     "counts fewer than it lists"),
+    (check, answer(op="check", **{**CHECK, "complete": 1}), "'check.complete' is int, not bool"),
+]
+
+
+@pytest.mark.parametrize("hello, call, bad, match",
+                         [(HELLO, *case) for case in BAD_ANSWERS] + [(HELLO2, *case) for case in BAD_V2_ANSWERS])
+def test_bad_answer_kills_the_session(evil, hello, call, bad, match):
+    """Version 1's answers, then version 2's (gc, check, usage, delete_snapshots,
+    progress frames) from a daemon that negotiated it."""
+    d = evil(hello=frame(**hello), script=lambda d: d.sock.sendall(bad(d.recv())))
     s = d.session()
     with pytest.raises(ProtocolError, match=match) as first:
         within(call, s)
@@ -482,91 +559,6 @@ def test_closing_or_connection_level_error_kills_the_session(evil, rid):
 
 
 # --- version 2: delete_snapshots, gc, check, usage and their progress frames ----------
-
-HELLO2 = {**HELLO, "version": 2}
-GC = {"dry_run": False, "snapshots": 1, "live_blobs": 2, "packs_deleted": 0, "packs_repacked": 0,
-      "packs_written": 0, "packs_kept": 1, "bytes_copied": 0, "bytes_freed": -5}
-CHECK = {"problems": [], "problems_total": 0, "damaged": [], "damaged_total": 0,
-         "bad_snapshots": [], "affected": [], "affected_total": 0, "complete": True}
-USAGE = {"snapshots": [[ID[1], 2, 300]], "shared_blobs": 0, "shared_bytes": 0,
-         "unreferenced_blobs": 0, "unreferenced_bytes": 0, "missing": 0, "unreadable": 0}
-
-
-def progress(**over):
-    return answer(**{"op": "progress", "phase": "mark", "done": 1, "total": 0, **over})
-
-
-def gc(s):
-    return s.gc()
-
-
-def check(s):
-    return s.check(read_data=True)
-
-
-def usage(s):
-    return s.usage()
-
-
-BAD_V2_ANSWERS = [
-    (lambda s: s.delete_snapshots(ID[:2]), answer(op="ok", stored=True), "unknown fields: stored"),
-    (lambda s: s.delete_snapshots(ID[:2]), answer(op="gc", **GC), "expected 'ok', got 'gc'"),
-    (gc, answer(op="gc", **{**GC, "packs_deleted": -1}), "'gc.packs_deleted' value -1 outside"),
-    (gc, answer(op="gc", **{**GC, "dry_run": 0}), "'gc.dry_run' is int, not bool"),
-    (gc, answer(op="gc", **{**GC, "bytes_freed": -(1 << 63)}), "'gc.bytes_freed' value -9223372036854775808 outside"),
-    (gc, answer(op="gc", **GC, extra=1), "unknown fields: extra"),
-    (gc, stream(progress(phase="x" * 33)), "'progress.phase' has 33 characters, over 32"),
-    (gc, stream(progress(done=-1)), "'progress.done' value -1 outside"),
-    (gc, stream(progress(total="all")), "'progress.total' is str, not int"),
-    (gc, lambda req: frame(op="progress", rid=9, phase="mark", done=1, total=0), "rid 9 while awaiting gc"),
-    (gc, stream(progress(extra=True)), "unknown fields: extra"),
-    (gc, stream(progress(), answer(op="usage", **USAGE)), "expected 'gc', got 'usage'"),
-    (usage, stream(progress(), progress(), answer(op="usage", **{**USAGE, "snapshots": [[ID[1], 2]]})),
-     "usage.snapshots\\[0\\] is not \\[id, blobs, bytes\\]"),
-    (usage, answer(op="usage", **{**USAGE, "snapshots": [{"id": ID[1]}]}), "is not \\[id, blobs"),
-    (usage, answer(op="usage", **{**USAGE, "snapshots": [[ID[1][:31], 2, 3]]}),
-     "'usage.snapshots\\[0\\].id' is not a 32-byte id"),
-    (usage, answer(op="usage", **{**USAGE, "snapshots": [[ID[1], -2, 3]]}),
-     "'usage.snapshots\\[0\\].blobs' value -2 outside"),
-    (usage, answer(op="usage", **{**USAGE, "snapshots": [[ID[1], 2, 3]] * 2}), "names a snapshot twice"),
-    (usage, answer(op="usage", **{**USAGE, "snapshots": {}}), "'usage.snapshots' is dict, not array"),
-    (usage, answer(op="usage", **{**USAGE, "missing": True}), "'usage.missing' is bool"),
-    (check, answer(op="check", **{**CHECK, "problems": ["x"] * 101, "problems_total": 101}),
-     "check answer lists more than it may"),
-    (check, answer(op="check", **{**CHECK, "problems": ["x" * 301], "problems_total": 1}),
-     "'check.problems\\[0\\]' has 301 characters, over 300"),
-    (check, answer(op="check", **{**CHECK, "problems": [b"x"], "problems_total": 1}),
-     "'check.problems\\[0\\]' is bytes, not str"),
-    (check, answer(op="check", **{**CHECK, "problems": ["x"]}), "counts fewer than it lists"),
-    (check, answer(op="check", **{**CHECK, "damaged": [ID[1]]}), "counts fewer than it lists"),
-    (check, answer(op="check", **{**CHECK, "damaged": [ID[1]] * 4097, "damaged_total": 4097}),
-     "'check.damaged' has 4097 ids, over 4096"),
-    (check, answer(op="check", **{**CHECK, "damaged": [b"short"], "damaged_total": 1}),
-     "'check.damaged\\[0\\]' is not a 32-byte id"),
-    (check, answer(op="check", **{**CHECK, "bad_snapshots": [1]}),
-     "'check.bad_snapshots\\[0\\]' is not a 32-byte id"),
-    (check, answer(op="check", **{**CHECK, "affected": [[ID[1], []]], "affected_total": 1}),
-     "check.affected\\[0\\] is not a map"),
-    (check, answer(op="check", **{**CHECK, "affected": [{"id": ID[1]}], "affected_total": 1}),
-     "'check.affected\\[0\\]' with missing or unknown fields: roots"),
-    (check, answer(op="check", **{**CHECK, "affected": [{"id": ID[1], "roots": [ID[2]] * 1025}],
-                                  "affected_total": 1}), "'check.affected\\[0\\].roots' has 1025 ids"),
-    (check, answer(op="check", **{**CHECK, "affected": [{"id": ID[1], "roots": []}]}),
-     "counts fewer than it lists"),
-    (check, answer(op="check", **{**CHECK, "complete": 1}), "'check.complete' is int, not bool"),
-]
-
-
-@pytest.mark.parametrize("call, bad, match", BAD_V2_ANSWERS)
-def test_bad_version_2_answer_kills_the_session(evil, call, bad, match):
-    d = evil(hello=frame(**HELLO2), script=lambda d: d.sock.sendall(bad(d.recv())))
-    s = d.session()
-    with pytest.raises(ProtocolError, match=match) as first:
-        within(call, s)
-    with pytest.raises(ProtocolError) as later:
-        within(s.stats)
-    assert later.value is first.value
-
 
 def test_version_2_answers_and_progress_pass_checked_and_sanitised(evil):
     answers = iter([stream(progress(phase="m\x1bark", done=5, total=9), answer(op="gc", **GC)),
