@@ -364,9 +364,13 @@ class _Collection:
             self._set_meta("build", self.index.build() or -1)
             self._phase("repack")
 
+    def _live_summary(self) -> Summary:
+        """The summary, with the number of live blobs the mark found."""
+        self.summary.live_blobs = self.walk.count()
+        return self.summary
+
     def _planned_summary(self) -> Summary:
-        s = self.summary
-        s.live_blobs = self.walk.count()
+        s = self._live_summary()
         for action, count, size, live in self.db.execute(
             "SELECT action, count(*), total(size), total(live_bytes) FROM plan GROUP BY action"
         ):
@@ -597,8 +601,7 @@ class _Collection:
         return not self._live_rows(name, skip_copied=False)
 
     def _final_summary(self) -> None:
-        s = self.summary
-        s.live_blobs = self.walk.count()
+        s = self._live_summary()
         for action, status, count, size in self.db.execute(
             "SELECT action, status, count(*), total(size) FROM plan GROUP BY action, status"
         ):
