@@ -181,10 +181,12 @@ class Affected:
 
 def affected_volumes(history: Iterable, untrusted_report: dict) -> list[Affected]:
     """Map a `check` answer's (snapshot id, refs) to the qubes and volumes of
-    dom0's authenticated `history` (restore.SnapshotInfo). A snapshot the
-    report names but the history lacks is left out (the history is dom0's
-    truth); one listed without refs ("roots": damage too wide to attribute,
-    or its file damaged) is reported for each of its volumes."""
+    dom0's authenticated `history` (load_history's History, or a list of
+    SnapshotInfo). A snapshot the report names but the history lacks is left
+    out (the history is dom0's truth); one listed without refs (damage too
+    wide to attribute) is reported for each of its volumes; a snapshot file
+    the report calls damaged, with no qube or volume, if dom0 lists it or
+    found it damaged too."""
     by_id = {snap.id: snap for snap in history}
     found: list[Affected] = []
     for snapshot_id, untrusted_roots in untrusted_report["affected"]:
@@ -199,8 +201,9 @@ def affected_volumes(history: Iterable, untrusted_report: dict) -> list[Affected
         found += [Affected(snapshot_id, q, v) for q, v in named]
         if roots - set(volumes.values()):
             found.append(Affected(snapshot_id, None, None))
+    damaged = {d.id for d in getattr(history, "damaged", ())}   # dom0 could not read them either
     for snapshot_id in untrusted_report["bad_snapshots"]:
-        if snapshot_id in by_id:
+        if snapshot_id in by_id or snapshot_id in damaged:
             found.append(Affected(snapshot_id, None, None))
     return found
 

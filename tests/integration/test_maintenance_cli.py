@@ -52,6 +52,14 @@ def test_bit_rot_is_named_by_snapshot_qube_and_volume(sim):
     verified = sim.run("verify", second, expect=3)   # dom0's own check agrees
     assert "FAILED" in verified.stdout
 
+    snapshot_file = sim.dir / "storage/default/snapshots" / first
+    raw = bytearray(snapshot_file.read_bytes())
+    raw[len(raw) // 2] ^= 0x01
+    snapshot_file.write_bytes(bytes(raw))
+    rotten = sim.run("check-storage", expect=3)      # dom0 cannot read it either
+    assert f"DAMAGED: snapshot {first[:16]}" in rotten.stdout and "its own file" in rotten.stdout
+    assert f"snapshot {first} is damaged" in rotten.stderr
+
 
 def test_gc_frees_what_prune_deleted_and_stats_show_it(sim, monkeypatch):
     sim.init()

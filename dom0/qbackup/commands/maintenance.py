@@ -49,11 +49,13 @@ def cmd_gc(ctx: Context, args: argparse.Namespace) -> int:
         print_json(untrusted)
         return EXIT_OK
     would = "would be " if untrusted["dry_run"] else ""
+    kept = (f", {untrusted['packs_kept']} kept because a live blob in them is damaged "
+            "(see check-storage)" if untrusted["packs_kept"] else "")
     print(f"gc of {ctx.repo} in {ctx.backup_vm} (figures from the backup qube): "
           f"{untrusted['snapshots']} snapshots reach {untrusted['live_blobs']} blobs; "
           f"{untrusted['packs_deleted']} packs {would}deleted, {untrusted['packs_repacked']} "
           f"{would}repacked into {untrusted['packs_written']} "
-          f"({human_bytes(untrusted['bytes_copied'])} copied), {untrusted['packs_kept']} kept; "
+          f"({human_bytes(untrusted['bytes_copied'])} copied){kept}; "
           f"{human_bytes(untrusted['bytes_freed'])} {would}freed")
     return EXIT_OK
 
@@ -92,9 +94,10 @@ def cmd_check_storage(ctx: Context, args: argparse.Namespace) -> int:
         print("the damage is too wide to attribute exactly: every snapshot is listed")
     times = {s.id: s.time for s in history}
     for a in found:
-        where = f"qube {a.qube} volume {a.volume}" if a.qube else "(its file, or a volume its " \
-                "manifest does not name)"
-        print(f"DAMAGED: snapshot {a.snapshot.hex()[:16]}  {local_time(times[a.snapshot])}  {where}")
+        where = (f"qube {a.qube} volume {a.volume}" if a.qube else
+                 "(its own file, or a volume its manifest does not name)")
+        when = local_time(times[a.snapshot]) if a.snapshot in times else f"{'?':19}"
+        print(f"DAMAGED: snapshot {a.snapshot.hex()[:16]}  {when}  {where}")
     what = "every byte of every pack read" if args.read_data else \
         "pack trailers, index and references (add --read-data to read every byte)"
     if bad:
