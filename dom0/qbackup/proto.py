@@ -7,9 +7,11 @@ before its payload is read, msgpack is decoded with every limit set (and an
 object budget, so a small frame cannot expand into a huge object graph), and
 each field is checked for type, length and range before it is used.
 
-Requests are pipelined: any thread may send; one reader thread matches the
-answers to the requests in FIFO order (PROTOCOL §3) and resolves their
-futures. Any protocol violation kills the session: every pending and later
+Requests are pipelined: any thread may send. A caller only encodes its
+request and queues the frame (within the in-flight byte budget); one sender
+thread owns the writing side of the transport, so no caller waits on
+another's write; one reader thread matches the answers to the requests in
+FIFO order (PROTOCOL §3) and resolves their futures. Any protocol violation kills the session: every pending and later
 call fails with that same ProtocolError, and nothing waits forever on a
 daemon that closed the connection.
 """
@@ -56,6 +58,7 @@ LOCK_RETRY = 0.2   # seconds between open attempts while the repository is locke
 # given up. Generous: a backup qube may rebuild a large index on open.
 STALL_TIMEOUT = 600.0
 READ_SIZE = 1 << 20
+WRITE_COALESCE = 64 << 10  # queued frames joined into one write up to this size
 # Bounds of the version-2 answers (PROTOCOL §5): a daemon sending more is broken.
 MAX_PROBLEMS, MAX_PROBLEM_CHARS = 100, 300
 MAX_DAMAGED = 4096
@@ -377,9 +380,12 @@ class Session:
         self._stall_timeout = stall_timeout
         self._heard = time.monotonic()           # last answer, or start of the wait for one
         self._max_in_flight = max_in_flight_bytes
-        self._send_lock = threading.Lock()       # rid order == write order == queue order
-        self._cond = threading.Condition()       # guards everything below
+        self._order_lock = threading.Lock()      # rid order == write order == queue order
+        lock = threading.Lock()
+        self._cond = threading.Condition(lock)   # guards everything below
+        self._outbox_ready = threading.Condition(lock)
         self._pending: collections.deque = collections.deque()
+        self._outbox: collections.deque = collections.deque()  # frames for the sender, in rid order
         self._in_flight = 0
         self._error: QbackupError | None = None
         self._closed = False
@@ -408,6 +414,9 @@ class Session:
         self._reader = threading.Thread(target=self._read_loop, name="qbackup-proto-reader",
                                         daemon=True)
         self._reader.start()
+        self._sender = threading.Thread(target=self._send_loop, name="qbackup-proto-sender",
+                                        daemon=True)
+        self._sender.start()
 
     def __enter__(self) -> "Session":
         return self
@@ -450,13 +459,16 @@ class Session:
                 self._error = exc
             calls = list(self._pending)
             self._pending.clear()
+            self._outbox.clear()
             self._cond.notify_all()
+            self._outbox_ready.notify_all()
         for call in calls:
             call.fail(self._error)
         self._transport.abort()
 
     def _send(self, msg: dict, make_call: Callable[[int, int], Any]) -> Any:
-        with self._send_lock:
+        """Number, encode and queue a request for the sender thread; its call."""
+        with self._order_lock:  # held to encode one frame, never during a write
             with self._cond:
                 if self._error is not None:
                     raise self._error
@@ -473,16 +485,33 @@ class Session:
                 if not self._pending:
                     self._heard = time.monotonic()  # the wait for an answer starts now
                 self._pending.append(call)
+                self._outbox.append(frame)
+                self._outbox_ready.notify()
             self._next_rid += 1
+        return call
+
+    def _send_loop(self) -> None:
+        """The sender thread: write the queued frames in order, small ones
+        joined up to WRITE_COALESCE bytes a write, until the session ends."""
+        while True:
+            with self._cond:
+                while not self._outbox and self._error is None:
+                    self._outbox_ready.wait()
+                if self._error is not None:
+                    return
+                frames = [self._outbox.popleft()]
+                size = len(frames[0])
+                while self._outbox and size + len(self._outbox[0]) <= WRITE_COALESCE:
+                    frames.append(self._outbox.popleft())
+                    size += len(frames[-1])
             try:
-                self._transport.write(frame)
+                self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
             except QbackupError as exc:  # the transport knows why (qrexec exit code)
                 self._fail(exc)
-                raise self._error from None
+                return
             except (OSError, ValueError) as exc:
                 self._fail(ProtocolError(f"cannot send to the daemon: {exc}"))
-                raise self._error from None
-        return call
+                return
 
     def _call(self, op: str, parse: Callable[[dict], Any], **fields: Any) -> Future:
         call = self._send({"op": op, **fields},
@@ -804,6 +833,7 @@ class Session:
                 if self._error is None:
                     self._error = QbackupError("session is closed")
                 self._cond.notify_all()
+                self._outbox_ready.notify_all()
             self._transport.close()
 
     # Defined last: in the class body, the name 'list' shadows the builtin.

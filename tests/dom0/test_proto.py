@@ -288,6 +288,47 @@ def test_senders_block_while_too_much_request_data_is_unanswered():
     within(s.close)
 
 
+def test_puts_return_while_the_sender_thread_is_blocked_writing():
+    """Callers only queue their frames: with the daemon reading nothing (the
+    socket buffers full, the sender thread stuck in its write), puts within
+    the in-flight budget still return at once, and all are answered later."""
+    gate = threading.Event()
+    d = FakeDaemon(gate=gate)
+    s = within(d.session, max_in_flight_bytes=64 << 20)
+    futures = within(lambda: [s.put(ident(i), 1, bytes([i]) * (256 << 10)) for i in range(40)])
+    time.sleep(0.1)
+    assert d.frames_read == 1 and not any(f.done() for f in futures)  # only hello was read
+    d.writable = True
+    gate.set()
+    assert [f.result(TIMEOUT) for f in futures] == [True] * 40
+    assert d.rids == list(range(1, 41))
+    within(s.close)
+
+
+def test_a_failed_write_fails_every_queued_call():
+    """The sender thread's write fails: every call queued fails with one
+    error, and later calls raise it at once."""
+    class BreakingTransport(SocketTransport):
+        broken = False
+
+        def write(self, data: bytes) -> None:
+            if self.broken:
+                raise OSError(32, "Broken pipe")
+            super().write(data)
+
+    d = FakeDaemon(gate=threading.Event())
+    transport = BreakingTransport(d.client_sock)
+    s = within(Session, transport)
+    transport.broken = True
+    futures = [s.put(ident(i), 1, bytes(1000)) for i in range(8)]
+    for f in futures:
+        with pytest.raises(ProtocolError, match="cannot send to the daemon: .*Broken pipe"):
+            f.result(TIMEOUT)
+    with pytest.raises(ProtocolError, match="Broken pipe"):
+        s.put(ident(99), 1, b"x")
+    within(s.close)
+
+
 def test_get_streams_in_order_within_window():
     d = FakeDaemon()
     s = within(d.session)
