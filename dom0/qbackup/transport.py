@@ -46,6 +46,10 @@ class Transport(abc.ABC):
         """Up to `n` bytes (at least one), b"" at end of stream."""
 
     @abc.abstractmethod
+    def readinto(self, buffer: memoryview) -> int:
+        """Read up to len(`buffer`) bytes into it (at least one); 0 at end of stream."""
+
+    @abc.abstractmethod
     def write(self, data: bytes) -> None:
         """Write all of `data`."""
 
@@ -70,6 +74,9 @@ class SocketTransport(Transport):
 
     def read(self, n: int) -> bytes:
         return self._sock.recv(n)
+
+    def readinto(self, buffer: memoryview) -> int:
+        return self._sock.recv_into(buffer)
 
     def write(self, data: bytes) -> None:
         self._sock.sendall(data)
@@ -113,6 +120,12 @@ class ProcessTransport(Transport):
         if not data:
             self._check_exit()
         return data
+
+    def readinto(self, buffer: memoryview) -> int:
+        count = self._proc.stdout.readinto(buffer)
+        if not count:
+            self._check_exit()
+        return count or 0
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
