@@ -58,6 +58,7 @@ LOCK_RETRY = 0.2   # seconds between open attempts while the repository is locke
 # given up. Generous: a backup qube may rebuild a large index on open.
 STALL_TIMEOUT = 600.0
 READ_SIZE = 1 << 20
+ABORT_GRACE = 2.0  # seconds abort() lets the sender write the frames already queued
 WRITE_COALESCE = 64 << 10  # queued frames joined into one write up to this size
 # Bounds of the version-2 answers (PROTOCOL §5): a daemon sending more is broken.
 MAX_PROBLEMS, MAX_PROBLEM_CHARS = 100, 300
@@ -399,6 +400,8 @@ class Session:
         self._outbox_ready = threading.Condition(lock)
         self._pending: collections.deque = collections.deque()
         self._outbox: collections.deque = collections.deque()  # frames for the sender, in rid order
+        self._writing = False   # the sender is in a write
+        self._aborting = False  # abort() waits for the outbox to empty: no new request
         self._in_flight = 0
         self._error: QbackupError | None = None
         self._closed = False
@@ -485,6 +488,8 @@ class Session:
             with self._cond:
                 if self._error is not None:
                     raise self._error
+                if self._aborting:
+                    raise QbackupError("session is being aborted")
             rid = self._next_rid
             frame = encode_frame({**msg, "rid": rid}, self.max_frame)
             call = make_call(rid, len(frame))
@@ -517,6 +522,7 @@ class Session:
                 while self._outbox and size + len(self._outbox[0]) <= WRITE_COALESCE:
                     frames.append(self._outbox.popleft())
                     size += len(frames[-1])
+                self._writing = True
             try:
                 self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
             except QbackupError as exc:  # the transport knows why (qrexec exit code)
@@ -525,6 +531,11 @@ class Session:
             except (OSError, ValueError) as exc:
                 self._fail(ProtocolError(f"cannot send to the daemon: {exc}"))
                 return
+            finally:
+                with self._cond:
+                    self._writing = False
+                    if self._aborting:
+                        self._cond.notify_all()
 
     def _call(self, op: str, parse: Callable[[dict], Any], **fields: Any) -> Future:
         call = self._send({"op": op, **fields},
@@ -822,8 +833,19 @@ class Session:
             pack_bytes=count, fs_size=count, fs_free=count)).result()
 
     def abort(self, reason: str = "session aborted") -> None:
-        """Kill the session at once (an error or an interrupt elsewhere): every
-        blocked or later call fails, and the daemon sees the connection drop."""
+        """Kill the session (an error or an interrupt elsewhere): every blocked
+        or later call fails, and the daemon sees the connection drop. The
+        frames callers had already handed over are written first, for at most
+        ABORT_GRACE seconds: as when each caller wrote its own, a daemon that
+        reads them carries them out, and a re-run reuses what they stored."""
+        deadline = time.monotonic() + ABORT_GRACE
+        with self._cond:
+            self._aborting = True
+            while (self._outbox or self._writing) and self._error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
         self._fail(QbackupError(reason))
 
     def close(self) -> None:

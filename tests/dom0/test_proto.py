@@ -305,6 +305,35 @@ def test_puts_return_while_the_sender_thread_is_blocked_writing():
     within(s.close)
 
 
+def test_abort_writes_what_was_queued_but_waits_only_so_long(monkeypatch):
+    """abort() lets the sender write the frames already queued (a daemon that
+    reads them stores them), but a daemon that reads nothing holds it up for
+    ABORT_GRACE only; then every call fails."""
+    d = FakeDaemon()
+    s = within(d.session)
+    s.init(b"cfg", 8 << 20)
+    futures = [s.put(ident(i), 1, bytes(1000)) for i in range(50)]
+    within(s.abort, "interrupted")
+    wait_until(lambda: len(d.blobs) == 50, "the queued puts to reach the daemon")
+    for f in futures:  # answered before the connection dropped, or failed by the abort
+        assert f.exception(TIMEOUT) is None or "interrupted" in str(f.exception())
+    with pytest.raises(QbackupError, match="interrupted"):
+        s.put(ident(99), 1, b"x")
+
+    monkeypatch.setattr("qbackup.proto.ABORT_GRACE", 0.3)
+    gate = threading.Event()
+    d = FakeDaemon(gate=gate)
+    s = within(d.session)
+    futures = [s.put(ident(i), 1, bytes(256 << 10)) for i in range(40)]
+    start = time.monotonic()
+    within(s.abort, "interrupted")
+    assert time.monotonic() - start < 5
+    for f in futures:
+        with pytest.raises(QbackupError, match="interrupted"):
+            f.result(TIMEOUT)
+    gate.set()
+
+
 def test_a_failed_write_fails_every_queued_call():
     """The sender thread's write fails: every call queued fails with one
     error, and later calls raise it at once."""
