@@ -5,9 +5,12 @@ Starts `python -m qbackupd serve` on a temp socket, stores SIZE bytes of
 random blobs (256 KiB by default) with a pipelined client (one thread
 writes, one reads), reads them all back with pipelined `get`s, then stops
 the daemon and runs `qbackupd reindex` on the repository. Reports MB/s, the
-daemon's peak RSS (VmHWM) and reindex's time and peak RSS as a markdown table.
+daemon's CPU time per stored GiB while it stores, its peak RSS (VmHWM) and
+reindex's time and peak RSS as a markdown table. `--daemon-src DIR` runs the
+daemon of another checkout (its vm-service directory), for a before/after
+comparison in one run.
 
-    .venv/bin/python bench/bench_daemon.py [--size 2G] [--blob-size 256K] [--dir /tmp]
+    .venv/bin/python bench/bench_daemon.py [--size 2G] [--blob-size 256K] [--dir /tmp] [--daemon-src DIR]
 """
 
 from __future__ import annotations
