@@ -66,7 +66,10 @@ class FakeDaemon:
         if not head:
             return None
         (n,) = struct.unpack(">I", head)
-        msg = msgpack.unpackb(self.sock.recv(n, socket.MSG_WAITALL), raw=False)
+        payload = self.sock.recv(n, socket.MSG_WAITALL)
+        if len(payload) < n:
+            return None  # the client aborted mid-frame
+        msg = msgpack.unpackb(payload, raw=False)
         self.frames_read += 1
         return msg
 
@@ -332,6 +335,7 @@ def test_abort_writes_what_was_queued_but_waits_only_so_long(monkeypatch):
         with pytest.raises(QbackupError, match="interrupted"):
             f.result(TIMEOUT)
     gate.set()
+    d.thread.join(TIMEOUT)
 
 
 def test_a_failed_write_fails_every_queued_call():
