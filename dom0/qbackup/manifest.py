@@ -1,11 +1,14 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Snapshot manifest: what one backup holds, as a msgpack map (format 1).
+"""Snapshot manifest: what one backup holds, as a msgpack map (format 2).
 
 The manifest names its repository, its own id, time, host and predecessor,
 the chunk size, and per qube its settings (class, properties, features, tags,
-optional extra metadata) and per volume its size and chunk map root. It is
+optional extra metadata) and per volume its size and chunk map root and,
+from version 2, where its data came from (`source`: last-shutdown or live
+state, when it was taken, and which of dom0's copies was read). It is
 sealed with crypto.seal_snapshot; decode() runs on authenticated plaintext
-only and still checks every type and bound. See docs/SNAPSHOTS.md.
+only and still checks every type and bound; version 1 manifests are still
+read. See docs/SNAPSHOTS.md.
 """
 
 import math
@@ -18,7 +21,8 @@ from qbackup.chunkmap import ID_SIZE, MAX_DEPTH, depth_for
 from qbackup.errors import IntegrityError, QbackupError, RollbackError
 
 FORMAT = "qbackup-manifest"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # read; VERSION is written
 MAX_VALUE_DEPTH = 8
 MAX_SIZE = 1 << 62
 QUBE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
@@ -26,6 +30,10 @@ VOLUME_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 EXTRA_KEY = re.compile(r"[a-z][a-z0-9_]{0,31}")
 QUBE_KEYS = {"class", "properties", "features", "tags", "volumes"}
 VOLUME_KEYS = {"size", "chunks", "root", "depth", "settings"}
+SOURCE_KEY = "source"  # version 2: optional in a volume entry
+SOURCE_KEYS = {"state", "taken", "copy"}
+SOURCE_STATES = ("shutdown", "live")
+COPY_ID_SIZE = 16
 TOP_KEYS = {"format", "version", "repo_id", "snapshot_id", "time", "host", "predecessor",
             "chunk_size", "qubes"}
 
@@ -84,8 +92,25 @@ def _check_id(value, where: str) -> None:
     _check(isinstance(value, bytes) and len(value) == ID_SIZE, f"{where} is not a {ID_SIZE}-byte id")
 
 
-def _check_volume(vol: dict, where: str, chunk_size: int) -> None:
-    _check(isinstance(vol, dict) and set(vol) == VOLUME_KEYS, f"{where} does not have exactly {sorted(VOLUME_KEYS)}")
+def _check_source(source, where: str) -> None:
+    _check(isinstance(source, dict) and set(source) == SOURCE_KEYS,
+           f"{where} does not have exactly {sorted(SOURCE_KEYS)}")
+    _check(source["state"] in SOURCE_STATES, f"{where}.state is not one of {SOURCE_STATES}")
+    _check(isinstance(source["taken"], float) and math.isfinite(source["taken"])
+           and source["taken"] >= 0, f"{where}.taken is invalid")
+    _check(source["copy"] is None or (isinstance(source["copy"], bytes)
+                                      and len(source["copy"]) == COPY_ID_SIZE),
+           f"{where}.copy is not nil or a {COPY_ID_SIZE}-byte id")
+
+
+def _check_volume(vol: dict, where: str, chunk_size: int, version: int = VERSION) -> None:
+    keys = set(vol) if isinstance(vol, dict) else set()
+    allowed = VOLUME_KEYS | ({SOURCE_KEY} if version >= 2 else set())
+    _check(isinstance(vol, dict) and VOLUME_KEYS <= keys <= allowed,
+           f"{where} does not have exactly {sorted(VOLUME_KEYS)}"
+           + (f" and optionally {SOURCE_KEY!r}" if version >= 2 else ""))
+    if SOURCE_KEY in vol:
+        _check_source(vol[SOURCE_KEY], f"{where}.{SOURCE_KEY}")
     _check_int(vol["size"], 0, MAX_SIZE, f"{where}.size")
     _check(vol["chunks"] == -(-vol["size"] // chunk_size), f"{where}.chunks does not match its size")
     _check_int(vol["depth"], 1, MAX_DEPTH, f"{where}.depth")
@@ -94,7 +119,7 @@ def _check_volume(vol: dict, where: str, chunk_size: int) -> None:
     _check_map(vol["settings"], f"{where}.settings")
 
 
-def _check_qube(qube: dict, where: str, chunk_size: int) -> None:
+def _check_qube(qube: dict, where: str, chunk_size: int, version: int) -> None:
     _check(isinstance(qube, dict) and QUBE_KEYS <= set(qube), f"{where} lacks one of {sorted(QUBE_KEYS)}")
     _check(isinstance(qube["class"], str) and qube["class"].isidentifier(), f"{where}.class is not a class name")
     _check_map(qube["properties"], f"{where}.properties")
@@ -104,17 +129,17 @@ def _check_qube(qube: dict, where: str, chunk_size: int) -> None:
     _check(isinstance(qube["volumes"], dict), f"{where}.volumes is not a map")
     for name, vol in qube["volumes"].items():
         _check(isinstance(name, str) and VOLUME_NAME.fullmatch(name) is not None, f"{where} has a bad volume name")
-        _check_volume(vol, f"{where}.volumes.{name}", chunk_size)
+        _check_volume(vol, f"{where}.volumes.{name}", chunk_size, version)
     for key in set(qube) - QUBE_KEYS:
         _check(isinstance(key, str) and EXTRA_KEY.fullmatch(key) is not None, f"{where} has a bad key")
         _check_value(qube[key], f"{where}.{key}")
 
 
-def _check_qubes(qubes: dict, chunk_size: int) -> None:
+def _check_qubes(qubes: dict, chunk_size: int, version: int = VERSION) -> None:
     _check(isinstance(qubes, dict), "qubes is not a map")
     for name, qube in qubes.items():
         _check(isinstance(name, str) and QUBE_NAME.fullmatch(name) is not None, "a qube has a bad name")
-        _check_qube(qube, f"qube {name}", chunk_size)
+        _check_qube(qube, f"qube {name}", chunk_size, version)
 
 
 def check_qubes(qubes: dict, chunk_size: int) -> None:
@@ -132,8 +157,9 @@ def _to_map(m: Manifest) -> dict:
 
 
 def _check_manifest(doc, repo_id: bytes, snapshot_id: bytes, chunk_size: int) -> None:
-    _check(isinstance(doc, dict) and set(doc) == TOP_KEYS, "manifest does not have exactly the format 1 fields")
-    _check(doc["format"] == FORMAT and doc["version"] == VERSION, "manifest is not format 1")
+    _check(isinstance(doc, dict) and set(doc) == TOP_KEYS, "manifest does not have exactly the format's fields")
+    _check(doc["format"] == FORMAT and doc["version"] in VERSIONS,
+           f"manifest is not one of the formats {VERSIONS}")
     _check_id(doc["repo_id"], "repo_id")
     if doc["repo_id"] != repo_id:
         raise RollbackError(f"snapshot {snapshot_id.hex()} belongs to repository {doc['repo_id'].hex()},"
@@ -145,7 +171,12 @@ def _check_manifest(doc, repo_id: bytes, snapshot_id: bytes, chunk_size: int) ->
     if doc["predecessor"] is not None:
         _check_id(doc["predecessor"], "predecessor")
     _check(doc["chunk_size"] == chunk_size, f"manifest chunk size is not {chunk_size}")
-    _check_qubes(doc["qubes"], chunk_size)
+    _check_qubes(doc["qubes"], chunk_size, doc["version"])
+
+
+def volume_source(volume_entry: dict) -> dict | None:
+    """A decoded volume entry's `source` (version 2), or None."""
+    return volume_entry.get(SOURCE_KEY)
 
 
 def encode(m: Manifest) -> bytes:

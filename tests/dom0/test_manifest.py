@@ -24,7 +24,9 @@ def sample() -> Manifest:
                  "features": {"service.cups": "1"},
                  "tags": ["audio", "created-by-dom0"],
                  "volumes": {"private": {"size": 2 * CS + 1, "chunks": 3, "root": os.urandom(32),
-                                         "depth": 1, "settings": {"pool": "vm-pool", "rw": True}}},
+                                         "depth": 1, "settings": {"pool": "vm-pool", "rw": True},
+                                         "source": {"state": "live", "taken": 1700000000.25,
+                                                    "copy": os.urandom(16)}}},
                  "firewall": [{"action": "accept", "dsthost": "example.org"}]},
         "debian-12": {"class": "TemplateVM", "properties": {}, "features": {}, "tags": [],
                       "volumes": {"root": {"size": 0, "chunks": 0, "root": crypto.ZERO_ID, "depth": 1,
@@ -54,7 +56,7 @@ def test_round_trip():
 
 def test_format_fields():
     doc = raw(sample())
-    assert doc["format"] == "qbackup-manifest" and doc["version"] == 1
+    assert doc["format"] == "qbackup-manifest" and doc["version"] == 2
     assert set(doc) == {"format", "version", "repo_id", "snapshot_id", "time", "host", "predecessor",
                         "chunk_size", "qubes"}
 
@@ -94,7 +96,8 @@ VOL = ("qubes", "work", "volumes", "private")
 
 @pytest.mark.parametrize("path,value", [
     (("format",), "something-else"),
-    (("version",), 2),
+    (("version",), 3),
+    (("version",), 0),
     (("extra",), 1),
     (("time",), DELETE),
     (("time",), 5),
@@ -132,6 +135,15 @@ VOL = ("qubes", "work", "volumes", "private")
     (VOL + ("settings",), None),
     (VOL + ("extra",), 1),
     (VOL + ("chunks",), DELETE),
+    (VOL + ("source",), None),
+    (VOL + ("source",), {}),
+    (VOL + ("source", "state"), "running"),
+    (VOL + ("source", "taken"), 5),
+    (VOL + ("source", "taken"), float("inf")),
+    (VOL + ("source", "copy"), b"short"),
+    (VOL + ("source", "copy"), "not bytes"),
+    (VOL + ("source", "extra"), 1),
+    (VOL + ("source", "taken"), DELETE),
 ])
 def test_hostile_fields_rejected(path, value):
     with pytest.raises(IntegrityError, match=f"snapshot {SNAP.hex()}: bad manifest"):
@@ -179,3 +191,27 @@ def test_check_qubes():
     manifest.check_qubes(qubes, CS)
     with pytest.raises(QbackupError, match="invalid qube metadata: qube work.volumes.private.chunks"):
         manifest.check_qubes(qubes, CS * 2)
+
+
+def test_version_1_manifests_are_still_read():
+    """Format 1 had no `source` in volume entries; it still decodes, and a
+    `source` is refused in it."""
+    doc = raw(sample())
+    doc["version"] = 1
+    del doc["qubes"]["work"]["volumes"]["private"]["source"]
+    m = decode(msgpack.packb(doc, use_bin_type=True))
+    assert manifest.volume_source(m.qubes["work"]["volumes"]["private"]) is None
+    doc["qubes"]["work"]["volumes"]["private"]["source"] = {"state": "live", "taken": 1.0,
+                                                            "copy": None}
+    with pytest.raises(IntegrityError, match="does not have exactly"):
+        decode(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_source_is_optional_in_version_2():
+    m = sample()
+    del m.qubes["work"]["volumes"]["private"]["source"]
+    assert decode(manifest.encode(m)) == m
+    m.qubes["work"]["volumes"]["private"]["source"] = {"state": "shutdown", "taken": 0.0,
+                                                       "copy": None}
+    assert manifest.volume_source(decode(manifest.encode(m)).qubes["work"]["volumes"][
+        "private"]) == {"state": "shutdown", "taken": 0.0, "copy": None}
