@@ -71,6 +71,26 @@ def rollback_problem(record: Record, snapshots: Sequence[SnapshotRef]) -> str | 
     return None
 
 
+def write_json_atomic(directory: str, path: str, doc: object) -> None:
+    """Write `doc` as JSON to `path` in `directory`: temporary file (0600,
+    no symlink followed), fsync, rename, fsync of the directory."""
+    tmp = path + ".tmp"
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise QbackupError(f"cannot write state file {path}: {e.strerror}") from None
+
+
 class State:
     """Per-repository records in one directory (default /var/lib/qbackup)."""
 
@@ -79,6 +99,11 @@ class State:
 
     def _path(self, repo_id: bytes, suffix: str) -> str:
         return os.path.join(self.directory, repo_id.hex() + suffix)
+
+    def lock(self, repo_id: bytes) -> contextlib.AbstractContextManager[None]:
+        """The per-repository lock of the state files (qbackup.copies keeps
+        its record under it too)."""
+        return self._locked(repo_id)
 
     @contextlib.contextmanager
     def _locked(self, repo_id: bytes) -> Iterator[None]:
@@ -117,21 +142,7 @@ class State:
         doc = {"format": FORMAT, "version": VERSION, "repo_id": repo_id.hex(),
                "head": None if record.head is None else {"id": record.head.hex(), "time": record.head_time},
                "deleted": sorted(d.hex() for d in record.deleted)}
-        path, tmp = self._path(repo_id, ".json"), self._path(repo_id, ".json.tmp")
-        try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(doc, f, indent=1)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError as e:
-            raise QbackupError(f"cannot write state file {path}: {e.strerror}") from None
+        write_json_atomic(self.directory, self._path(repo_id, ".json"), doc)
 
     def record_head(self, repo_id: bytes, snapshot_id: bytes, time: float) -> None:
         """Record a snapshot this dom0 has just committed as the newest."""
