@@ -39,7 +39,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
-import json
 import os
 import re
 import time
@@ -52,7 +51,7 @@ from qbackup.backup import Previous, VolumeSource
 from qbackup.errors import QbackupError
 from qbackup.fiemap import NoReflink, Untrackable
 from qbackup.qubes import QubeInfo, VolumeInfo
-from qbackup.state import State, write_json_atomic
+from qbackup.state import State, read_json, write_json_atomic
 from qbackup.tools import ToolError
 from qbackup.volume import VolumeFile
 
@@ -153,13 +152,9 @@ class Store:
         self.path = os.path.join(state.directory, repo_id.hex() + ".copies.json")
 
     def load(self) -> Record:
-        try:
-            with open(self.path, "rb") as f:
-                doc = json.load(f)
-        except FileNotFoundError:
+        doc = read_json(self.path)
+        if doc is None:
             return Record()
-        except (OSError, ValueError) as e:
-            raise QbackupError(f"cannot read {self.path}: {e}") from None
         try:
             if (doc["format"] != FORMAT or doc["version"] != VERSION
                     or doc["repo_id"] != self.repo_id.hex()):
@@ -529,8 +524,7 @@ class Copies:
                 ) -> list[VolumeSource]:
         """Take (or, resuming, reopen) a copy of every target volume, then
         find what changed since each one's base; the engine's sources."""
-        plan = self.plan(history, qubes)
-        self.store.save(self.record)  # promotions of copies a snapshot names
+        plan = self.plan(history, qubes)  # promotions are saved with the new copies
         self._volumes = [_Volume(q, v, LIVE if live and v.live_path else SHUTDOWN)
                          for q, v in targets]
         keys = sorted(v.key for v in self._volumes)
@@ -688,12 +682,13 @@ class Copies:
         """After the repository committed `snapshot` (id, time, qubes): its
         copies are the new bases; remove what is left over. Returns what was
         removed and the problems met (the snapshot stands either way)."""
+        # Saved once, after the removals: killed before, the next run finds
+        # the same from the manifests (reconcile).
         used = {vol.copy.id: snapshot for vol in self._volumes if vol.copy is not None}
         self.record.run = None
         for copy in self.record.copies:
             if copy.id in used:
                 copy.snapshot = snapshot.id
-        self.store.save(self.record)
         for vol in self._volumes:
             if vol.file is not None:
                 vol.file.close()

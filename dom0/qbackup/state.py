@@ -71,6 +71,17 @@ def rollback_problem(record: Record, snapshots: Sequence[SnapshotRef]) -> str | 
     return None
 
 
+def read_json(path: str) -> object | None:
+    """The JSON document in `path`, None if there is no such file."""
+    try:
+        with open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise QbackupError(f"cannot read state file {path}: {e}") from None
+
+
 def write_json_atomic(directory: str, path: str, doc: object) -> None:
     """Write `doc` as JSON to `path` in `directory`: temporary file (0600,
     no symlink followed), fsync, rename, fsync of the directory."""
@@ -121,13 +132,9 @@ class State:
     def load(self, repo_id: bytes) -> Record:
         """The record for a repository (empty if none yet)."""
         path = self._path(repo_id, ".json")
-        try:
-            with open(path, "rb") as f:
-                doc = json.load(f)
-        except FileNotFoundError:
+        doc = read_json(path)
+        if doc is None:
             return Record()
-        except (OSError, ValueError) as e:
-            raise QbackupError(f"cannot read state file {path}: {e}") from None
         try:
             if doc["format"] != FORMAT or doc["version"] != VERSION or doc["repo_id"] != repo_id.hex():
                 raise ValueError("not a version 1 state file for this repository")
