@@ -82,19 +82,30 @@ def write_blocks(path: Path, offsets: list[int]) -> None:
             f.write(os.urandom(4096))
 
 
-@pytest.fixture
-def psim(tmp_path_factory, reflink_fs) -> PoolSim:
+def _pool_sim(tmp_path_factory, fs_dir: Path):
     root = create_sim(tmp_path_factory.mktemp("sim"), {
         "tpl": {"class": "TemplateVM", "label": "black",
                 "volumes": {"root": 8 * MiB, "private": 2 * MiB}},
         "work": {"class": "AppVM", "label": "red", "template": "tpl",
-                 "volumes": {"private": 12 * MiB, "volatile": MiB}}}, pool_dir=reflink_fs / "pool")
-    sim = PoolSim(root, reflink_fs / "pool")
+                 "volumes": {"private": 12 * MiB, "volatile": MiB}}}, pool_dir=fs_dir / "pool")
+    sim = PoolSim(root, fs_dir / "pool")
     fill(sim.image("tpl", "root"), 1)
     fill(sim.image("work"), 2)
     sim.run("init", "--scrypt-n", "16384", "--pack-size", "8M")
     yield sim
     stop_daemon(root)
+
+
+@pytest.fixture
+def psim(tmp_path_factory, reflink_fs) -> PoolSim:
+    """A sim whose pool is on btrfs, then on xfs."""
+    yield from _pool_sim(tmp_path_factory, reflink_fs)
+
+
+@pytest.fixture
+def bsim(tmp_path_factory, btrfs_dir) -> PoolSim:
+    """A sim whose pool is on btrfs."""
+    yield from _pool_sim(tmp_path_factory, btrfs_dir)
 
 
 def restore_matches(sim: PoolSim, snapshot: str, expected: dict[str, bytes]) -> None:
@@ -142,39 +153,39 @@ def test_incremental_reads_only_the_chunks_written(psim):
     assert cleanup["would_remove"] == [] and len(cleanup["kept"]) == 3
 
 
-def test_volume_size_changes(psim):
-    work = psim.image("work")
-    psim.backup("work")
+def test_volume_size_changes(bsim):
+    work = bsim.image("work")
+    bsim.backup("work")
     with open(work, "r+b") as f:  # grown by 2 MiB, new data in the last one
         f.truncate(14 * MiB)
         f.seek(13 * MiB)
         f.write(os.urandom(MiB))
-    grown = psim.backup("work")["by"]["work:private"]
+    grown = bsim.backup("work")["by"]["work:private"]
     assert grown["read"] == "changed"
     assert grown["bytes_read"] == MiB  # the new data (the rest of the new end is a hole)
-    restore_matches(psim, "latest", {"work/private": work.read_bytes()})
+    restore_matches(bsim, "latest", {"work/private": work.read_bytes()})
     os.truncate(work, 5 * MiB + 1000)  # shrunk to a short last chunk
-    shrunk = psim.backup("work")["by"]["work:private"]
+    shrunk = bsim.backup("work")["by"]["work:private"]
     assert shrunk["bytes_read"] == 1000  # only the now shorter last chunk
-    restore_matches(psim, "latest", {"work/private": work.read_bytes()})
+    restore_matches(bsim, "latest", {"work/private": work.read_bytes()})
 
 
-def test_bases_of_another_repository_or_damaged_ones_are_never_trusted(psim):
-    work = psim.image("work")
-    psim.run("--repo", "other", "init", "--scrypt-n", "16384", "--pack-size", "8M")
-    psim.backup("work")
-    [ours] = psim.copies()
+def test_bases_of_another_repository_or_damaged_ones_are_never_trusted(bsim):
+    work = bsim.image("work")
+    bsim.run("--repo", "other", "init", "--scrypt-n", "16384", "--pack-size", "8M")
+    bsim.backup("work")
+    [ours] = bsim.copies()
     tag = ours.name.split("-")[1]
 
     def our_copies() -> list[Path]:
-        return [p for p in psim.copies() if f"-{tag}-" in p.name]
-    other = psim.backup("--repo", "other", "work")["by"]["work:private"]
+        return [p for p in bsim.copies() if f"-{tag}-" in p.name]
+    other = bsim.backup("--repo", "other", "work")["by"]["work:private"]
     assert other["read"] == "full"  # the other repository has no base: ours is not its
-    assert len(psim.copies()) == 2
+    assert len(bsim.copies()) == 2
 
     # dom0's record of "other" made to claim our copy as its base: refused,
     # and never removed by "other" (its name carries our repository's tag)
-    state = psim.dir / "dom0-state"
+    state = bsim.dir / "dom0-state"
     records = {p: json.loads(p.read_text()) for p in state.glob("*.copies.json")}
     mine = next(d for d in records.values() if d["copies"][0]["where"] == str(ours))
     theirs_path = next(p for p, d in records.items() if d is not mine)
@@ -183,7 +194,7 @@ def test_bases_of_another_repository_or_damaged_ones_are_never_trusted(psim):
                                fingerprint=mine["copies"][0]["fingerprint"])
     theirs_path.write_text(json.dumps(theirs))
     write_blocks(work, [0])
-    forged = psim.backup("--repo", "other", "work")["by"]["work:private"]
+    forged = bsim.backup("--repo", "other", "work")["by"]["work:private"]
     assert forged["read"] == "full" and forged["bytes_read"] == 12 * MiB
     assert ours.exists()
 
@@ -196,7 +207,7 @@ def test_bases_of_another_repository_or_damaged_ones_are_never_trusted(psim):
     fiemap.clone(src, dst)
     os.close(src)
     os.close(dst)
-    replaced = psim.backup("work")["by"]["work:private"]
+    replaced = bsim.backup("work")["by"]["work:private"]
     assert replaced["read"] == "fallback"
     assert "was changed or replaced since it was made" in replaced["reason"]
     assert replaced["bytes_read"] == 12 * MiB
@@ -207,15 +218,15 @@ def test_bases_of_another_repository_or_damaged_ones_are_never_trusted(psim):
     os.chmod(base, 0o600)
     write_blocks(base, [MiB])
     os.chmod(base, 0o400)
-    damaged = psim.backup("work")["by"]["work:private"]
+    damaged = bsim.backup("work")["by"]["work:private"]
     assert damaged["read"] == "fallback" and "changed or replaced" in damaged["reason"]
     # gone altogether
     [base] = our_copies()
     base.unlink()
-    gone = psim.backup("work")["by"]["work:private"]
+    gone = bsim.backup("work")["by"]["work:private"]
     assert gone["read"] == "fallback" and "base copy not usable" in gone["reason"]
-    restore_matches(psim, "latest", {"work/private": work.read_bytes()})
-    assert psim.json("verify", "--all")["ok"]
+    restore_matches(bsim, "latest", {"work/private": work.read_bytes()})
+    assert bsim.json("verify", "--all")["ok"]
 
 
 def _commit_during_read(monkeypatch, image: Path, new_content: bytes) -> list[str]:
@@ -276,24 +287,24 @@ def test_without_a_copy_a_shutdown_during_the_read_fails_the_backup(tmp_path_fac
         stop_daemon(root)
 
 
-def test_live_backups_read_the_running_qubes_changes(psim):
-    work = psim.image("work")
+def test_live_backups_read_the_running_qubes_changes(bsim):
+    work = bsim.image("work")
     shutdown_state = work.read_bytes()
-    psim.backup("work")
-    inventory = load_inventory(psim.dir)
+    bsim.backup("work")
+    inventory = load_inventory(bsim.dir)
     inventory["qubes"]["work"]["running"] = True
-    save_inventory(psim.dir, inventory)
+    save_inventory(bsim.dir, inventory)
     dirty = work.with_name("private-dirty.img")  # as qubesd starts the qube: a reflink copy
     subprocess.run(["cp", "--reflink=always", str(work), str(dirty)], check=True)
     write_blocks(dirty, [0, 3 * MiB])
-    default = psim.backup("work")["by"]["work:private"]
+    default = bsim.backup("work")["by"]["work:private"]
     assert default["state"] == "shutdown" and default["bytes_read"] == 0
-    live = psim.backup("work", "--live")["by"]["work:private"]
+    live = bsim.backup("work", "--live")["by"]["work:private"]
     assert live["state"] == "live" and live["read"] == "changed"
     assert live["bytes_read"] == 2 * CS
-    restore_matches(psim, "latest", {"work/private": dirty.read_bytes()})
-    history = psim.json("list")["snapshots"]
-    restore_matches(psim, history[1]["id"], {"work/private": shutdown_state})
+    restore_matches(bsim, "latest", {"work/private": dirty.read_bytes()})
+    history = bsim.json("list")["snapshots"]
+    restore_matches(bsim, history[1]["id"], {"work/private": shutdown_state})
 
 
 def test_a_pool_without_reflinks_is_read_in_place(tmp_path_factory, tmp_path):
@@ -312,26 +323,26 @@ def test_a_pool_without_reflinks_is_read_in_place(tmp_path_factory, tmp_path):
         stop_daemon(root)
 
 
-def test_cleanup_lists_and_removes_leftovers(psim):
-    psim.backup("work")
-    [base] = psim.copies()
+def test_cleanup_lists_and_removes_leftovers(bsim):
+    bsim.backup("work")
+    [base] = bsim.copies()
     tag = base.name.split("-")[1]
     orphan = base.with_name(f"private.qbackup-{tag}-0123456789ab.img")  # killed mid-copy
     orphan.write_bytes(b"x")
     foreign = base.with_name("private.qbackup-00000000000000ff-0123456789ab.img")
     foreign.write_bytes(b"y")
-    dry = psim.json("cleanup", "--dry-run")
+    dry = bsim.json("cleanup", "--dry-run")
     assert [d["where"] for d in dry["would_remove"]] == [str(orphan)]
     assert "no record of it" in dry["would_remove"][0]["reason"]
     assert [k["where"] for k in dry["kept"]] == [str(base)]
     assert dry["other_repositories"] == [str(foreign)]
     assert orphan.exists()
-    text = psim.run("cleanup").stdout
+    text = bsim.run("cleanup").stdout
     assert f"removed reflink copy {orphan}" in text and not orphan.exists()
     assert foreign.exists() and base.exists()
-    psim.run("cleanup", "--all")
-    assert psim.copies() == [foreign]
-    assert psim.backup("work")["by"]["work:private"]["read"] == "full"
+    bsim.run("cleanup", "--all")
+    assert bsim.copies() == [foreign]
+    assert bsim.backup("work")["by"]["work:private"]["read"] == "full"
 
 
 # -- SIGKILL at random points, then a re-run ----------------------------------------
