@@ -15,7 +15,8 @@ Then, in one run, on the same image series for every tool:
 A day of use (workload.realistic_day) goes through the kernel: the ext4
 image is loop-mounted and changed with file operations (pages rewritten in
 place inside files, logs appended, files replaced, new real files, files
-deleted), then unmounted. qbackup reads only its reflink copies and,
+deleted), then unmounted. Wall and CPU seconds (qbackup: client and
+daemon; others: their process) for each step. qbackup reads only its reflink copies and,
 after the first backup, only what FIEMAP says changed; restic and borg
 read the whole image. For each day: the 4 KiB blocks and 256 KiB chunks
 whose content changed (comparing the images), and what qbackup read.
@@ -36,10 +37,11 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import (Borg, QbackupCli, Restic, machine, make_image,  # noqa: E402
-                      realistic_day, timed, touched)
+from workload import (Borg, QbackupCli, Restic, children_cpu, machine,  # noqa: E402
+                      make_image, process_cpu, realistic_day, timed, touched)
 
 from qbackup.commands.common import parse_size  # noqa: E402
+from qbackup_sim.daemon import daemon_pid  # noqa: E402
 from qbackup_sim.inventory import create_sim  # noqa: E402
 
 DEVNULL = subprocess.DEVNULL
@@ -98,13 +100,17 @@ def main() -> int:
             result = {}
             for tool in tools:
                 grown = tool.repo_bytes()
+                daemon = daemon_pid(q.sim) if tool is q else None
+                cpu = children_cpu() + process_cpu(daemon)
                 secs = tool.backup(tag)
-                result[tool.name] = (secs, tool.repo_bytes() - grown)
+                cpu = children_cpu() + process_cpu(daemon) - cpu
+                result[tool.name] = (secs, tool.repo_bytes() - grown, cpu)
                 if tool is q:
                     result["qbackup-json"] = dict(q.last)
             rows.append((label, result))
-            print(f"{label}: " + ", ".join(f"{n} {v[0]:.2f} s" for n, v in result.items()
-                                           if n != "qbackup-json"), file=sys.stderr)
+            print(f"{label}: " + ", ".join(f"{n} {v[0]:.2f} s ({v[2]:.2f} s CPU)"
+                                           for n, v in result.items() if n != "qbackup-json"),
+                  file=sys.stderr)
 
         step("full backup", "full")
         step("unchanged re-run", "again")
@@ -127,15 +133,17 @@ def main() -> int:
               f"(shared). Image: {size / 2**20:.0f} MiB ext4 ({data / 2**20:.0f} MiB of real "
               "files) in a file-reflink pool on btrfs (loop device), warm page cache, "
               "qbackup chunk size 256K, scrypt N=16384.\n")
-        print("| step | tool | seconds | MB/s (image) | repo growth MiB | ÷ qbackup full | ÷ qbackup same step |")
-        print("|---|---|---:|---:|---:|---:|---:|")
-        full_q = rows[0][1]["qbackup"][0]
+        print("| step | tool | wall s | CPU s | MB/s (image) | repo growth MiB | "
+              "wall ÷ qbackup full | CPU ÷ qbackup full | wall ÷ qbackup | CPU ÷ qbackup |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        full_wall, _, full_cpu = rows[0][1]["qbackup"]
         for label, result in rows:
-            base = result["qbackup"][0]
+            wall_q, _, cpu_q = result["qbackup"]
             for tool in tools:
-                secs, grew = result[tool.name]
-                print(f"| {label} | {tool.name} | {secs:.2f} | {mb / secs:.0f} | "
-                      f"{grew / 2**20:.0f} | {secs / full_q:.2f} | {secs / base:.1f}x |")
+                secs, grew, cpu = result[tool.name]
+                print(f"| {label} | {tool.name} | {secs:.2f} | {cpu:.2f} | {mb / secs:.0f} | "
+                      f"{grew / 2**20:.0f} | {secs / full_wall:.2f} | {cpu / full_cpu:.2f} | "
+                      f"{secs / wall_q:.1f}x | {cpu / cpu_q:.1f}x |")
         print("\n| day | what the day did | 4 KiB blocks changed | 256 KiB chunks touched | "
               "qbackup read | read ÷ touched | how | chunks sent |")
         print("|---|---|---:|---:|---:|---:|---|---:|")

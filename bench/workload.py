@@ -89,6 +89,21 @@ def timed(argv: list[str], **kw) -> float:
     return time.perf_counter() - t
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's children that ended."""
+    import resource
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) a running process has used so far."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def du(path: Path) -> int:
     """Bytes allocated under path."""
     total = 0

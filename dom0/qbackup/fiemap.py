@@ -19,19 +19,19 @@ and returns the byte ranges of `new` whose content may differ from `base`:
 
 The maps are read with FIEMAP_FLAG_SYNC (dirty data is written first, so
 no delayed allocation is left), and the base's map is read again after the
-new copy's: if it moved in between (btrfs balance, defragmentation), the
-comparison is refused rather than trusted.
+comparison: if it moved in between (btrfs balance, defragmentation), the
+comparison is refused rather than trusted. Two maps that are the very same
+list of extents, none opaque, are equal without walking them.
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from qbackup.errors import QbackupError
 
@@ -55,6 +55,7 @@ PLAIN_FLAGS = EXTENT_LAST | EXTENT_MERGED | EXTENT_SHARED | EXTENT_UNWRITTEN
 
 _HEADER = struct.Struct("=QQIIII")       # struct fiemap
 _EXTENT = struct.Struct("=QQQQQIIII")    # struct fiemap_extent
+_FLAGS_WORD = 10                         # fe_flags: the 11th 32-bit word of a record
 BATCH = 512                              # extents per ioctl
 
 # What a byte range of one file is, for the comparison.
@@ -69,8 +70,7 @@ class Untrackable(QbackupError):
     """The extent maps cannot be compared (why is the message)."""
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(NamedTuple):
     logical: int
     physical: int
     length: int
@@ -88,8 +88,10 @@ def clone(src_fd: int, dst_fd: int) -> None:
         raise
 
 
-def extents(fd: int, size: int) -> Iterator[Extent]:
-    """The file's extents below `size`, in order (FIEMAP, synced first)."""
+def _raw_map(fd: int, size: int) -> bytes:
+    """The file's extent records below `size` (struct fiemap_extent, in
+    order), as the kernel gives them (FIEMAP, synced first)."""
+    parts: list[bytes] = []
     pos = 0
     while pos < size:
         buf = bytearray(_HEADER.size + BATCH * _EXTENT.size)
@@ -100,25 +102,45 @@ def extents(fd: int, size: int) -> Iterator[Extent]:
             raise Untrackable(f"FIEMAP is not available ({e.strerror})") from None
         mapped = _HEADER.unpack_from(buf)[3]
         if mapped == 0 or mapped > BATCH:
-            return
-        last = False
-        for i in range(mapped):
-            logical, physical, length, _, _, flags, _, _, _ = _EXTENT.unpack_from(
-                buf, _HEADER.size + i * _EXTENT.size)
-            if length == 0 or logical + length <= pos:
-                raise Untrackable(f"FIEMAP returned an extent that does not advance "
-                                  f"(at {logical}, {length} bytes)")
-            yield Extent(logical, physical, length, flags)
-            pos = logical + length
-            last = bool(flags & EXTENT_LAST)
-        if last:
-            return
+            break
+        raw = bytes(buf[_HEADER.size:_HEADER.size + mapped * _EXTENT.size])
+        logical, _, length, _, _, flags, _, _, _ = _EXTENT.unpack_from(raw, len(raw) - _EXTENT.size)
+        if logical + length <= pos:
+            raise Untrackable(f"FIEMAP returned an extent that does not advance "
+                              f"(at {logical}, {length} bytes)")
+        parts.append(raw)
+        pos = logical + length
+        if flags & EXTENT_LAST:
+            break
+    return b"".join(parts)
 
 
-def _segments(fd: int, size: int) -> Iterator[tuple[int, int, str, int]]:
+def _parse(raw: bytes) -> list[Extent]:
+    found, pos = [], 0
+    for logical, physical, length, _, _, flags, _, _, _ in _EXTENT.iter_unpack(raw):
+        if length == 0 or logical + length <= pos:
+            raise Untrackable(f"FIEMAP returned an extent that does not advance "
+                              f"(at {logical}, {length} bytes)")
+        found.append(Extent(logical, physical, length, flags))
+        pos = logical + length
+    return found
+
+
+def extents(fd: int, size: int) -> list[Extent]:
+    """The file's extents below `size`, in order (FIEMAP, synced first)."""
+    return _parse(_raw_map(fd, size))
+
+
+def _opaque(raw: bytes) -> bool:
+    """Whether any extent record has a flag outside PLAIN_FLAGS."""
+    flags = memoryview(raw).cast("I")[_FLAGS_WORD::_EXTENT.size // 4]
+    return any(f & ~PLAIN_FLAGS for f in set(flags))
+
+
+def _segments(found: list[Extent], size: int) -> Iterator[tuple[int, int, str, int]]:
     """(start, end, kind, physical address at start) covering [0, size)."""
     pos = 0
-    for e in extents(fd, size):
+    for e in found:
         start, end = max(e.logical, pos), min(e.logical + e.length, size)
         if start < pos:
             raise Untrackable("FIEMAP returned overlapping extents")
@@ -139,14 +161,6 @@ def _segments(fd: int, size: int) -> Iterator[tuple[int, int, str, int]]:
         yield pos, size, ZERO, 0
 
 
-def map_digest(fd: int, size: int) -> bytes:
-    """A digest of the file's extent map (to notice that it moved)."""
-    h = hashlib.sha256()
-    for e in extents(fd, size):
-        h.update(_EXTENT.pack(e.logical, e.physical, e.length, 0, 0, e.flags, 0, 0, 0))
-    return h.digest()
-
-
 def changed_ranges(base_fd: int, base_size: int, new_fd: int, new_size: int
                    ) -> list[tuple[int, int]]:
     """Byte ranges [start, end) of the new copy that may differ from the base,
@@ -156,7 +170,7 @@ def changed_ranges(base_fd: int, base_size: int, new_fd: int, new_size: int
     if os.fstat(base_fd).st_dev != os.fstat(new_fd).st_dev:
         raise Untrackable("the base copy is on another file system")
     common = min(base_size, new_size)
-    before = map_digest(base_fd, common)
+    base, new = _raw_map(base_fd, common), _raw_map(new_fd, common)
     changed: list[tuple[int, int]] = []
 
     def mark(start: int, end: int) -> None:
@@ -165,7 +179,20 @@ def changed_ranges(base_fd: int, base_size: int, new_fd: int, new_size: int
         else:
             changed.append((start, end))
 
-    a_iter, b_iter = _segments(base_fd, common), _segments(new_fd, common)
+    if base != new or _opaque(new):
+        _compare(_parse(base), _parse(new), common, mark)
+    # else: the very same extent records, none opaque: nothing changed (the common case)
+    if new_size > common:
+        mark(common, new_size)
+    if _raw_map(base_fd, common) != base:
+        raise Untrackable("the base copy's extents moved while they were compared "
+                          "(balance or defragmentation?)")
+    return changed
+
+
+def _compare(base: list[Extent], new: list[Extent], size: int, mark) -> None:
+    """mark(start, end) for every range of [0, size) that is not the same in both."""
+    a_iter, b_iter = _segments(base, size), _segments(new, size)
     a, b = next(a_iter, None), next(b_iter, None)
     pos = 0
     while a is not None and b is not None:
@@ -179,11 +206,5 @@ def changed_ranges(base_fd: int, base_size: int, new_fd: int, new_size: int
             a = next(a_iter, None)
         if b[1] == end:
             b = next(b_iter, None)
-    if pos < common:  # cannot happen: both cover [0, common)
+    if pos < size:  # cannot happen: both cover [0, size)
         raise Untrackable("the extent maps do not cover the volume")
-    if new_size > common:
-        mark(common, new_size)
-    if map_digest(base_fd, common) != before:
-        raise Untrackable("the base copy's extents moved while they were compared "
-                          "(balance or defragmentation?)")
-    return changed
