@@ -17,6 +17,7 @@ then does the local state record the snapshot.
 """
 
 import collections
+import contextlib
 import os
 import queue
 import socket
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 from qbackup import chunkmap, crypto, manifest
 from qbackup.chunkmap import FANOUT, ID_SIZE, NODE_TYPE, LeafRef, TreeWriter, depth_for
 from qbackup.crypto import ZERO_ID
-from qbackup.errors import IntegrityError, QbackupError
+from qbackup.errors import IntegrityError, QbackupError, RemoteError
 from qbackup.volume import VolumeFile
 
 DATA_TYPE = crypto.TYPE_DATA
@@ -582,7 +583,8 @@ def backup(session, keys: crypto.Keys, sources: list[VolumeSource], qubes_meta: 
         finally:
             fetcher.close()
     session.flush()
-    pipeline.check()  # every PUT has been answered once flush returns
+    with _missing_refs_explained(sources):
+        pipeline.check()  # every PUT has been answered once flush returns
     snapshot_id = os.urandom(32)
     for vol, read in zip(volumes, reads):
         qubes[vol.source.qube]["volumes"][vol.source.volume]["root"] = vol.root
@@ -591,7 +593,8 @@ def backup(session, keys: crypto.Keys, sources: list[VolumeSource], qubes_meta: 
     plain = manifest.encode(manifest.Manifest(keys.repo_id, snapshot_id, now, socket.gethostname(),
                                               predecessor, chunk_size, qubes))
     sealed = crypto.seal_snapshot(keys, snapshot_id, plain)
-    session.commit(snapshot_id, sealed, _distinct_roots(v.root for v in volumes))
+    with _missing_refs_explained(sources):
+        session.commit(snapshot_id, sealed, _distinct_roots(v.root for v in volumes))
     state.record_head(keys.repo_id, snapshot_id, now)
     c = pipeline.counters
     return BackupStats(snapshot_id, len(sources), sum(s.size for s in sources),
@@ -599,6 +602,20 @@ def backup(session, keys: crypto.Keys, sources: list[VolumeSource], qubes_meta: 
                        sum(v.tree.chunks for v in volumes), c.chunks_zero, c.chunks_new,
                        c.chunks_dedup, time.monotonic() - started,
                        sum(v.unchanged for v in volumes), reads)
+
+
+@contextlib.contextmanager
+def _missing_refs_explained(sources: list[VolumeSource]) -> Iterator[None]:
+    """A chunk-map node reused from a previous snapshot that the repository
+    no longer holds: say so, and what to do."""
+    try:
+        yield
+    except RemoteError as e:
+        if e.code != "missing_refs" or not any(s.how == "changed" for s in sources):
+            raise
+        raise QbackupError(f"{e}: the repository lacks data that an earlier snapshot "
+                           "references, which this backup reused (qbackup verify --all "
+                           "says where); qbackup backup --full sends it again") from None
 
 
 def _distinct_roots(roots: Iterable[bytes]) -> list[bytes]:
