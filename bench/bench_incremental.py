@@ -45,15 +45,14 @@ from qbackup_sim.daemon import daemon_pid  # noqa: E402
 from qbackup_sim.inventory import create_sim  # noqa: E402
 
 DEVNULL = subprocess.DEVNULL
-CHUNK = 256 << 10
 
 
 class Qbackup(QbackupCli):
-    def __init__(self, work: Path, pool: Path, size: int) -> None:
+    def __init__(self, work: Path, pool: Path, size: int, chunk_size: str) -> None:
         sim = work / "sim"
         create_sim(sim, {"bench": {"class": "AppVM", "volumes": {"private": size}}},
                    pool_dir=pool)
-        super().__init__(sim, work)
+        super().__init__(sim, work, chunk_size)
         self.image = pool / "appvms/bench/private.img"
 
 
@@ -71,6 +70,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="2G", help="image size (default 2G)")
     ap.add_argument("--workdir", default=None, help="where to work (default: a temp dir)")
+    ap.add_argument("--chunk-size", default="256K", help="qbackup chunk size (default 256K)")
     ap.add_argument("--no-others", action="store_true", help="skip restic and borg")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -82,7 +82,8 @@ def main() -> int:
     try:
         mnt = mount_btrfs(work, 3 * size + (2 << 30))
         pool = mnt / "pool"
-        q = Qbackup(work, pool, size)
+        q = Qbackup(work, pool, size, args.chunk_size)
+        chunk = parse_size(args.chunk_size)
         data = make_image(q.image, size)
         print(f"image: {size / 2**20:.0f} MiB ext4, {data / 2**20:.0f} MiB of real files, "
               f"in a file-reflink pool on btrfs", file=sys.stderr)
@@ -117,7 +118,7 @@ def main() -> int:
         for day in (1, 2):
             subprocess.run(["cp", "--reflink=always", str(q.image), str(before)], check=True)
             done = realistic_day(q.image, seed=day)
-            blocks, chunks = touched(before, q.image, CHUNK)
+            blocks, chunks = touched(before, q.image, chunk)
             before.unlink()
             timed(["cat", str(q.image)], stdout=DEVNULL)
             step(f"day {day}: incremental", f"day{day}")
@@ -132,7 +133,8 @@ def main() -> int:
         print(f"\nMachine: {machine()}; load average {os.getloadavg()[0]:.1f} at the end "
               f"(shared). Image: {size / 2**20:.0f} MiB ext4 ({data / 2**20:.0f} MiB of real "
               "files) in a file-reflink pool on btrfs (loop device), warm page cache, "
-              "qbackup chunk size 256K, scrypt N=16384.\n")
+              f"qbackup chunk size {args.chunk_size}, scrypt N=16384; niceness "
+              f"{os.nice(0)}.\n")
         print("| step | tool | wall s | CPU s | MB/s (image) | repo growth MiB | "
               "wall ÷ qbackup full | CPU ÷ qbackup full | wall ÷ qbackup | CPU ÷ qbackup |")
         print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -144,15 +146,15 @@ def main() -> int:
                 print(f"| {label} | {tool.name} | {secs:.2f} | {cpu:.2f} | {mb / secs:.0f} | "
                       f"{grew / 2**20:.0f} | {secs / full_wall:.2f} | {cpu / full_cpu:.2f} | "
                       f"{secs / wall_q:.1f}x | {cpu / cpu_q:.1f}x |")
-        print("\n| day | what the day did | 4 KiB blocks changed | 256 KiB chunks touched | "
-              "qbackup read | read ÷ touched | how | chunks sent |")
+        print(f"\n| day | what the day did | 4 KiB blocks changed | {args.chunk_size} chunks "
+              "touched | qbackup read | read ÷ touched | how | chunks sent |")
         print("|---|---|---:|---:|---:|---:|---|---:|")
         for label, done, (blocks, chunks), js in days:
             what = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in done.items())
             read = js["bytes_read"]
             print(f"| {label} | {what} | {blocks} ({blocks * 4096 / 2**20:.0f} MiB) | "
-                  f"{chunks} ({chunks * CHUNK / 2**20:.0f} MiB) | {read / 2**20:.1f} MiB | "
-                  f"{read / max(1, chunks * CHUNK):.2f} | {js['reads'][0]['read']} | "
+                  f"{chunks} ({chunks * chunk / 2**20:.0f} MiB) | {read / 2**20:.1f} MiB | "
+                  f"{read / max(1, chunks * chunk):.2f} | {js['reads'][0]['read']} | "
                   f"{js['chunks_new']} |")
         print(f"\nrestore (latest, to file): {restore_s:.1f} s, identical: {same}; "
               f"verify --all: {verify_s:.1f} s")

@@ -84,7 +84,7 @@ class _LoopFs:
 
     def stop(self) -> None:
         if self.mounted:
-            subprocess.run(["umount", str(self.mount)], check=False, capture_output=True)
+            subprocess.run(["umount", "-l", str(self.mount)], check=False, capture_output=True)
         shutil.rmtree(self.base, ignore_errors=True)
 
 
