@@ -117,6 +117,15 @@ def reflink_fs(request, _loop_filesystems) -> Path:
 
 
 @pytest.fixture
+def no_reflink_dir() -> Iterator[Path]:
+    """An empty directory on tmpfs, which cannot make reflink copies
+    (unlike /tmp on a btrfs or xfs root)."""
+    path = Path(tempfile.mkdtemp(prefix="qbackup-noreflink-", dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 def btrfs_dir(request, _loop_filesystems) -> Path:
     """An empty directory on a real btrfs file system."""
     return _fs_dir("btrfs", _loop_filesystems, request)

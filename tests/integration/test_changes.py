@@ -307,11 +307,12 @@ def test_live_backups_read_the_running_qubes_changes(bsim):
     restore_matches(bsim, history[1]["id"], {"work/private": shutdown_state})
 
 
-def test_a_pool_without_reflinks_is_read_in_place(tmp_path_factory, tmp_path):
+def test_a_pool_without_reflinks_is_read_in_place(tmp_path_factory, no_reflink_dir):
     root = create_sim(tmp_path_factory.mktemp("noreflink"), {
-        "work": {"class": "AppVM", "volumes": {"private": 2 * MiB}}}, pool_dir=tmp_path / "pool")
+        "work": {"class": "AppVM", "volumes": {"private": 2 * MiB}}},
+        pool_dir=no_reflink_dir / "pool")
     try:
-        sim = PoolSim(root, tmp_path / "pool")
+        sim = PoolSim(root, no_reflink_dir / "pool")
         fill(sim.image("work"), 6)
         sim.run("init", "--scrypt-n", "16384", "--pack-size", "8M")
         for _ in range(2):
