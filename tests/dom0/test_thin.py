@@ -168,13 +168,18 @@ def test_metadata_snapshot_is_released_on_error(recorder, tmp_path):
 
 def test_sigint_waits_for_the_release(recorder, tmp_path):
     """Ctrl-C while thin_delta runs: the reservation is released first,
-    then the interrupt acts."""
-    with pytest.raises(KeyboardInterrupt):
-        with thin.metadata_snapshot("qubes_dom0", "vm-pool", str(tmp_path)):
-            os.kill(os.getpid(), signal.SIGINT)
-            recorder.run(["thin_delta", "still running"], timeout=1)
-    assert recorder.calls == [RESERVE, ["thin_delta", "still running"], RELEASE]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    then the interrupt acts as the handler in place would have (here
+    Python's default one: KeyboardInterrupt)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with thin.metadata_snapshot("qubes_dom0", "vm-pool", str(tmp_path)):
+                os.kill(os.getpid(), signal.SIGINT)
+                recorder.run(["thin_delta", "still running"], timeout=1)
+        assert recorder.calls == [RESERVE, ["thin_delta", "still running"], RELEASE]
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_a_reservation_left_by_a_killed_run_is_released_first(recorder, tmp_path):
