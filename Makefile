@@ -1,12 +1,28 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # qbackup developer entry points (fresh Debian with Python 3.11):
 #   make demo   set up .venv, then run the end-to-end demo in demo-out/
-#   make test   set up .venv, then run the whole test suite
+#   make test   set up .venv, then run the whole test suite and the mutation
+#               check of dom0's trust modules (docs/INVARIANTS.md)
+#   make rpm    dom0 and backup-qube (template) rpms in build/rpm/RPMS/noarch/
+#   make deb    backup-qube (template) deb in build/deb/
+#   make lint-packages   rpmlint and lintian on what rpm and deb built
 # Package builds use the install-* targets of install.mk.
 
 VENV_PYTHON := .venv/bin/python
+VERSION := $(shell cat version)
+BUILDDIR ?= build
+# Package builds use the distribution's tools and Python only, never a venv
+# or pyenv interpreter that happens to come first in PATH.
+SYSTEM_PATH := /usr/sbin:/usr/bin:/sbin:/bin
+TARBALL = $(BUILDDIR)/qbackup-$(VERSION).tar.gz
+RPM_TOPDIR = $(abspath $(BUILDDIR))/rpm
+DEB_DIR = $(abspath $(BUILDDIR))/deb
+# A host whose rpm database does not know rpm itself (Debian's `rpm`) has no
+# Fedora build dependencies to check and no Fedora macros: see macros.fallback.
+FOREIGN_RPM_HOST = $(shell rpm -q --quiet rpm 2>/dev/null || echo yes)
+RPMBUILD_FLAGS = $(if $(FOREIGN_RPM_HOST),--nodeps --load=$(CURDIR)/rpm_spec/macros.fallback)
 
-.PHONY: all setup demo test clean
+.PHONY: all setup demo test clean tarball rpm deb packages lint-packages
 
 all: test
 
@@ -17,11 +33,46 @@ demo: setup
 	$(VENV_PYTHON) -m qbackup_sim.demo demo-out
 
 test: setup
-	$(VENV_PYTHON) -m pyflakes dom0/qbackup vm-service/qbackupd sim/qbackup_sim bench tests
+	$(VENV_PYTHON) -m pyflakes dom0/qbackup vm-service/qbackupd sim/qbackup_sim bench tests scripts
 	$(VENV_PYTHON) -m pytest -q
+	$(VENV_PYTHON) scripts/mutants.py
+
+# The source tarball: the files git tracks (as they are in the work tree),
+# under qbackup-VERSION/, reproducible (sorted, owner 0, last commit's time).
+tarball:
+	@git rev-parse --git-dir >/dev/null 2>&1 || { echo "make: packages are built from a git checkout (the files git tracks)" >&2; exit 1; }
+	mkdir -p "$(BUILDDIR)"
+	git ls-files -z | tar --null -T - --ignore-failed-read --sort=name --owner=0 --group=0 --numeric-owner \
+		--mtime="@$$(git log -1 --format=%ct)" --transform 's,^,qbackup-$(VERSION)/,S' -cf - | gzip -n > "$(TARBALL)"
+
+rpm: tarball
+	rm -rf "$(RPM_TOPDIR)"
+	mkdir -p "$(RPM_TOPDIR)/SOURCES" "$(RPM_TOPDIR)/SPECS"
+	cp "$(TARBALL)" vm-service/systemd/qbackupd.sysusers "$(RPM_TOPDIR)/SOURCES/"
+	sed 's/@VERSION@/$(VERSION)/g' rpm_spec/qbackup.spec.in > "$(RPM_TOPDIR)/SPECS/qbackup.spec"
+	PATH=$(SYSTEM_PATH) rpmbuild --quiet -ba --define "_topdir $(RPM_TOPDIR)" $(RPMBUILD_FLAGS) \
+		"$(RPM_TOPDIR)/SPECS/qbackup.spec"
+	@ls -1 "$(RPM_TOPDIR)"/RPMS/noarch/*.rpm "$(RPM_TOPDIR)"/SRPMS/*.rpm
+
+deb: tarball
+	@changelog=$$(dpkg-parsechangelog -l debian/changelog -S Version) && [ "$$changelog" = "$(VERSION)" ] || { \
+		echo "make: debian/changelog is at $$changelog but version says $(VERSION): add a changelog entry (dch -v $(VERSION))" >&2; exit 1; }
+	rm -rf "$(DEB_DIR)"
+	mkdir -p "$(DEB_DIR)"
+	tar -xzf "$(TARBALL)" -C "$(DEB_DIR)"
+	cd "$(DEB_DIR)/qbackup-$(VERSION)" && PATH=$(SYSTEM_PATH) dpkg-buildpackage --no-sign -us -uc
+	@ls -1 "$(DEB_DIR)"/*.deb "$(DEB_DIR)"/*.dsc
+
+packages: rpm deb
+
+# No errors, no warnings: each warning that remains true is explained where
+# it is silenced (rpm_spec/rpmlint.toml, debian/qbackup-vm.lintian-overrides).
+lint-packages:
+	PATH=$(SYSTEM_PATH) rpmlint --strict -c rpm_spec/rpmlint.toml "$(RPM_TOPDIR)"/SPECS/qbackup.spec "$(RPM_TOPDIR)"/RPMS/noarch/*.rpm "$(RPM_TOPDIR)"/SRPMS/*.rpm
+	PATH=$(SYSTEM_PATH) lintian --fail-on error,warning --info --display-info "$(DEB_DIR)"/*.changes
 
 clean:
 	if [ -f demo-out/inventory.json ]; then $(VENV_PYTHON) -m qbackup_sim stop demo-out; fi
-	rm -rf demo-out .pytest_cache
+	rm -rf demo-out .pytest_cache "$(BUILDDIR)/rpm" "$(BUILDDIR)/deb" "$(BUILDDIR)/pyinstall" "$(TARBALL)"
 
 include install.mk

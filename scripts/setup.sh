@@ -6,6 +6,13 @@ set -eu
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES="e2fsprogs btrfs-progs xfsprogs thin-provisioning-tools util-linux zstd coreutils"
+# Package builds and their checks (make rpm, make deb, make lint-packages,
+# tests/packaging): rpm's and Debian's build tools, the linters, systemd's
+# offline tools and systemd-nspawn, in which the deb's daemon runs under
+# systemd on Debian's python3-trio and python3-msgpack.
+APT_PACKAGES="$APT_PACKAGES git make cpio rpm rpmlint lintian debhelper dh-python pybuild-plugin-pyproject"
+APT_PACKAGES="$APT_PACKAGES python3-all python3-setuptools python3-pip python3-wheel python3-packaging"
+APT_PACKAGES="$APT_PACKAGES systemd systemd-container python3-trio python3-msgpack"
 [ "${QBACKUP_BENCH:-}" = 1 ] && APT_PACKAGES="$APT_PACKAGES restic borgbackup"
 
 missing=""
@@ -45,9 +52,7 @@ if [ -d "$QUBES_SOURCES" ]; then
        || [ requirements-qubes.txt -nt "$qstamp" ] || [ ! -f .venv/.qbackup-qubes ]; then
         rm -rf "$unpacked"
         mkdir -p "$unpacked"
-        for t in "$QUBES_SOURCES"/qubes-core-admin-*.tar.gz \
-                 "$QUBES_SOURCES"/qubes-core-admin-client-*.tar.gz \
-                 "$QUBES_SOURCES"/qubes-core-qrexec-*.tar.gz; do
+        for t in "$QUBES_SOURCES"/*.tar.gz; do
             tar -xzf "$t" -C "$unpacked"
         done
         .venv/bin/pip install -q --disable-pip-version-check -r requirements-qubes.txt

@@ -7,10 +7,10 @@ import concurrent.futures
 HANG_LIMIT = 60  # seconds: far beyond any legitimate call in the tests
 
 
-def within(fn, *args, **kwargs):
-    """fn(*args, **kwargs), or a TimeoutError after HANG_LIMIT seconds."""
+def within(fn, *args, hang_limit: float = HANG_LIMIT, **kwargs):
+    """fn(*args, **kwargs), or a TimeoutError after `hang_limit` seconds."""
     pool = concurrent.futures.ThreadPoolExecutor(1)
     try:
-        return pool.submit(fn, *args, **kwargs).result(timeout=HANG_LIMIT)
+        return pool.submit(fn, *args, **kwargs).result(timeout=hang_limit)
     finally:
         pool.shutdown(wait=False)

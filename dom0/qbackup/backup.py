@@ -559,6 +559,11 @@ def backup(session, keys: crypto.Keys, sources: list[VolumeSource], qubes_meta: 
     qubes = _manifest_qubes(sources, qubes_meta, chunk_size)
     if predecessor is None:
         predecessor = state.load(keys.repo_id).head
+    snapshot_id, host = os.urandom(32), socket.gethostname()
+    # The final manifest differs only in its roots and time (of the same
+    # sizes): one too large for a snapshot is refused before anything is sent.
+    manifest.encode(manifest.Manifest(keys.repo_id, snapshot_id, time.time(), host, predecessor,
+                                      chunk_size, qubes))
     workers = workers or os.cpu_count() or 1
     plans, wanted = _prepare(session, keys, sources)
     reads: list[VolumeRead] = []
@@ -585,12 +590,11 @@ def backup(session, keys: crypto.Keys, sources: list[VolumeSource], qubes_meta: 
     session.flush()
     with _missing_refs_explained(sources):
         pipeline.check()  # every PUT has been answered once flush returns
-    snapshot_id = os.urandom(32)
     for vol, read in zip(volumes, reads):
         qubes[vol.source.qube]["volumes"][vol.source.volume]["root"] = vol.root
         read.chunks_unchanged = vol.unchanged
     now = time.time()
-    plain = manifest.encode(manifest.Manifest(keys.repo_id, snapshot_id, now, socket.gethostname(),
+    plain = manifest.encode(manifest.Manifest(keys.repo_id, snapshot_id, now, host,
                                               predecessor, chunk_size, qubes))
     sealed = crypto.seal_snapshot(keys, snapshot_id, plain)
     with _missing_refs_explained(sources):

@@ -24,29 +24,20 @@ from typing import Any, Callable, NoReturn
 from qbackup import crypto
 from qbackup.commands.backup import cmd_backup, cmd_cleanup
 from qbackup.commands.common import (CONFIG_FILE, DEFAULT_REPO, DEFAULT_STATE_DIR,
-                                     EXIT_ERROR, EXIT_INTEGRITY, EXIT_INTERRUPTED,
-                                     EXIT_PASSPHRASE, EXIT_ROLLBACK, EXIT_USAGE, Context,
-                                     clean, make_context, parse_size)
+                                     EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Context,
+                                     clean, failure, make_context, parse_size)
+from qbackup.commands.pins import cmd_repo_list, cmd_repo_trust
+from qbackup.commands.prune import cmd_protect, cmd_prune, keep_within
 from qbackup.commands.repository import (MAX_SCRYPT_N, cmd_change_passphrase, cmd_delete,
                                          cmd_init, cmd_list, cmd_stats)
-from qbackup.commands.restore import cmd_restore, cmd_verify, volume_target
-from qbackup.errors import (BadPassphrase, IntegrityError, QbackupError, RollbackError,
-                            UsageError)
+from qbackup.commands.jobs import EXIT_CHECK_ERRORS, EXIT_CHECK_WARNINGS, cmd_check, cmd_status
+from qbackup.commands.restore import cmd_restore, cmd_verify, sample_percent, volume_target
+from qbackup.errors import QbackupError
+from qbackup.jobs import JOBS_FILE
 from qbackup.qubes import Backend, QubesAdminBackend
 
 DEFAULT_CHUNK_SIZE = 256 << 10
 DEFAULT_PACK_SIZE = 64 << 20
-
-# Most specific first: the first match decides the exit code.
-_EXIT_CODES: list[tuple[type[BaseException], int]] = [
-    (UsageError, EXIT_USAGE),
-    (BadPassphrase, EXIT_PASSPHRASE),
-    (RollbackError, EXIT_ROLLBACK),
-    (IntegrityError, EXIT_INTEGRITY),
-    (QbackupError, EXIT_ERROR),
-    (OSError, EXIT_ERROR),
-]
-
 
 def _size_arg(text: str) -> int:
     try:
@@ -81,14 +72,23 @@ def _add_global_options(parser: argparse.ArgumentParser, suppress: bool) -> None
     group.add_argument("--passphrase-file", metavar="FILE", default=default(None),
                        help="read the passphrase from FILE (one trailing newline "
                        "ignored) instead of asking on the terminal")
+    group.add_argument("--jobs-file", metavar="FILE", default=default(None),
+                       help=f"the jobs file (default {JOBS_FILE})")
     group.add_argument("-v", "--verbose", action="store_true", default=default(False),
                        help="say more (volumes read; traceback of internal errors)")
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of snapshots or periods")
+    return int(text)
 
 
 def _add_command(sub: Any, name: str, func: Callable[[Context, argparse.Namespace], int],
                  help: str, description: str,
                  rollback: bool = False) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help, description=description)
+    parser = sub.add_parser(name, help=help, description=description,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_global_options(parser, suppress=True)
     if rollback:
         parser.add_argument("--allow-rollback", action="store_true",
@@ -106,8 +106,10 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
         "dom0 reads the volumes and settings of qubes, encrypts them, and stores\n"
         "them through the backup qube, which never sees a key.",
         epilog="exit codes:\n  0 ok\n  1 error\n  2 usage error\n"
-        "  3 integrity or verification failure\n  4 rollback refused\n"
-        "  5 wrong passphrase\n  130 interrupted\n\n"
+        "  3 integrity or verification failure\n"
+        "  4 history refused (rollback, fork, or another repository under a pinned name)\n"
+        f"  5 wrong passphrase\n  {EXIT_CHECK_WARNINGS} check: warnings\n"
+        f"  {EXIT_CHECK_ERRORS} check: errors, the job is refused\n  130 interrupted\n\n"
         "Global options may also follow the command. See docs/CLI.md.")
     _add_global_options(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -124,6 +126,9 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
     p.add_argument("--scrypt-n", type=int, default=crypto.SCRYPT_N, metavar="N",
                    help=f"scrypt cost of the passphrase, a power of two from {crypto.MIN_SCRYPT_N} "
                    f"to {MAX_SCRYPT_N} (default {crypto.SCRYPT_N})")
+    p.add_argument("--replace", action="store_true",
+                   help="the name is pinned to a repository that is gone for good: create a "
+                   "new one and pin that instead")
 
     p = _add_command(sub, "backup", cmd_backup, "back up qubes",
                      "Back up the listed qubes (or --all: every qube but the backup qube): "
@@ -147,6 +152,10 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true",
                    help="read every volume in full instead of only what changed (chunks "
                    "the repository holds are still not sent)")
+    p.add_argument("--job", metavar="JOB",
+                   help="run the job JOB of the jobs file: its backup qube, repository, "
+                   "qubes and passphrase file; refused if `qbackup check JOB` finds errors; "
+                   "its outcome is kept for `qbackup status`")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = _add_command(sub, "cleanup", cmd_cleanup, "remove copies no backup needs",
@@ -164,6 +173,23 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
                    "(the next backup of each volume then reads it in full)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
+    p = _add_command(sub, "check", cmd_check, "say what a job will and will not back up",
+                     "Say, before anything is read, what job JOB will back up and why, "
+                     "every qube it leaves out, the templates and netvms it depends on "
+                     "but leaves out, running qubes, volumes it cannot read consistently, "
+                     "its size and the free space the backup qube reports. Exit 0: no "
+                     "problem; 6: warnings (the job runs); 7: errors (the job is "
+                     "refused).")
+    p.add_argument("job", metavar="JOB", help="a job of the jobs file")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = _add_command(sub, "status", cmd_status, "show the outcome of each job's last run",
+                     "Show, for each job of the jobs file, whether it runs now and the "
+                     "outcome of its last run (figures, or the error). Exit 1 if a job's "
+                     "last run failed.")
+    p.set_defaults(needs_backup_vm=False)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
     p = _add_command(sub, "list", cmd_list, "list snapshots",
                      "List the repository's snapshots, oldest first, after checking "
                      "each is authentic and the history is not rolled back.", rollback=True)
@@ -176,6 +202,9 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
     p.add_argument("snapshot", nargs="?", metavar="SNAPSHOT",
                    help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
     p.add_argument("--all", action="store_true", help="verify every snapshot")
+    p.add_argument("--sample", type=sample_percent, metavar="PERCENT",
+                   help="read back only a random PERCENT (0.01 to 100) of the distinct data "
+                   "chunks; every chunk map node is still checked")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = _add_command(sub, "restore", cmd_restore, "restore volumes to files or devices",
@@ -199,6 +228,64 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
     p.add_argument("snapshot", metavar="SNAPSHOT",
                    help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
 
+    p = _add_command(sub, "prune", cmd_prune, "delete snapshots by retention rules",
+                     "Delete the snapshots no --keep-* rule keeps. dom0 decides from the "
+                     "authenticated times and qubes; the backup qube deletes.\n\n"
+                     "Rules (at least one): --keep-last N keeps the N newest snapshots; "
+                     "--keep-hourly/daily/weekly/monthly/yearly N keep, for the N newest such "
+                     "periods that have a snapshot, the newest snapshot of each (periods in "
+                     "dom0's local time, ISO weeks); --keep-within DURATION keeps every "
+                     "snapshot at most DURATION older than the newest one (e.g. 7d, 2w, 6m, "
+                     "1y6m, 36h). Protected snapshots (qbackup protect) and the newest snapshot "
+                     "are always kept; damaged snapshots are left alone.\n\n"
+                     "With --per-qube the rules apply to each qube's own snapshots, and a "
+                     "snapshot goes only when no qube in it keeps it.\n\n"
+                     "Deleting frees no space by itself: the backup qube's garbage collection "
+                     "(qbackup gc) does.", rollback=True)
+    p.add_argument("--keep-last", type=_count, default=0, metavar="N",
+                   help="keep the N newest snapshots")
+    for period, unit in (("hourly", "hours"), ("daily", "days"), ("weekly", "weeks"),
+                         ("monthly", "months"), ("yearly", "years")):
+        p.add_argument(f"--keep-{period}", type=_count, default=0, metavar="N",
+                       help=f"keep the newest snapshot of each of the N newest {unit} "
+                       "that have one")
+    p.add_argument("--keep-within", type=keep_within, metavar="DURATION",
+                   help="keep every snapshot this much older than the newest or less")
+    p.add_argument("--per-qube", action="store_true",
+                   help="apply the rules to each qube's snapshots separately")
+    p.add_argument("--dry-run", action="store_true",
+                   help="only show what would be deleted and kept, and why")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    for name, verb, what in (("protect", "protect", "Protect a snapshot: prune keeps it and "
+                              "delete refuses it. Recorded in dom0's state directory, out of "
+                              "the backup qube's reach."),
+                             ("unprotect", "unprotect", "Remove a snapshot's protection.")):
+        p = _add_command(sub, name, cmd_protect, f"{verb} a snapshot", what, rollback=True)
+        p.add_argument("snapshot", metavar="SNAPSHOT",
+                       help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
+
+    repo = sub.add_parser("repo", help="repository identities pinned by dom0",
+                          description="dom0 pins the repository id behind each (backup qube, "
+                          "repository name) at init or first use, and refuses another "
+                          "repository served under that name.")
+    repo_sub = repo.add_subparsers(dest="repo_command", required=True, metavar="COMMAND")
+    p = _add_command(repo_sub, "list", cmd_repo_list, "list the pinned repositories",
+                     "List every (backup qube, repository name) and the repository id it is "
+                     "pinned to. Needs neither the backup qube nor the passphrase.")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p = _add_command(repo_sub, "trust", cmd_repo_trust,
+                     "pin the name to the repository the backup qube serves now",
+                     "Accept the repository the backup qube now serves under --repo as the "
+                     "one this name means: after checking that it opens with the passphrase, "
+                     "show the pinned and the served repository ids (with the served one's "
+                     "creation time and snapshots), then ask for 'yes' on the terminal, or "
+                     "take --id. Use it only if you know why the repository changed (a new "
+                     "repository made elsewhere, a restored backup qube).", rollback=True)
+    p.add_argument("--id", metavar="HEX",
+                   help="trust the served repository only if its id starts with HEX "
+                   "(8+ hex digits); no question asked")
+
     p = _add_command(sub, "stats", cmd_stats, "show repository statistics",
                      "Show the repository's size as reported by the backup qube "
                      "(untrusted figures; no passphrase needed).")
@@ -220,17 +307,6 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
     return parser
 
 
-def _exit_code(error: BaseException) -> int:
-    return next(code for kind, code in _EXIT_CODES if isinstance(error, kind))
-
-
-def _describe(error: BaseException) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        where = f"{error.filename}: " if error.filename else ""
-        return f"{where}{error.strerror}"
-    return str(error) or type(error).__name__
-
-
 def run(argv: list[str] | None = None, *, backend: Callable[[], Backend] | None = None,
         config: dict[str, str] | None = None, prog: str = "qbackup") -> int:
     """Run one command; the exit code.
@@ -247,8 +323,9 @@ def run(argv: list[str] | None = None, *, backend: Callable[[], Backend] | None 
         print(f"{newline}qbackup: error: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (QbackupError, OSError) as e:
-        print(f"qbackup: error: {clean(_describe(e))}", file=sys.stderr)
-        return _exit_code(e)
+        code, line = failure(e)
+        print(f"qbackup: error: {line}", file=sys.stderr)
+        return code
     except Exception as e:  # a bug: say so in one line, details with -v
         if getattr(args, "verbose", False):
             traceback.print_exc()

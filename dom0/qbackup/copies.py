@@ -51,7 +51,7 @@ from qbackup.backup import Previous, VolumeSource
 from qbackup.errors import QbackupError
 from qbackup.fiemap import NoReflink, Untrackable
 from qbackup.qubes import QubeInfo, VolumeInfo
-from qbackup.state import State, read_json, write_json_atomic
+from qbackup.state import State
 from qbackup.tools import ToolError
 from qbackup.volume import VolumeFile
 
@@ -141,6 +141,7 @@ class Plan:
     pending: dict[str, Copy]
     leftovers: list[Leftover]
     foreign: list[str]  # copies of other repositories found on disk: never touched
+    held: list[Copy] = field(default_factory=list)  # read by a snapshot that is unreadable now
 
 
 class Store:
@@ -149,10 +150,11 @@ class Store:
     def __init__(self, state: State, repo_id: bytes):
         self.state = state
         self.repo_id = repo_id
-        self.path = os.path.join(state.directory, repo_id.hex() + ".copies.json")
+        self.name = repo_id.hex() + ".copies"
+        self.path = os.path.join(state.directory, self.name + ".json")
 
     def load(self) -> Record:
-        doc = read_json(self.path)
+        doc = self.state.read_record(self.name)
         if doc is None:
             return Record()
         try:
@@ -170,8 +172,7 @@ class Store:
     def save(self, record: Record) -> None:
         doc = {"format": FORMAT, "version": VERSION, "repo_id": self.repo_id.hex(),
                "copies": [c.to_json() for c in record.copies], "run": record.run}
-        with self.state.lock(self.repo_id):
-            write_json_atomic(self.state.directory, self.path, doc)
+        self.state.write_record(self.name, doc)
 
 
 @contextlib.contextmanager
@@ -358,6 +359,8 @@ def reconcile(record: Record, history: Sequence[Any], alive: set[str] | None,
     holds an unfinished run that includes its volume, and only the newest
     of a volume, taken after its base."""
     named = _named(history)
+    damaged = {d.id for d in getattr(history, "damaged", ())}
+    held: list[Copy] = []
     for copy_id, snap in (committed or {}).items():
         for copy in record.copies:
             if copy.id == copy_id:
@@ -385,6 +388,8 @@ def reconcile(record: Record, history: Sequence[Any], alive: set[str] | None,
                 bases[copy.key] = (copy, snap)
             else:
                 drop(copy, "a newer copy is the base")
+        elif copy.snapshot is not None and copy.snapshot in damaged:
+            held.append(copy)  # neither trusted nor removed while its snapshot is unreadable
         elif copy.snapshot is not None:
             drop(copy, f"snapshot {copy.snapshot.hex()[:16]}, which read it, is no longer "
                        "in the repository")
@@ -407,7 +412,7 @@ def reconcile(record: Record, history: Sequence[Any], alive: set[str] | None,
         if where not in recorded:
             leftovers.append(Leftover(where, kind, "dom0 has no record of it (left by an "
                                       "interrupted backup)"))
-    return Plan({k: c for k, (c, _) in bases.items()}, pending, leftovers, [])
+    return Plan({k: c for k, (c, _) in bases.items()}, pending, leftovers, [], held)
 
 
 def scan(qubes: Sequence[QubeInfo], record: Record, tag: str) -> tuple[dict[str, str], list[str]]:

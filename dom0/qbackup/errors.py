@@ -50,3 +50,11 @@ class BadPassphrase(QbackupError):
 
 class RollbackError(QbackupError):
     """The repository serves an older or different history than dom0 has seen."""
+
+
+class RepositoryChanged(RollbackError):
+    """The backup qube serves another repository under a name dom0 has pinned."""
+
+    def __init__(self, message: str, *, old: bytes, new: bytes):
+        super().__init__(message)
+        self.old, self.new = old, new

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import msgpack
 
+from qbackup import crypto
 from qbackup.chunkmap import ID_SIZE, MAX_DEPTH, depth_for
 from qbackup.errors import IntegrityError, QbackupError, RollbackError
 
@@ -25,6 +26,9 @@ VERSION = 2
 VERSIONS = (1, 2)  # read; VERSION is written
 MAX_VALUE_DEPTH = 8
 MAX_SIZE = 1 << 62
+# A sealed manifest must fit the 4 MiB a snapshot may take (PROTOCOL §7),
+# even stored raw: its plaintext may take that less the blob overhead.
+MAX_PLAIN = (4 << 20) - crypto.max_blob_size(0)
 QUBE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 VOLUME_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 EXTRA_KEY = re.compile(r"[a-z][a-z0-9_]{0,31}")
@@ -180,13 +184,21 @@ def volume_source(volume_entry: dict) -> dict | None:
 
 
 def encode(m: Manifest) -> bytes:
-    """Validated msgpack plaintext of a manifest."""
+    """Validated msgpack plaintext of a manifest, at most MAX_PLAIN bytes."""
     doc = _to_map(m)
     try:
         _check_manifest(doc, m.repo_id, m.snapshot_id, m.chunk_size)
     except _Invalid as e:
         raise QbackupError(f"invalid manifest: {e}") from None
-    return msgpack.packb(doc, use_bin_type=True)
+    plain = msgpack.packb(doc, use_bin_type=True)
+    if len(plain) > MAX_PLAIN:
+        sizes = {name: len(msgpack.packb(q, use_bin_type=True)) for name, q in m.qubes.items()}
+        largest = max(sizes, key=lambda name: (sizes[name], name), default=None)
+        worst = f"; qube {largest} alone takes {sizes[largest]} bytes" if largest else ""
+        raise QbackupError(f"the snapshot's manifest would take {len(plain)} bytes, over the"
+                           f" {MAX_PLAIN} a snapshot may hold{worst} (too many qubes in one"
+                           " backup, or settings, features or notes too large)")
+    return plain
 
 
 def decode(plain: bytes, *, repo_id: bytes, snapshot_id: bytes, chunk_size: int) -> Manifest:

@@ -355,18 +355,28 @@ class Session:
         self._closed = False
         self._next_rid = 1
         self.max_frame, self.max_batch = MAX_FRAME, MAX_BATCH
+        # The watchdog covers the hello exchange too: a backup qube that
+        # never answers it cannot keep dom0 waiting.
+        self._in_hello = True
+        threading.Thread(target=self._watch, name="qbackup-proto-watchdog", daemon=True).start()
         try:
             self._hello()
         except BaseException as exc:
-            transport.abort()
+            with self._cond:
+                stalled = self._error
+            self._fail(QbackupError("hello failed"))  # stops the watchdog
             transport.close()
+            if stalled is not None:
+                raise stalled from None
             if isinstance(exc, OSError):
                 raise ProtocolError(f"cannot talk to the daemon: {exc}") from None
             raise
+        with self._cond:
+            self._in_hello = False
+            self._heard = time.monotonic()
         self._reader = threading.Thread(target=self._read_loop, name="qbackup-proto-reader",
                                         daemon=True)
         self._reader.start()
-        threading.Thread(target=self._watch, name="qbackup-proto-watchdog", daemon=True).start()
 
     def __enter__(self) -> "Session":
         return self
@@ -375,10 +385,16 @@ class Session:
         self.close()
 
     def _hello(self) -> None:
-        self._transport.write(encode_frame(
-            {"op": "hello", "rid": 0, "versions": [PROTOCOL_VERSION], "client": CLIENT_NAME}))
+        try:
+            self._transport.write(encode_frame(
+                {"op": "hello", "rid": 0, "versions": [PROTOCOL_VERSION], "client": CLIENT_NAME}))
+            unsent = None
+        except OSError as exc:  # the daemon may have refused the call already: read why
+            unsent = exc
         untrusted_msg = read_frame(self._transport)
         if untrusted_msg is None:
+            if unsent is not None:
+                raise unsent
             raise ProtocolError("connection closed by the daemon before 'hello'")
         if untrusted_msg["op"] == "error":
             raise _error(untrusted_msg)
@@ -448,10 +464,10 @@ class Session:
         with self._cond:
             while self._error is None:
                 waited = time.monotonic() - self._heard
-                if self._pending and waited >= self._stall_timeout:
+                due = self._pending or self._in_hello
+                if due and waited >= self._stall_timeout:
                     break
-                self._cond.wait(self._stall_timeout - waited if self._pending
-                                else self._stall_timeout)
+                self._cond.wait(self._stall_timeout - waited if due else self._stall_timeout)
             else:
                 return
         self._fail(ProtocolError(f"the backup qube answered nothing for "
@@ -634,10 +650,12 @@ class Session:
         self._call("delete_snapshot", lambda m: _fields(m, "ok"), id=id).result()
 
     def stats(self) -> dict:
+        """The repository's figures as the daemon reports them (untrusted:
+        for display and estimates only)."""
         count = _int(0, MAX_INT)
         return self._call("stats", lambda m: _fields(
             m, "stats", packs=count, blobs=count, bytes=count, snapshots=count,
-            pack_bytes=count)).result()
+            pack_bytes=count, fs_size=count, fs_free=count)).result()
 
     def abort(self, reason: str = "session aborted") -> None:
         """Kill the session at once (an error or an interrupt elsewhere): every

@@ -63,6 +63,7 @@ class VolumeInfo:
     snap_on_start: bool
     revisions_to_keep: int
     unreadable: str = ""
+    usage: int = 0    # bytes the volume holds (allocated), as Qubes reports it
     driver: str = ""
     vid: str = ""
     thin_pool: str = ""
@@ -255,7 +256,7 @@ class QubesAdminBackend:
             rw=_flag(info, "rw"), save_on_stop=_flag(info, "save_on_stop"),
             snap_on_start=_flag(info, "snap_on_start"),
             revisions_to_keep=int(info["revisions_to_keep"]), unreadable=unreadable,
-            driver=driver, vid=info.get("vid", ""),
+            usage=int(info.get("usage") or 0), driver=driver, vid=info.get("vid", ""),
             thin_pool=pool.get("thin_pool", "") if driver == "lvm_thin" else "",
             live_path=live_path(driver, pool, info, running) if path else None)
 

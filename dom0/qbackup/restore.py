@@ -12,6 +12,9 @@ written in place, zeros included.
 """
 
 import collections
+import contextlib
+import errno
+import hashlib
 import os
 import re
 import stat
@@ -22,8 +25,9 @@ from dataclasses import dataclass
 from qbackup import chunkmap, crypto, manifest
 from qbackup.chunkmap import Leaf
 from qbackup.crypto import ZERO_ID
-from qbackup.errors import IntegrityError, QbackupError
-from qbackup.volume import volume_size
+from qbackup.errors import IntegrityError, QbackupError, RemoteError, RollbackError
+from qbackup.proto import CLOSING_CODES
+from qbackup.volume import fd_size
 
 DATA_TYPE = crypto.TYPE_DATA
 MAX_ERRORS = 100
@@ -48,27 +52,77 @@ class CheckResult:
     errors: list[str]
     chunks: int  # stored chunks authenticated (and, for restore, written)
     bytes: int  # their plaintext bytes
+    skipped: int = 0  # stored chunks left out of a sample (verify --sample)
 
 
-def load_history(session, keys: crypto.Keys, state, *, allow_rollback: bool = False) -> list[SnapshotInfo]:
+class Sample:
+    """A random subset of the distinct chunk ids: each is in it with
+    probability `fraction`, decided by a keyed hash under a secret salt drawn
+    for this run, so an id is sampled everywhere or nowhere in the run and
+    the backup qube cannot know beforehand which ones will be read."""
+
+    def __init__(self, fraction: float):
+        if not 0 < fraction <= 1:
+            raise ValueError("a sample is a fraction in (0, 1]")
+        self.fraction = fraction
+        self._threshold = int(fraction * 2**64)
+        self._salt = os.urandom(16)
+
+    def __contains__(self, chunk_id: bytes) -> bool:
+        digest = hashlib.blake2b(chunk_id, key=self._salt, digest_size=8).digest()
+        return int.from_bytes(digest, "big") < self._threshold
+
+
+@dataclass
+class Damaged:
+    """A listed snapshot whose manifest cannot be fetched or fails authentication."""
+    id: bytes
+    reason: str
+
+
+class History(list):
+    """The authenticated snapshots of a repository, oldest first (a list of
+    SnapshotInfo); `damaged` names the listed ones that could not be read."""
+
+    def __init__(self, snapshots: Sequence[SnapshotInfo] = (), damaged: Sequence[Damaged] = ()):
+        super().__init__(snapshots)
+        self.damaged = list(damaged)
+
+
+def _read_snapshot(session, keys: crypto.Keys, untrusted_id: bytes) -> SnapshotInfo:
+    """One snapshot's manifest, fetched and authenticated (QbackupError if not)."""
+    untrusted_blob = session.get_snapshot(untrusted_id)
+    try:
+        plain = crypto.open_snapshot(keys, untrusted_id, untrusted_blob)
+    except IntegrityError as e:
+        raise IntegrityError(f"fails authentication: {e}") from None
+    m = manifest.decode(plain, repo_id=keys.repo_id, snapshot_id=untrusted_id, chunk_size=keys.chunk_size)
+    total = sum(v["size"] for q in m.qubes.values() for v in q["volumes"].values())
+    return SnapshotInfo(m.snapshot_id, m.time, m.host, m.predecessor, m.qubes, total)
+
+
+def load_history(session, keys: crypto.Keys, state, *, allow_rollback: bool = False) -> History:
     """Every snapshot of the repository, authenticated, oldest first.
 
-    IntegrityError names a snapshot that fails authentication or
-    validation; RollbackError if the history contradicts the local state.
+    A snapshot whose manifest cannot be fetched or fails authentication or
+    validation is left out and named in `damaged`: it hides none of the
+    others. RollbackError if the history contradicts the local state.
     """
-    history = []
+    snapshots, damaged = [], []
     for untrusted_id, _size, _time in session.list():
-        untrusted_blob = session.get_snapshot(untrusted_id)
         try:
-            plain = crypto.open_snapshot(keys, untrusted_id, untrusted_blob)
-        except IntegrityError as e:
-            raise IntegrityError(f"snapshot {untrusted_id.hex()} fails authentication: {e}") from None
-        m = manifest.decode(plain, repo_id=keys.repo_id, snapshot_id=untrusted_id, chunk_size=keys.chunk_size)
-        total = sum(v["size"] for q in m.qubes.values() for v in q["volumes"].values())
-        history.append(SnapshotInfo(m.snapshot_id, m.time, m.host, m.predecessor, m.qubes, total))
-    history.sort(key=lambda s: (s.time, s.id))
-    state.accept(keys.repo_id, history, allow_rollback=allow_rollback)
-    return history
+            snapshots.append(_read_snapshot(session, keys, untrusted_id))
+        except RemoteError as e:
+            if e.code in CLOSING_CODES:  # the session is dead: no snapshot can be read
+                raise
+            damaged.append(Damaged(untrusted_id, str(e)))
+        except (IntegrityError, RollbackError) as e:  # RollbackError: names another repository
+            damaged.append(Damaged(untrusted_id, str(e)))
+    snapshots.sort(key=lambda s: (s.time, s.id))
+    replayed = state.accept(keys.repo_id, snapshots, damaged=[d.id for d in damaged],
+                            allow_rollback=allow_rollback)
+    return History([s for s in snapshots if s.id not in replayed],
+                   [d for d in damaged if d.id not in replayed])
 
 
 def resolve_snapshot(history: list[SnapshotInfo], spec: str) -> SnapshotInfo:
@@ -88,13 +142,18 @@ def resolve_snapshot(history: list[SnapshotInfo], spec: str) -> SnapshotInfo:
     return matches[0]
 
 
-def delete_snapshot(session, keys: crypto.Keys, state, snapshot: SnapshotInfo,
-                    history: Sequence[SnapshotInfo]) -> None:
-    """Delete a snapshot of `history` (from load_history), and record it so its
-    absence is not taken for a rollback (and, if it was the newest, that the
-    newest one left must not disappear)."""
-    session.delete_snapshot(snapshot.id)
-    state.record_deleted(keys.repo_id, snapshot.id, history)
+def delete_snapshots(session, keys: crypto.Keys, state, victims: Sequence[SnapshotInfo],
+                     history: Sequence[SnapshotInfo]) -> None:
+    """Delete snapshots of `history` (from load_history), in order, recording
+    each once the backup qube confirmed it, so its absence is not taken for a
+    rollback (and, if it was the newest, the newest one left may not
+    disappear). They are marked as being deleted first: if dom0 stops in
+    between, the next listing tells which ones went. This is the one place
+    dom0 asks the backup qube to delete snapshots."""
+    state.record_deleting(keys.repo_id, [v.id for v in victims])
+    for victim in victims:
+        session.delete_snapshot(victim.id)
+        state.record_deleted(keys.repo_id, victim.id, history)
 
 
 class _Errors:
@@ -127,12 +186,22 @@ class _Stop(Exception):
 
 
 class _Sink:
-    """Where authenticated chunks go: nowhere (verify), a sparse file, or a device."""
+    """Where authenticated chunks go: nowhere (verify), a sparse file, or a
+    device; for verify --sample, which chunks are read at all."""
 
-    def __init__(self, fd: int | None = None, write_zeros: bool = False):
+    def __init__(self, fd: int | None = None, write_zeros: bool = False,
+                 sample: Sample | None = None):
         self.fd = fd
         self.write_zeros = write_zeros
         self._zero = b""
+        self.sample = sample
+        self.skipped = 0  # chunks left out of the sample
+
+    def wants(self, chunk_id: bytes) -> bool:
+        if self.sample is None or chunk_id in self.sample:
+            return True
+        self.skipped += 1
+        return False
 
     def chunk(self, offset: int, data: bytes | memoryview) -> None:
         if self.fd is not None:
@@ -174,7 +243,7 @@ def _check_leaf(session, keys: crypto.Keys, leaf: Leaf, size: int, sink: _Sink,
         index = leaf.start + k
         if chunk_id == ZERO_ID:
             sink.zero(index * cs, min(cs, size - index * cs))
-        else:
+        elif sink.wants(chunk_id):
             positions.setdefault(chunk_id, []).append(index)
     good = nbytes = 0
     window = max(4, GET_BYTES // cs)
@@ -237,41 +306,101 @@ def _volumes(snapshot: SnapshotInfo) -> list[tuple[str, str, dict]]:
             for q in sorted(snapshot.qubes) for v in sorted(snapshot.qubes[q]["volumes"])]
 
 
-def verify(session, keys: crypto.Keys, snapshot: SnapshotInfo, *, progress=None) -> CheckResult:
-    """Fetch and authenticate every chunk map node and chunk of a snapshot; write nothing."""
+def verify(session, keys: crypto.Keys, snapshot: SnapshotInfo, *, progress=None,
+           sample: Sample | None = None) -> CheckResult:
+    """Fetch and authenticate every chunk map node and chunk of a snapshot
+    (only the chunks in `sample`, if given); write nothing."""
     errors = _Errors()
+    sink = _Sink(sample=sample)
     chunks = nbytes = 0
     for qube, name, vol in _volumes(snapshot):
         label = f"{qube}:{name}"
-        good, n = _check_volume(session, keys, label, vol, _Sink(), errors.reporter(label, stop=False), progress)
+        good, n = _check_volume(session, keys, label, vol, sink, errors.reporter(label, stop=False), progress)
         chunks, nbytes = chunks + good, nbytes + n
     lines = errors.result()
-    return CheckResult(not lines, lines, chunks, nbytes)
+    return CheckResult(not lines, lines, chunks, nbytes, sink.skipped)
 
 
-def _target_is_device(path: str, size: int, force: bool) -> bool:
-    """Check a restore target; True if it is a block device (written in place)."""
-    if not os.path.lexists(path):
-        return False
-    if not force:
-        raise QbackupError(f"{path} exists: refusing to overwrite it without --force")
+def _check_partial(partial: str) -> None:
+    """A restore may replace only a regular file with no other name (left
+    by an interrupted restore) at PATH.qbackup-partial, nothing else."""
     try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:  # a dangling symlink: replaced by the file
-        return False
-    if stat.S_ISREG(mode):
-        return False
-    if not stat.S_ISBLK(mode):
-        raise QbackupError(f"{path} is neither a regular file nor a block device")
-    device_size = volume_size(path)
-    if device_size < size:
-        raise QbackupError(f"{path} holds {device_size} bytes, the volume needs {size}")
-    return True
+        st = os.lstat(partial)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+        kind = "a file with other hard links" if stat.S_ISREG(st.st_mode) else "not a regular file"
+        raise QbackupError(f"{partial} exists and is {kind}: refusing to use it")
+
+
+def _open_device(path: str, size: int) -> int:
+    """Open a block device target once, exclusively (a mounted or claimed
+    device is refused), and check it on that descriptor."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_EXCL | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        if e.errno == errno.EBUSY:
+            raise QbackupError(f"{path} is in use (mounted?): refusing to write to it") from None
+        raise QbackupError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        if not stat.S_ISBLK(os.fstat(fd).st_mode):
+            raise QbackupError(f"{path} is no longer a block device")
+        os.set_blocking(fd, True)
+        device_size = fd_size(fd, path)
+        if device_size < size:
+            raise QbackupError(f"{path} holds {device_size} bytes, the volume needs {size}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _open_target(path: str, size: int, force: bool) -> int | None:
+    """Check a restore target before anything is written: an open descriptor
+    for a block device (written in place), None for a file (written as
+    PATH.qbackup-partial, then renamed)."""
+    if os.path.lexists(path):
+        if not force:
+            raise QbackupError(f"{path} exists: refusing to overwrite it without --force")
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:  # a dangling symlink: replaced by the file
+            mode = stat.S_IFREG
+        if stat.S_ISBLK(mode):
+            return _open_device(path, size)
+        if not stat.S_ISREG(mode):
+            raise QbackupError(f"{path} is neither a regular file nor a block device")
+    _check_partial(path + PARTIAL_SUFFIX)
+    return None
+
+
+def _target_key(path: str) -> tuple:
+    """What a target names: a block device, or a name in a (real) directory.
+    A file target replaces the name itself, never what a symlink points to."""
+    try:
+        st = os.stat(path)
+        if stat.S_ISBLK(st.st_mode):
+            return ("device", st.st_rdev)
+    except OSError:
+        pass
+    return ("name", os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+
+
+def _check_aliases(paths: Sequence[str]) -> None:
+    """Refuse two targets that are one file or device (out.img, ./out.img,
+    a symlinked directory, two device nodes), or one's partial the other."""
+    keys = [_target_key(p) for p in paths]
+    partials = {k[:2] + (k[2] + PARTIAL_SUFFIX,) for k in keys if k[0] == "name"}
+    if len(set(keys)) != len(keys) or partials & set(keys):
+        raise QbackupError("two volumes cannot be restored to the same path")
 
 
 def _restore_file(session, keys, label: str, vol: dict, path: str, fail, progress) -> tuple[int, int]:
     partial = path + PARTIAL_SUFFIX
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    _check_partial(partial)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(partial)  # a regular file an interrupted restore left
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, vol["size"])
         result = _check_volume(session, keys, label, vol, _Sink(fd), fail, progress)
@@ -290,13 +419,9 @@ def _restore_file(session, keys, label: str, vol: dict, path: str, fail, progres
     return result
 
 
-def _restore_device(session, keys, label: str, vol: dict, path: str, fail, progress) -> tuple[int, int]:
-    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
-    try:
-        result = _check_volume(session, keys, label, vol, _Sink(fd, write_zeros=True), fail, progress)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _restore_device(session, keys, label: str, vol: dict, fd: int, fail, progress) -> tuple[int, int]:
+    result = _check_volume(session, keys, label, vol, _Sink(fd, write_zeros=True), fail, progress)
+    os.fsync(fd)
     return result
 
 
@@ -308,27 +433,36 @@ def restore(session, keys: crypto.Keys, snapshot: SnapshotInfo, targets: dict[tu
     nothing written). A volume that fails is reported in the result: its
     partial file is removed (a device is left partly written, and said so).
     """
-    if len(set(targets.values())) != len(targets):
-        raise QbackupError("two volumes cannot be restored to the same path")
-    plan = []
-    for (qube, name), path in sorted(targets.items()):
-        vol = snapshot.qubes.get(qube, {}).get("volumes", {}).get(name)
-        if vol is None:
-            raise QbackupError(f"snapshot {snapshot.id.hex()} has no volume {qube}:{name}")
-        plan.append((f"{qube}:{name}", vol, path, _target_is_device(path, vol["size"], force)))
+    _check_aliases(list(targets.values()))
     errors = _Errors()
     chunks = nbytes = 0
-    for label, vol, path, device in plan:
-        write = _restore_device if device else _restore_file
-        try:
-            good, n = write(session, keys, label, vol, path, errors.reporter(label, stop=True), progress)
-        except _Stop:
-            if device:
-                errors.add(f"{label}: {path} is left partly written")
-            continue
-        except OSError as e:
-            errors.add(f"{label}: cannot write {path}: {e.strerror}")
-            continue
-        chunks, nbytes = chunks + good, nbytes + n
+    with contextlib.ExitStack() as stack:
+        plan = []
+        for (qube, name), path in sorted(targets.items()):
+            vol = snapshot.qubes.get(qube, {}).get("volumes", {}).get(name)
+            if vol is None:
+                raise QbackupError(f"snapshot {snapshot.id.hex()} has no volume {qube}:{name}")
+            fd = _open_target(path, vol["size"], force)
+            if fd is not None:
+                stack.callback(os.close, fd)
+            plan.append((f"{qube}:{name}", vol, path, fd))
+        for label, vol, path, fd in plan:
+            fail = errors.reporter(label, stop=True)
+            try:
+                if fd is None:
+                    good, n = _restore_file(session, keys, label, vol, path, fail, progress)
+                else:
+                    good, n = _restore_device(session, keys, label, vol, fd, fail, progress)
+            except _Stop:
+                if fd is not None:
+                    errors.add(f"{label}: {path} is left partly written")
+                continue
+            except QbackupError as e:
+                errors.add(f"{label}: {e}")
+                continue
+            except OSError as e:
+                errors.add(f"{label}: cannot write {path}: {e.strerror}")
+                continue
+            chunks, nbytes = chunks + good, nbytes + n
     lines = errors.result()
     return CheckResult(not lines, lines, chunks, nbytes)

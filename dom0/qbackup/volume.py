@@ -23,7 +23,9 @@ from qbackup.errors import QbackupError
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
 
 
-def _fd_size(fd: int, st: os.stat_result, path: str) -> int:
+def fd_size(fd: int, path: str) -> int:
+    """Size in bytes of the regular file or block device open as `fd`."""
+    st = os.fstat(fd)
     if stat.S_ISREG(st.st_mode):
         return st.st_size
     if not stat.S_ISBLK(st.st_mode):
@@ -87,7 +89,7 @@ class VolumeFile:
         self.fd = fd
         try:
             st = os.fstat(self.fd)
-            self.size = _fd_size(self.fd, st, path)
+            self.size = fd_size(self.fd, path)
         except BaseException:
             os.close(self.fd)
             raise

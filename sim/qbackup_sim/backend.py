@@ -47,13 +47,15 @@ def run_qbackup(directory: str | os.PathLike, argv: list[str]) -> int:
     """Run `qbackup ARGV` against the sim in `directory`; the exit code.
 
     The sim's settings stand in for /etc/qbackup/qbackup.conf: its backup
-    qube, and dom0's state in `DIR/dom0-state`. Options still win."""
+    qube, dom0's state in `DIR/dom0-state` and job locks in `DIR/dom0-run`.
+    Options still win."""
     try:
         backend = SimBackend(directory)
     except SimError as e:
         print(f"qbackup: error: {e}", file=sys.stderr)
         return 1
     config = {"backup_vm": backend.backup_vm,
-              "state_dir": str(backend.directory / "dom0-state")}
+              "state_dir": str(backend.directory / "dom0-state"),
+              "run_dir": str(backend.directory / "dom0-run")}
     return cli.run(argv, backend=lambda: backend, config=config,
                    prog=f"python -m qbackup_sim run {directory}")

@@ -192,6 +192,14 @@ def _validate_qube(name: str, qube: Any) -> None:
         _check(settings["size"] >= 0, where, "negative size")
 
 
+def _usage(image: Path) -> int:
+    """What an image file holds, as a file-reflink pool reports it."""
+    try:
+        return image.stat().st_blocks * 512
+    except OSError:
+        return 0
+
+
 def _volume_info(root: Path, inventory: dict[str, Any], qube: dict[str, Any], vol: str,
                  s: dict[str, Any]) -> VolumeInfo:
     """A volume as the adapter reports it: a plain image file, or one in a
@@ -211,8 +219,8 @@ def _volume_info(root: Path, inventory: dict[str, Any], qube: dict[str, Any], vo
             live = path[:-len(".img")] + "-dirty.img"
     return VolumeInfo(name=vol, pool=s["pool"], size=s["size"], path=path, rw=s["rw"],
                       save_on_stop=s["save_on_stop"], snap_on_start=s["snap_on_start"],
-                      revisions_to_keep=s["revisions_to_keep"], driver=driver, vid=vid,
-                      live_path=live)
+                      revisions_to_keep=s["revisions_to_keep"], usage=_usage(Path(path)),
+                      driver=driver, vid=vid, live_path=live)
 
 
 def qube_infos(directory: str | os.PathLike, inventory: dict[str, Any]) -> list[QubeInfo]:

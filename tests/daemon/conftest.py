@@ -4,7 +4,7 @@ socket, and a tiny protocol client that speaks to it exactly as qrexec plus
 the dom0 client would (qrexec header first, then length-prefixed msgpack).
 
 Everything is handed to tests through fixtures (`daemon`, `new_daemon`,
-`qbackupd_cli`), never imported from here, so the module name
+`qbackupd_cli`, `client_at`), never imported from here, so the module name
 `conftest` cannot clash with other test directories."""
 
 from __future__ import annotations
@@ -258,3 +258,13 @@ def shared_daemon():
 @pytest.fixture
 def qbackupd_cli():
     return run_cli
+
+
+@pytest.fixture
+def client_at():
+    """Connect a protocol Client to the socket at `path`, qrexec header first."""
+
+    def connect(path: Path, repo: str = "repo", source: str = "dom0") -> Client:
+        return Client(path, HEADER % (repo.encode(), source.encode()))
+
+    return connect

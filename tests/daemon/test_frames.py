@@ -406,6 +406,62 @@ def test_decoder_arbitrary_bytes_only_codec_errors(data, cuts):
         pass
 
 
+stream_payloads = st.one_of(
+    st.binary(min_size=1, max_size=200),
+    st.builds(lambda m: msgpack.packb(m, use_bin_type=True), st.dictionaries(
+        st.sampled_from(["op", "rid", "id", "ids", "type", "data", "refs", "write", "config",
+                         "pack_size", "versions", "client", "expect", "x"]),
+        msgpack_values, max_size=6)),
+    st.builds(lambda op, rid, rest: msgpack.packb({"op": op, "rid": rid, **rest}, use_bin_type=True),
+              st.sampled_from(sorted(frames._SCHEMAS)), st.integers(-1, 2**63),
+              st.dictionaries(st.sampled_from(["id", "ids", "type", "data", "refs", "write"]),
+                              msgpack_values, max_size=3)),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    header=st.one_of(st.sampled_from([b"qubes.BackupChunk+work dom0", b"qubes.BackupChunk dom0",
+                                      b"qubes.BackupChunk+work sys-net"]),
+                     st.binary(max_size=60).filter(lambda b: b"\0" not in b)),
+    payloads=st.lists(stream_payloads, min_size=1, max_size=4),
+    tail=st.binary(max_size=40),
+    cut=st.integers(min_value=1, max_value=97),
+)
+def test_stream_after_a_header_reaches_decoding_and_validation(header, payloads, tail, cut):
+    """Header, then well-framed payloads (arbitrary bytes or msgpack maps),
+    then garbage, fed in pieces: past a valid header every frame reaches
+    decode_payload, every map reaches validate_request, and nothing but a
+    codec error comes out."""
+    data = header + b"\0" + b"".join(raw_frame(p) for p in payloads) + tail
+    dec = Decoder()
+    decoded = validated = 0
+    try:
+        for start in range(0, len(data), cut):
+            dec.feed(data[start:start + cut])
+            if dec.header() is not None:
+                break
+        parse_header(header)
+        dec.feed(data[start + cut:])
+        for payload in payloads:
+            try:
+                msg = dec.frame()
+            except ProtocolError as exc:
+                assert exc.code == "bad_frame"
+                decoded += 1
+                continue
+            assert msg == frames.decode_payload(payload)
+            decoded += 1
+            try:
+                validate_request(msg)
+            except ProtocolError as exc:
+                assert exc.code in ("bad_request", "unknown_op", "too_large")
+            validated += 1
+    except HeaderError:
+        return
+    assert decoded == len(payloads) and validated <= decoded
+
+
 @settings(max_examples=400, deadline=None)
 @given(st.binary(max_size=400))
 def test_frame_arbitrary_payload_only_codec_errors(payload):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import os
+import re
 import socket
 import struct
 import time
@@ -236,33 +237,72 @@ def test_garbage_after_header(daemon):
     assert_serving(daemon)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ_REPO = "fuzz"
+FUZZ_IDS = [blob_id(("fuzz", n)) for n in range(4)]
+OPS = ["open", "init", "put", "have", "get", "flush", "commit", "list", "get_snapshot",
+       "delete_snapshot", "set_config", "stats", "bye", "hello"]
+fuzz_rids = st.integers(-3, 2**64 - 1)
+fuzz_ids = st.sampled_from(FUZZ_IDS) | st.binary(min_size=30, max_size=34)
+fuzz_values = st.one_of(
+    st.sampled_from(OPS), fuzz_rids, st.binary(max_size=40), st.booleans(), fuzz_ids,
+    st.lists(fuzz_ids, max_size=3),
+)
+# Requests of the right shape, so that they get past validation into the storage code.
+well_typed = st.one_of(
+    st.fixed_dictionaries({"op": st.just("put"), "id": st.sampled_from(FUZZ_IDS),
+                           "type": st.integers(0, 255), "data": st.binary(max_size=64)},
+                          optional={"refs": st.lists(st.sampled_from(FUZZ_IDS), max_size=3)}),
+    st.fixed_dictionaries({"op": st.sampled_from(["have", "get"]),
+                           "ids": st.lists(st.sampled_from(FUZZ_IDS), max_size=4)}),
+    st.fixed_dictionaries({"op": st.just("commit"), "id": st.sampled_from(FUZZ_IDS),
+                           "data": st.binary(max_size=64),
+                           "refs": st.lists(st.sampled_from(FUZZ_IDS), max_size=3)}),
+    st.fixed_dictionaries({"op": st.sampled_from(["get_snapshot", "delete_snapshot"]),
+                           "id": st.sampled_from(FUZZ_IDS)}),
+    st.fixed_dictionaries({"op": st.sampled_from(["flush", "list", "stats"])}),
+    st.fixed_dictionaries({"op": st.just("set_config"), "config": st.binary(max_size=16),
+                           "expect": st.sampled_from([b"config-fuzz", b"x"])}),
+)
+
+
+@pytest.fixture(scope="module")
+def fuzz_repo(shared_daemon) -> str:
+    """A repository that exists and holds blobs and a snapshot under the
+    fuzz's ids, so fuzzed requests reach the storage code and its data."""
+    client = shared_daemon.open_repo(FUZZ_REPO, create=True)
+    for blob in FUZZ_IDS[:2]:
+        assert client.call("put", id=blob, type=1, data=b"blob")["stored"]
+    assert client.call("commit", id=FUZZ_IDS[3], data=b"snapshot", refs=FUZZ_IDS[:1])["op"] == "ok"
+    client.bye()
+    return FUZZ_REPO
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     hello=st.booleans(),
+    opened=st.sampled_from([None, True, False]),
+    valid=st.lists(st.builds(lambda msg, rid: frame({**msg, "rid": rid}), well_typed,
+                             st.integers(2, 2**63 - 1)), max_size=4),
     chunks=st.lists(
         st.one_of(
             st.binary(max_size=64),
             st.builds(raw_frame, st.binary(max_size=64)),
-            st.builds(
-                frame,
-                st.dictionaries(
-                    st.sampled_from(["op", "rid", "id", "ids", "write", "data", "type", "x"]),
-                    st.one_of(
-                        st.sampled_from(["open", "put", "have", "get", "stats", "list", "bye", "hello"]),
-                        st.integers(-3, 2**64 - 1),
-                        st.binary(max_size=40),
-                        st.booleans(),
-                        st.lists(st.binary(min_size=30, max_size=34), max_size=3),
-                    ),
-                ),
-            ),
+            st.builds(frame, st.dictionaries(
+                st.sampled_from(["op", "rid", "id", "ids", "write", "data", "type", "refs",
+                                 "config", "pack_size", "expect", "x"]), fuzz_values)),
+            st.builds(lambda msg, rid: frame({**msg, "rid": rid}), well_typed,
+                      st.integers(1, 2**63 - 1)),
         ),
-        max_size=6,
+        max_size=8,
     ),
 )
-def test_fuzz_stream(daemon, hello, chunks):
-    client = daemon.client("fuzz", hello=hello)
-    for chunk in chunks:
+def test_fuzz_stream(daemon, fuzz_repo, hello, opened, valid, chunks):
+    """Hostile bytes, frames and requests, after (sometimes) a valid session
+    on an existing repository, so they reach the storage code too."""
+    client = daemon.client(fuzz_repo, hello=hello)
+    if hello and opened is not None:
+        send_quietly(client, frame({"op": "open", "rid": 1, "write": opened}))
+    for chunk in valid + chunks:
         send_quietly(client, chunk)
     try:
         client.close_write()
@@ -271,10 +311,20 @@ def test_fuzz_stream(daemon, hello, chunks):
     while (answer := client.recv()) is not None:  # error frames or answers, then EOF
         assert answer["op"] != "error" or answer["code"] in {
             "bad_frame", "frame_too_large", "bad_request", "unknown_op", "bad_repo_name",
-            "no_repository", "read_only", "not_found", "too_large", "exists",
+            "no_repository", "read_only", "not_found", "too_large", "exists", "missing_refs",
+            "locked", "conflict",
         }, answer  # fmt: skip
     client.close()
     assert "error internal" not in daemon.log_text() and "Traceback" not in daemon.log_text()
+
+
+def test_fuzzed_repository_reached_storage_and_stays_consistent(daemon, fuzz_repo):
+    """The fuzz ran requests on the open repository (not only refusals
+    before it), and the daemon's own check still finds it consistent."""
+    sessions = re.findall(rf"repo={fuzz_repo} ops=(\d+)", daemon.log_text())
+    assert sum(int(ops) >= 3 for ops in sessions) >= 5, sessions  # hello, open and more
+    check = daemon.check(fuzz_repo)
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_daemon_survives_all_of_the_above_at_once(daemon):

@@ -191,9 +191,10 @@ def test_blobs_have_get_dedup(daemon):
     assert client.recv() == {"op": "done", "rid": rid}
     assert client.call("flush") == {"op": "ok", "rid": client.rid}
     stats = client.call("stats")
-    assert set(stats) == {"op", "rid", "packs", "blobs", "bytes", "snapshots", "pack_bytes"}
+    keys = ("packs", "blobs", "bytes", "snapshots", "pack_bytes", "fs_size", "fs_free")
+    assert set(stats) == {"op", "rid", *keys}
     assert stats["blobs"] == 2 and stats["packs"] >= 1 and stats["snapshots"] == 0
-    assert all(type(stats[k]) is int for k in ("packs", "blobs", "bytes", "snapshots", "pack_bytes"))
+    assert all(type(stats[k]) is int for k in keys) and 0 < stats["fs_free"] <= stats["fs_size"]
     client.bye()
 
     reader = daemon.open_repo(write=False)

@@ -4,6 +4,7 @@
 import os
 
 from qbackup import crypto
+from qbackup.chunkmap import TreeWriter, depth_for
 from qbackup.errors import RemoteError
 
 
@@ -62,3 +63,22 @@ def write_file(path, size: int, writes: list[tuple[int, bytes]]) -> str:
 def random_ids(n: int) -> list[bytes]:
     raw = os.urandom(32 * n)
     return [raw[i:i + 32] for i in range(0, len(raw), 32)]
+
+
+def store_volume(store: MemoryStore, data: bytes) -> dict:
+    """Seal `data` as a volume's chunks and chunk map into `store`: the
+    volume entry of a manifest (zero chunks stored as ZERO_ID)."""
+    keys, cs = store.keys, store.keys.chunk_size
+    writer = TreeWriter(keys, store.put_node)
+    for offset in range(0, len(data), cs):
+        chunk = data[offset:offset + cs]
+        if chunk == bytes(len(chunk)):
+            writer.add(crypto.ZERO_ID)
+            continue
+        chunk_id = keys.chunk_id(chunk)
+        store.blobs[chunk_id] = (crypto.TYPE_DATA, store.sealer.seal(crypto.TYPE_DATA, chunk_id, chunk))
+        writer.add(chunk_id)
+    root, depth = writer.finish()
+    chunks = -(-len(data) // cs)
+    assert depth == depth_for(chunks)
+    return {"size": len(data), "chunks": chunks, "root": root, "depth": depth, "settings": {}}

@@ -80,6 +80,14 @@ def test_a_base_whose_snapshot_is_gone_is_left_over():
     assert p.bases == {} and "is no longer in the repository" in why(p, c)
 
 
+def test_a_base_whose_snapshot_is_unreadable_now_is_neither_used_nor_removed():
+    from qbackup.restore import Damaged, History
+    c = copy(1, snapshot=bytes([1]) * 32)
+    history = History([snap(2)], [Damaged(bytes([1]) * 32, "pack unreadable")])
+    p = plan(Record([c]), history)
+    assert p.bases == {} and p.leftovers == [] and p.held == [c]
+
+
 def test_unfinished_copies_wait_for_a_resume_of_the_same_run():
     base, first, second = copy(1), copy(2), copy(3)
     history = [snap(1, a=base)]

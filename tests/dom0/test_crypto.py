@@ -252,6 +252,26 @@ def test_blob_cannot_move_to_another_id_type_or_repository(keys):
     tree_id, tree = seal(keys, b"tree node", TYPE_TREE)
     with pytest.raises(IntegrityError, match="authentication failed"):
         open_blob(keys, TYPE_DATA, tree_id, tree, CHUNK)
+    # Tree nodes and snapshots share the metadata key: only the type in the
+    # associated data tells a node served as a snapshot apart.
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        open_snapshot(keys, tree_id, tree)
+
+
+def test_data_and_metadata_keys_are_separate(keys):
+    """A blob sealed under the data key cannot pass for a chunk-map node even
+    with the node's associated data and a plaintext matching its tree id:
+    the keys alone must tell them apart."""
+    plain = b"qbm1\x00" + os.urandom(64)
+    tree_id = keys.chunk_id(plain, TYPE_TREE)
+    salt, nonce = os.urandom(16), os.urandom(12)
+    sealed = keys._aead(TYPE_DATA, salt).encrypt(nonce, b"\x00" + plain,
+                                                 crypto.BLOB_AD + bytes([TYPE_TREE]) + tree_id)
+    blob = bytes([crypto.BLOB_VERSION]) + salt + nonce + sealed
+    with pytest.raises(IntegrityError, match="authentication failed"):
+        open_blob(keys, TYPE_TREE, tree_id, blob, CHUNK)
+    assert open_blob(keys, TYPE_TREE, tree_id, seal_body(keys, TYPE_TREE, tree_id, b"\x00" + plain),
+                     CHUNK) == plain
 
 
 def test_plaintext_must_match_its_id(keys):
@@ -323,10 +343,20 @@ def test_unknown_codec_and_version(keys):
         open_blob(keys, TYPE_DATA, blob_id, b"\x02" + blob[1:], 100)
 
 
-def test_raw_blob_over_max_plain_is_refused_before_decrypting(keys):
+def test_raw_blob_over_max_plain_is_refused_before_decrypting(keys, monkeypatch):
     blob_id, blob = seal(keys, os.urandom(1000), compress=False)
-    with pytest.raises(IntegrityError, match="size 1046 out of bounds"):
-        open_blob(keys, TYPE_DATA, blob_id, blob, 999)
+    trapped = create_keys(CHUNK)
+    trapped.__dict__.update(keys.__dict__)
+
+    def no_decryption(type, salt):
+        raise AssertionError("an oversized blob reached the decryption")
+    monkeypatch.setattr(trapped, "_aead", no_decryption)
+    for size in (len(blob), len(blob) + 1, 1 << 20):
+        with pytest.raises(IntegrityError, match=f"size {size} out of bounds"):
+            open_blob(trapped, TYPE_DATA, blob_id, blob.ljust(size, b"\0"), 999)
+    for size in (0, 45):  # too short to hold a header and a tag
+        with pytest.raises(IntegrityError, match=f"size {size} out of bounds"):
+            open_blob(trapped, TYPE_DATA, blob_id, blob[:size], 999)
     compressible = b"a" * 1000
     blob_id, blob = seal(keys, compressible)
     with pytest.raises(IntegrityError, match="declares size 1000, limit 999"):

@@ -17,8 +17,8 @@ from engine_helpers import write_file
 from qbackup import crypto, manifest, proto, transport
 from qbackup.backup import VolumeSource, backup
 from qbackup.chunkmap import MAX_NODE_PLAIN, TreeWriter
-from qbackup.errors import IntegrityError, QbackupError, RollbackError
-from qbackup.restore import (delete_snapshot, load_history, resolve_snapshot, restore,
+from qbackup.errors import QbackupError, RollbackError
+from qbackup.restore import (delete_snapshots, load_history, resolve_snapshot, restore,
                              verify)
 from qbackup.state import State
 
@@ -278,8 +278,10 @@ def test_verify_reports_every_chunk_of_a_lost_pack(repo, tmp_path):
     oldest.unlink()  # the first backup's pack: its chunks and tree nodes are gone
     result = repo.verify(history[1])
     assert not result.ok
-    assert any(e.startswith("work:private at offset 0:") for e in result.errors)
-    assert not any(e.startswith("other:") for e in result.errors)
+    # the lost pack held work:private's only chunk map leaf: one line covers its range
+    assert [e.split(": ")[0] for e in result.errors] == ["work:private at offset 0"]
+    assert "cannot fetch chunk map node" in result.errors[0]
+    assert result.chunks == 3  # other:private is whole
 
 
 class Tamper:
@@ -456,7 +458,7 @@ def test_history_rollback_and_own_deletion(repo, tmp_path):
         resolve_snapshot(history, "0" * 64 if not ids[0].hex().startswith("0" * 8) else "f" * 64)
 
     with repo.session() as s:
-        delete_snapshot(s, repo.keys, repo.state, history[2], history)
+        delete_snapshots(s, repo.keys, repo.state, [history[2]], history)
     assert [s.id for s in repo.history()] == ids[:2]  # our own deletion: no rollback
 
     # the backup qube hides the newest snapshot
@@ -476,7 +478,7 @@ def test_hiding_the_newest_left_right_after_deleting_the_head(repo, tmp_path):
     ids = [repo.backup([source("work", "private", path)]).snapshot_id for _ in range(3)]
     history = repo.history()
     with repo.session() as s:
-        delete_snapshot(s, repo.keys, repo.state, history[2], history)
+        delete_snapshots(s, repo.keys, repo.state, [history[2]], history)
     hidden = [p for p in repo.dir.rglob("*") if p.is_file() and ids[1].hex() in p.name]
     assert len(hidden) == 1
     hidden[0].unlink()
@@ -484,18 +486,70 @@ def test_hiding_the_newest_left_right_after_deleting_the_head(repo, tmp_path):
         repo.history()
 
 
-def test_forged_manifest_is_an_integrity_error(repo, tmp_path):
+def test_allow_rollback_keeps_the_record_of_deletions(repo, tmp_path):
+    """After the backup qube lost snapshots (restored from an old copy, say),
+    --allow-rollback accepts what is listed, but a snapshot this dom0 deleted
+    stays deleted: it is left out when replayed, and refused again after."""
     path = write_file(tmp_path / "v", CS, [(0, os.urandom(CS))])
-    repo.backup([source("work", "private", path)])
+    ids = [repo.backup([source("work", "private", path)]).snapshot_id for _ in range(3)]
+    files = {i: repo.dir / "snapshots" / i.hex() for i in ids}
+    kept = {i: f.read_bytes() for i, f in files.items()}
+    history = repo.history()
+    with repo.session() as s:
+        delete_snapshots(s, repo.keys, repo.state, [history[0]], history)
+    files[ids[2]].unlink()  # the newest is lost ...
+    files[ids[0]].write_bytes(kept[ids[0]])  # ... and the deleted one is back
+    with pytest.raises(RollbackError, match="deleted by this dom0"):
+        repo.history()
+    assert [s.id for s in repo.history(allow_rollback=True)] == [ids[1]]
+    with pytest.raises(RollbackError, match=f"{ids[0].hex()} was deleted by this dom0"):
+        repo.history()
+    files[ids[0]].unlink()
+    assert [s.id for s in repo.history()] == [ids[1]]
+
+
+def test_forged_manifest_is_reported_and_hides_nothing(repo, tmp_path):
+    path = write_file(tmp_path / "v", CS, [(0, os.urandom(CS))])
+    good = repo.backup([source("work", "private", path)]).snapshot_id
     forged = os.urandom(32)
     with repo.session() as s:
         s.commit(forged, os.urandom(200), [])
-    with pytest.raises(IntegrityError, match=f"snapshot {forged.hex()} fails authentication"):
-        repo.history()
+    history = repo.history()
+    assert [s.id for s in history] == [good]
+    [bad] = history.damaged
+    assert bad.id == forged and "fails authentication" in bad.reason
+    assert forged not in repo.state.load(repo.keys.repo_id).seen  # never authenticated
 
 
-def test_snapshot_of_another_repository_is_refused(daemon, tmp_path):
-    """Same keys, two repositories: a manifest moved across is refused."""
+def test_one_bit_rotted_snapshot_hides_no_other(repo, tmp_path):
+    """A damaged snapshot (oldest, middle or newest) is reported; every
+    other one stays listable, verifiable and restorable, and the history
+    rules still hold around it."""
+    data = [os.urandom(2 * CS) for _ in range(4)]
+    paths = [write_file(tmp_path / f"v{i}", 2 * CS, [(0, d)]) for i, d in enumerate(data)]
+    ids = [repo.backup([source("work", "private", p)]).snapshot_id for p in paths]
+    for rotten in (0, 2, 3):
+        snapshot_file = repo.dir / "snapshots" / ids[rotten].hex()
+        original = snapshot_file.read_bytes()
+        corrupt_middle(snapshot_file)
+        history = repo.history()
+        assert [d.id for d in history.damaged] == [ids[rotten]]
+        assert [s.id for s in history] == [i for k, i in enumerate(ids) if k != rotten]
+        for snap in history:
+            assert repo.verify(snap).ok
+            target = tmp_path / f"out-{rotten}-{snap.id.hex()[:8]}"
+            assert repo.restore(snap, {("work", "private"): str(target)}).ok
+            assert read(target) == data[ids.index(snap.id)]
+        snapshot_file.write_bytes(original)
+    assert repo.state.load(repo.keys.repo_id).head == ids[3]
+    corrupt_middle(repo.dir / "snapshots" / ids[3].hex())  # a damaged head stays the head
+    repo.history()
+    assert repo.state.load(repo.keys.repo_id).head == ids[3]
+
+
+def test_snapshot_of_another_repository_is_damaged(daemon, tmp_path):
+    """Same keys, two repositories: a manifest moved across fails
+    authentication (other repo_id, other subkeys) and is reported."""
     a, b = Repo(daemon, tmp_path / "a"), Repo(daemon, tmp_path / "b")
     b.keys = crypto.Keys(a.keys._master, os.urandom(32), CS, 0)
     path = write_file(tmp_path / "v", CS, [(0, os.urandom(CS))])
@@ -504,8 +558,9 @@ def test_snapshot_of_another_repository_is_refused(daemon, tmp_path):
         blob = s.get_snapshot(stats.snapshot_id)
     with b.session() as s:
         s.commit(stats.snapshot_id, blob, [])
-    with pytest.raises(IntegrityError):  # other repo_id: other subkeys, fails authentication
-        b.history()
+    history = b.history()
+    assert list(history) == [] and [d.id for d in history.damaged] == [stats.snapshot_id]
+    assert "fails authentication" in history.damaged[0].reason
 
 
 class Interrupt(Recorder):
@@ -555,6 +610,16 @@ def test_bad_metadata_fails_before_sending(repo, tmp_path):
         repo.backup([source("work", "private", path)], meta={"work": {"class": "AppVM", "tags": "x"}})
     with repo.session(write=False) as s:
         assert s.stats()["blobs"] == 0
+
+
+def test_oversized_manifest_fails_before_anything_is_sent(repo, tmp_path):
+    path = write_file(tmp_path / "v", 3 * CS, [(0, os.urandom(3 * CS))])
+    meta = {"work": {**qube_meta(), "features": {"notes": "x" * manifest.MAX_PLAIN}}}
+    with pytest.raises(QbackupError, match="manifest would take .* qube work alone takes"):
+        repo.backup([source("work", "private", path)], meta=meta)
+    with repo.session(write=False) as s:
+        assert s.stats()["blobs"] == 0  # refused before any chunk was sent
+    assert repo.history() == []
 
 
 def test_volume_changing_size_fails_cleanly(repo, tmp_path):

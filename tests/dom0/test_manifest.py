@@ -215,3 +215,21 @@ def test_source_is_optional_in_version_2():
                                                        "copy": None}
     assert manifest.volume_source(decode(manifest.encode(m)).qubes["work"]["volumes"][
         "private"]) == {"state": "shutdown", "taken": 0.0, "copy": None}
+
+
+def test_oversized_manifest_is_refused_naming_the_largest_qube():
+    m = sample()
+    m.qubes["work"]["features"]["huge"] = "x" * manifest.MAX_PLAIN
+    with pytest.raises(QbackupError, match=f"over the {manifest.MAX_PLAIN} a snapshot may hold;"
+                       " qube work alone takes"):
+        manifest.encode(m)
+    m.qubes["work"]["features"]["huge"] = "x" * (manifest.MAX_PLAIN - len(manifest.encode(sample())) - 20)
+    assert len(manifest.encode(m)) <= manifest.MAX_PLAIN
+
+
+def test_the_largest_manifest_fits_a_snapshot_even_uncompressed():
+    from qbackup import proto
+    assert manifest.MAX_PLAIN + crypto.max_blob_size(0) == proto.MAX_SNAPSHOT
+    keys = crypto.create_keys(CS)
+    sealed = crypto.seal_snapshot(keys, SNAP, os.urandom(manifest.MAX_PLAIN))
+    assert len(sealed) == proto.MAX_SNAPSHOT

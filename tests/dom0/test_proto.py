@@ -162,7 +162,8 @@ class FakeDaemon:
 
     def op_stats(self, rid):
         self.send(op="stats", rid=rid, packs=1, blobs=len(self.blobs), bytes=sum(
-            len(d) for _, d in self.blobs.values()), snapshots=len(self.snapshots), pack_bytes=0)
+            len(d) for _, d in self.blobs.values()), snapshots=len(self.snapshots), pack_bytes=0,
+            fs_size=1 << 30, fs_free=1 << 29)
 
     def op_bye(self, rid):
         self.send(op="bye", rid=rid, status="ok")
@@ -186,7 +187,8 @@ def test_every_operation_round_trip():
     s.commit(ident(100), b"snap", [ident(2)])
     assert s.list() == [(ident(100), 4, 1700000000)]
     assert s.get_snapshot(ident(100)) == b"snap"
-    assert s.stats() == {"packs": 1, "blobs": 2, "bytes": 7, "snapshots": 1, "pack_bytes": 0}
+    assert s.stats() == {"packs": 1, "blobs": 2, "bytes": 7, "snapshots": 1, "pack_bytes": 0,
+                         "fs_size": 1 << 30, "fs_free": 1 << 29}
     assert list(s.get([ident(2), ident(9), ident(1)])) == [
         (ident(2), 2, b"tree"), (ident(9), None, None), (ident(1), 1, b"one")]
     assert list(s.get([])) == []

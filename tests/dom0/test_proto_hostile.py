@@ -133,10 +133,30 @@ def test_bad_hello_fails_the_constructor(evil, hello, match):
         d.session()
 
 
+@pytest.mark.parametrize("length", [(8 << 20) + 1, 0xFFFFFFFF])
+def test_oversized_frame_length_is_refused_before_its_body(evil, length):
+    """The length is checked before anything else is read (the daemon then
+    closes: a client that waited for the body would say so instead)."""
+    d = evil(raw(b"", length), script=lambda d: d.sock.shutdown(socket.SHUT_WR))
+    with pytest.raises(ProtocolError, match=f"frame length {length} outside 1..8388608"):
+        d.session()
+
+
 def test_eof_before_hello(evil):
     d = evil(b"", script=lambda d: d.sock.shutdown(socket.SHUT_WR))
     with pytest.raises(ProtocolError, match="closed by the daemon before 'hello'"):
         d.session()
+
+
+@pytest.mark.parametrize("sent", [b"", b"\x00\x00", raw(b"x" * 10, 100)],
+                         ids=["nothing", "half-a-header", "half-a-frame"])
+def test_silent_hello_is_given_up(evil, sent):
+    """A backup qube that never finishes answering hello (it keeps the
+    connection open) is given up after the stall timeout, like any other
+    answer that does not come."""
+    d = evil(sent)
+    with pytest.raises(ProtocolError, match="answered nothing for 0.3 s"):
+        within(Session, SocketTransport(d.client), stall_timeout=0.3, hang_limit=10)
 
 
 def test_error_instead_of_hello_is_remote_error(evil):
@@ -160,6 +180,13 @@ def test_object_budget_bounds_decoding_memory():
     assert peak < 120 << 20
 
 
+def test_object_budget_counts_every_array_item():
+    """Just over the budget, cheap to decode even without one: refused."""
+    decode_payload(msgpack.packb({"op": "list", "rid": 1, "snapshots": [None] * (MAX_OBJECTS - 10)}))
+    with pytest.raises(ProtocolError, match=f"more than {MAX_OBJECTS} msgpack objects"):
+        decode_payload(msgpack.packb({"op": "list", "rid": 1, "snapshots": [None] * MAX_OBJECTS}))
+
+
 def test_clamped_max_frame_still_refuses_bigger_frames(evil):
     d = evil(frame(**{**HELLO, "max_frame": 16 << 20}),
              script=lambda d: (d.recv(), d.sock.sendall(raw(b"", 9 << 20))))
@@ -176,7 +203,8 @@ def answer(**msg):
     return lambda req: frame(rid=req["rid"], **msg)
 
 
-STATS = {"packs": 1, "blobs": 2, "bytes": 3, "snapshots": 4, "pack_bytes": 5}
+STATS = {"packs": 1, "blobs": 2, "bytes": 3, "snapshots": 4, "pack_bytes": 5, "fs_size": 7,
+         "fs_free": 6}
 
 
 def stream(*frames):
@@ -275,6 +303,17 @@ def test_bad_answer_kills_the_session(evil, call, bad, match):
     assert later.value is first.value
 
 
+def test_get_refuses_a_blob_over_the_callers_bound(evil):
+    """verify and restore pass the largest blob a chunk can be sealed into:
+    a bigger one is refused as it arrives, so a window of them cannot fill
+    dom0's memory."""
+    d = evil(script=lambda d: d.sock.sendall(
+        stream(blob(0, data=bytes(101)), answer(op="done"))(d.recv())))
+    s = d.session()
+    with pytest.raises(ProtocolError, match="'blob.data' has 101 bytes, over 100"):
+        within(lambda: list(s.get(ID[:1], max_size=100)))
+
+
 def test_get_yields_valid_answers_before_the_violation(evil):
     bad = stream(blob(0), answer(op="missing", id=ID[1]), blob(9))
     d = evil(script=lambda d: d.sock.sendall(bad(d.recv())))
@@ -349,7 +388,7 @@ def test_daemon_that_stalls_is_given_up(evil):
     s = d.session(stall_timeout=0.3)
     time.sleep(0.5)         # idle with nothing due: no timeout
     with pytest.raises(ProtocolError, match="answered nothing for 0.3 s"):
-        within(s.stats)
+        within(s.stats, hang_limit=10)
     stalled.set()
 
 

@@ -20,7 +20,7 @@ import pytest
 from adversary import Daemon, Proxy, Tamper, frame
 from qbackup import crypto, transport
 from qbackup.backup import VolumeSource, backup
-from qbackup.errors import BadPassphrase, IntegrityError, ProtocolError, QbackupError, RollbackError
+from qbackup.errors import BadPassphrase, ProtocolError, QbackupError, RollbackError
 from qbackup.proto import Session
 from qbackup.restore import load_history, restore, verify
 from qbackup.state import State
@@ -101,7 +101,11 @@ def world(tmp_path_factory) -> World:
             f.seek(20 * CHUNK + 17)
             f.write(b"changed")
         second = run_backup(keys, daemon, state_dir, image, first)
-        yield World(tmp, daemon, keys, state_dir, image, [first, second])
+        with open(image, "r+b") as f:
+            f.seek(9 * CHUNK)
+            f.write(rng.randbytes(CHUNK))
+        third = run_backup(keys, daemon, state_dir, image, second)
+        yield World(tmp, daemon, keys, state_dir, image, [first, second, third])
     finally:
         daemon.stop()
 
@@ -176,31 +180,40 @@ class WrongId(Tamper):
         return [frame(msg)]
 
 
-def assert_detected(result, *needles: str):
+STORED = [i for i in range(29) if i % 7 != 3]  # chunks of make_image that are not zero
+
+
+def assert_detected(result, chunks: list[int], needle: str) -> None:
+    """Exactly these chunks are reported, each for this reason (no
+    detection test may accept any error at any offset)."""
+    assert needle, "say what the detection must report"
     assert not result.ok
-    text = "\n".join(result.errors)
-    assert "work:private" in text and "offset" in text, text
-    for n in needles:
-        assert n in text.lower(), text
+    assert [e.split(": ")[0] for e in result.errors] == [
+        f"work:private at offset {k * CHUNK}" for k in chunks], result.errors
+    for error in result.errors:
+        assert needle in error.lower(), error
 
 
 @pytest.mark.parametrize(
-    "tamper, needle",
+    "tamper, chunks, needle",
     [
-        (lambda: OnDataBlobs(flip_bit), ""),
-        (lambda: OnDataBlobs(truncate), ""),
-        (lambda: OnDataBlobs(drop), "missing"),
-        (lambda: OnDataBlobs(as_tree_blob), ""),
-        (SwapTwo, ""),
-        (WrongId, ""),
+        (lambda: OnDataBlobs(flip_bit), [0], "authentication failed"),
+        (lambda: OnDataBlobs(truncate), [0], "authentication failed"),
+        (lambda: OnDataBlobs(drop), [0], "chunk missing"),
+        (lambda: OnDataBlobs(as_tree_blob), [0], "blob has type 2"),
+        (SwapTwo, [0, 1], "authentication failed"),
+        # Every chunk but the first gets the first one's blob: the associated
+        # data (the id) must refuse it before its plaintext is even looked at;
+        # the short last chunk must not be the only one caught (by its length).
+        (WrongId, STORED[1:], "authentication failed"),
     ],
     ids=["flipped-bit", "truncated", "dropped", "data-as-metadata", "swapped", "wrong-id"],
 )
-def test_verify_detects_tampered_chunks(world, tamper, needle):
+def test_verify_detects_tampered_chunks(world, tamper, chunks, needle):
     s = world.attacked(tamper())
     snap = latest(world, s)
     result = within(verify, s, world.keys, snap)
-    assert_detected(result, needle)
+    assert_detected(result, chunks, needle)
     s.close()
 
 
@@ -242,30 +255,38 @@ class OlderUnderNewerName(Tamper):
 
 
 def test_older_snapshot_under_newer_name_is_refused(world):
-    first, second = world.snapshots
+    first, newest = world.snapshots[0], world.snapshots[-1]
     honest = world.session()
     old_blob = honest.get_snapshot(first)
     honest.close()
-    s = world.attacked(OlderUnderNewerName(second, old_blob))
-    with pytest.raises(IntegrityError):
-        within(world.history, s)
+    s = world.attacked(OlderUnderNewerName(newest, old_blob))
+    history = within(world.history, s)
     s.close()
+    assert [x.id for x in history] == world.snapshots[:-1]
+    [damaged] = history.damaged
+    assert damaged.id == newest and "authentication failed" in damaged.reason
 
 
-class HideNewest(Tamper):
-    def __init__(self, newest: bytes) -> None:
-        self.newest = newest
+class Hide(Tamper):
+    """Leaves some snapshots out of the listing."""
+
+    def __init__(self, hidden: set[bytes]) -> None:
+        self.hidden = hidden
 
     def to_client(self, msg):
         if msg.get("op") == "list":
-            snaps = [x for x in msg["snapshots"] if x["id"] != self.newest]
+            snaps = [x for x in msg["snapshots"] if x["id"] not in self.hidden]
             return [frame(dict(msg, snapshots=snaps))]
         return [frame(msg)]
 
 
-def test_rollback_is_refused(world):
-    s = world.attacked(HideNewest(world.snapshots[1]))
-    with pytest.raises(RollbackError, match="--allow-rollback"):
+@pytest.mark.parametrize("which", [0, 1, 2], ids=["oldest", "middle", "newest"])
+def test_hidden_snapshot_is_refused(world, which):
+    """dom0 has seen every snapshot: hiding any one of them, head, middle or
+    oldest, is refused (the real daemon still holds them all)."""
+    hidden = world.snapshots[which]
+    s = world.attacked(Hide({hidden}))
+    with pytest.raises(RollbackError, match=f"{hidden.hex()}, .* is missing.*--allow-rollback"):
         within(world.history, s)
     s.close()
 

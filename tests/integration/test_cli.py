@@ -25,7 +25,8 @@ import pytest
 from qbackup import cli, transport
 from qbackup.commands import common
 from qbackup.errors import QbackupError, UsageError
-from qbackup_sim import daemon_pid, load_inventory, run_qbackup, save_inventory, start_daemon
+from qbackup_sim import (daemon_pid, load_inventory, run_qbackup, save_inventory, start_daemon,
+                         stop_daemon)
 
 VOLUMES = {("tpl", "private"), ("tpl", "root"), ("work", "private")}
 POLL = 0.005
@@ -164,6 +165,48 @@ def test_delete_snapshot(sim):
     assert f"no snapshot {first}" in one_error_line(gone)
 
 
+def test_prune_protect_and_dry_run(sim):
+    sim.init()
+    ids = [sim.json("backup", "work")["snapshot"] for _ in range(4)]
+    protected = sim.run("protect", ids[1][:12])
+    assert f"snapshot {ids[1]} is protected" in protected.stdout
+    assert [s["protected"] for s in sim.json("list")["snapshots"]] == [False, True, False, False]
+    dry = sim.run("prune", "--keep-last", "2", "--dry-run")
+    assert "dry run: would delete 1 and keep 3 snapshots" in dry.stdout
+    assert f"{ids[0][:16]}" in dry.stdout and "would delete" in dry.stdout
+    assert "keep (protected)" in dry.stdout and "keep (newest, last)" in dry.stdout
+    assert len(sim.json("list")["snapshots"]) == 4  # a dry run deletes nothing
+    pruned = sim.run("prune", "--keep-last", "1", "--json")
+    decisions = {s["id"]: (s["keep"], s["reasons"]) for s in json.loads(pruned.stdout)["snapshots"]}
+    assert decisions == {ids[3]: (True, ["newest", "last"]), ids[2]: (False, []),
+                         ids[1]: (True, ["protected"]), ids[0]: (False, [])}
+    assert [s["id"] for s in sim.json("list")["snapshots"]] == [ids[1], ids[3]]
+    refused = sim.run("delete", ids[1], expect=1)
+    assert "is protected: run `qbackup unprotect" in one_error_line(refused)
+    sim.run("unprotect", ids[1])
+    again = sim.run("prune", "--keep-within", "0h")  # backups seconds apart
+    assert "deleted 1 snapshots, kept 1" in again.stdout and "qbackup gc" in again.stdout
+    assert [s["id"] for s in sim.json("list")["snapshots"]] == [ids[3]]
+    assert "deleted 0 snapshots, kept 1" in sim.run("prune", "--keep-daily", "1").stdout
+    usage = sim.run("prune", expect=2)
+    assert "give at least one --keep-* rule" in one_error_line(usage)
+
+
+def test_verify_sample(sim):
+    # about 60 distinct chunks: a 50% sample takes all or none of them once in 2^60
+    sim.run("init", "--scrypt-n", "16384", "--chunk-size", "64K", "--pack-size", "8M")
+    sim.run("backup", "work", "tpl")
+    full = sim.json("verify")["results"][0]
+    sampled = sim.run("verify", "--sample", "50")
+    assert "sample: 50% of the distinct data chunks" in sampled.stdout
+    assert "verify OK" in sampled.stdout and "more not sampled" in sampled.stdout
+    result = sim.json("verify", "--sample", "50")["results"][0]
+    assert result["chunks"] + result["skipped"] == full["chunks"] and full["skipped"] == 0
+    assert 0 < result["chunks"] < full["chunks"]
+    usage = sim.run("verify", "--sample", "0", expect=2)
+    assert "not a percentage from 0.01 to 100" in one_error_line(usage)
+
+
 def test_change_passphrase(sim, tmp_path):
     sim.init()
     sim.run("backup", "work")
@@ -259,7 +302,9 @@ def test_repository_errors(sim):
     missing = sim.run("list", expect=1)
     assert "no_repository" in one_error_line(missing)
     sim.init()
-    again = sim.run("init", "--scrypt-n", "16384", expect=1)
+    pinned = sim.run("init", "--scrypt-n", "16384", expect=4)
+    assert "is pinned to repository" in one_error_line(pinned) and "--replace" in pinned.stderr
+    again = sim.run("init", "--scrypt-n", "16384", "--replace", expect=1)
     assert "exists" in one_error_line(again)
     other_vm = sim.run("--backup-vm", "work2", "list", expect=1)
     assert "backup qube 'work2' does not exist" in one_error_line(other_vm)
@@ -270,6 +315,7 @@ def test_repository_errors(sim):
 
 def test_every_command_has_help(capsys):
     for command in (["init"], ["backup"], ["list"], ["verify"], ["restore"], ["delete"],
+                    ["prune"], ["protect"], ["unprotect"], ["repo", "list"], ["repo", "trust"],
                     ["stats"], ["key", "change-passphrase"]):
         code, out, _ = run_here([*command, "--help"], capsys)
         assert code == 0 and out.startswith("usage: qbackup ") and "--backup-vm VM" in out
@@ -292,6 +338,60 @@ def test_rollback_is_refused_end_to_end(sim):
     accepted = sim.run("list", "--json", "--allow-rollback")
     assert len(json.loads(accepted.stdout)["snapshots"]) == 1
     assert len(sim.json("list")["snapshots"]) == 1  # accepted: no longer refused
+
+
+def test_substituted_repository_is_refused_until_trusted(sim, tmp_path):
+    """The backup qube serves repository 'archive' (same passphrase) under
+    the name dom0 pinned for 'default': every command refuses it, naming
+    both ids, until `repo trust` re-pins the name explicitly."""
+    sim.init()
+    sim.run("--repo", "archive", "init", "--scrypt-n", "16384", "--pack-size", "8M")
+    sim.run("backup", "work")
+    archived = sim.json("--repo", "archive", "backup", "tpl")["snapshot"]
+    pins = {p["repo"]: p["repo_id"] for p in sim.json("repo", "list")["pins"]}
+    assert set(pins) == {"default", "archive"}
+    stop_daemon(sim.dir)
+    storage = sim.dir / "storage"
+    (storage / "default").rename(storage / "swap")
+    (storage / "archive").rename(storage / "default")
+    (storage / "swap").rename(storage / "archive")
+    for command in (["list"], ["backup", "work"], ["restore", "latest", "--to", str(tmp_path)],
+                    ["verify"], ["delete", "latest"], ["prune", "--keep-last", "1"]):
+        line = one_error_line(sim.run(*command, expect=4))
+        assert pins["default"] in line and pins["archive"] in line and "repo trust" in line
+    assert list(tmp_path.iterdir()) == []
+    asks = sim.run("repo", "trust", expect=2)  # no terminal: the id must be given
+    assert f"--id {pins['archive'][:16]}" in one_error_line(asks)
+    wrong = sim.run("repo", "trust", "--id", pins["default"][:12], expect=1)
+    assert "nothing changed" in one_error_line(wrong)
+    trusted = sim.run("repo", "trust", "--id", pins["archive"][:12])
+    assert pins["default"] in trusted.stdout and pins["archive"] in trusted.stdout
+    assert "1 snapshots" in trusted.stdout and "now pinned" in trusted.stdout
+    assert [s["id"] for s in sim.json("list")["snapshots"]] == [archived]
+
+
+def test_damaged_snapshot_hides_no_other_end_to_end(sim, tmp_path):
+    sim.init()
+    first = sim.json("backup", "work")["snapshot"]
+    second = sim.json("backup", "work")["snapshot"]
+    snapshot_file = sim.dir / "storage/default/snapshots" / first
+    rotten = bytearray(snapshot_file.read_bytes())
+    rotten[len(rotten) // 2] ^= 1
+    snapshot_file.write_bytes(bytes(rotten))
+    listed = sim.run("list", expect=3)
+    assert second[:16] in listed.stdout and f"{first[:16]}  DAMAGED" in listed.stdout
+    verified = sim.run("verify")
+    assert "verify OK" in verified.stdout
+    assert verified.stderr.startswith(f"qbackup: warning: snapshot {first} is damaged and left out")
+    everything = sim.run("verify", "--all", "--json", expect=3)
+    assert [r["ok"] for r in json.loads(everything.stdout)["results"]] == [False, True]
+    sim.run("restore", "latest", "--to", str(tmp_path / "out"))
+    assert same_bytes(tmp_path / "out/work/private.img", sim.image("work", "private"))
+    refused = sim.run("restore", first[:12], "--to", str(tmp_path / "bad"), expect=3)
+    warning, error = refused.stderr.splitlines()
+    assert warning.startswith("qbackup: warning:")
+    assert error.startswith(f"qbackup: error: snapshot {first} is damaged: ")
+    assert not (tmp_path / "bad").exists()
 
 
 def test_killed_backup_resumes(sim):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -38,11 +40,22 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="serve the qubes.BackupChunk socket in the foreground",
-        description="Listen on a Unix socket (mode 0660; a stale socket is replaced) and serve "
-        "qbackup clients until SIGTERM/SIGINT, which seal open packs and release locks. "
+        description="Serve qbackup clients on a Unix socket until SIGTERM/SIGINT, which seal open "
+        "packs and release locks. Only root (qrexec-agent) and the daemon's own user may connect. "
         "Point /etc/qubes-rpc/qubes.BackupChunk at the socket.",
     )
-    serve.add_argument("--socket", required=True, type=Path, metavar="PATH", help="Unix socket to listen on")
+    where = serve.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="bind and listen on PATH (mode 0660; a stale socket is replaced, removed at exit)",
+    )
+    where.add_argument(
+        "--systemd-socket",
+        action="store_true",
+        help="use the listening socket passed by systemd socket activation (qbackupd.socket)",
+    )
     serve.add_argument("--storage", required=True, type=Path, metavar="DIR", help="directory of repositories")
     serve.add_argument(
         "--log-level",
@@ -61,16 +74,48 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_storage_dir(path: Path, serving: bool) -> None:
+    """The storage directory exists, belongs to us and (to serve) is writable.
+
+    Run as another user (root, typically), maintenance commands would leave
+    files the daemon cannot write."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise StorageError(f"storage directory {path} does not exist") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise StorageError(f"storage directory {path} is not a directory")
+    euid = os.geteuid()
+    if st.st_uid != euid:
+        raise StorageError(
+            f"storage directory {path} belongs to uid {st.st_uid}, not to this process (uid {euid}): "
+            "run qbackupd as the directory's owner (in the backup qube: sudo -u qbackupd qbackupd ...)"
+        )
+    if serving and not os.access(path, os.W_OK):
+        raise StorageError(
+            f"storage directory {path} is not writable (read-only file system? under systemd it must be "
+            "in the unit's ReadWritePaths=)"
+        )
+
+
+def _stderr_is_journal() -> bool:
+    """Whether stderr is systemd's journal stream, which adds name and pid itself."""
+    try:
+        dev, ino = (int(part) for part in os.environ.get("JOURNAL_STREAM", "").split(":"))
+        st = os.fstat(2)
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if not args.storage.is_dir():
-            raise StorageError(f"storage directory {args.storage} does not exist")
+        _check_storage_dir(args.storage, args.command == "serve")
         if args.command == "serve":
-            logging.basicConfig(
-                level=args.log_level.upper(), format="qbackupd[%(process)d] %(levelname)s %(message)s"
-            )
-            run(Storage(args.storage), args.socket)
+            prefix = "" if _stderr_is_journal() else "qbackupd[%(process)d] "
+            logging.basicConfig(level=args.log_level.upper(), format=prefix + "%(levelname)s %(message)s")
+            run(Storage(args.storage), None if args.systemd_socket else args.socket)
             return 0
         storage = Storage(args.storage)
         if args.command == "reindex":

@@ -9,6 +9,13 @@ The daemon keeps reading while it writes, and a full response channel stops
 the worker and then the reader (back-pressure), so a client that reads
 concurrently never deadlocks. However a connection ends, its repository is
 closed: what was put is sealed and the writer lock released.
+
+The listening socket is either bound by the daemon itself (`--socket PATH`,
+for the simulation and tests) or inherited from systemd socket activation
+(`qbackupd.socket`, sd_listen_fds(3): LISTEN_PID/LISTEN_FDS, fd 3). Either
+way the peer's credentials are checked on every connection (SO_PEERCRED):
+only root — qrexec-agent, which connects itself for calls made as user root —
+and the daemon's own user may talk to it (DESIGN §2.11).
 """
 
 from __future__ import annotations
@@ -19,6 +26,9 @@ import os
 import signal
 import socket
 import stat
+import struct
+from dataclasses import dataclass
+from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Awaitable, Callable
@@ -38,20 +48,41 @@ RECV_SIZE = 256 << 10
 WRITE_COALESCE = 1 << 20  # small frames are joined into one send up to this size
 MAX_LISTED_REFS = 64  # ids named in a missing_refs error
 GET_CHUNK = 4 << 20  # a get reads blobs in a worker thread until this many bytes, then sends them
-STAT_KEYS = ("packs", "blobs", "bytes", "snapshots", "pack_bytes")
+STAT_KEYS = ("packs", "blobs", "bytes", "snapshots", "pack_bytes", "fs_size", "fs_free")
+
+
+SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): the first passed fd
 
 
 class ServerError(Exception):
     """The server cannot start (socket path in use, not a socket, ...)."""
 
 
+def default_allowed_uids() -> frozenset[int]:
+    """Who may connect: root (qrexec-agent connects itself for calls made as
+    user root) and the daemon's own user, who can read and write the storage
+    directly anyway. Never the qube's unprivileged `user`."""
+    return frozenset({0, os.geteuid()})
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+    """(pid, uid, gid) of the process that connected a Unix socket (SO_PEERCRED)."""
+    fmt = "3i"
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize(fmt))
+    pid, uid, gid = struct.unpack(fmt, raw)
+    return pid, uid, gid
+
+
 class Connection:
     """One client session, from the qrexec header to the close."""
 
-    def __init__(self, storage: Storage, stream: trio.SocketStream, number: int):
+    def __init__(
+        self, storage: Storage, stream: trio.SocketStream, number: int, allowed_uids: frozenset[int] | None = None
+    ):
         self.storage = storage
         self.stream = stream
         self.number = number
+        self.allowed_uids = default_allowed_uids() if allowed_uids is None else allowed_uids
         self.decoder = frames.Decoder()
         self.header: frames.Header | None = None
         self.repo: Repository | None = None
@@ -67,7 +98,7 @@ class Connection:
 
     async def run(self) -> None:
         try:
-            if await self._accept_header():
+            if await self._accept_peer() and await self._accept_header():
                 await self._session()
         except Exception:
             log.exception("conn %d: unexpected failure", self.number)
@@ -87,6 +118,29 @@ class Connection:
                 self.result,
                 " (client went away)" if self.peer_gone else "",
             )
+
+    async def _accept_peer(self) -> bool:
+        """Refuse (with a log line and an in-band error) a peer that is neither
+        root nor the daemon's own user: the socket is root-only, so such a peer
+        means the socket's mode or owner was changed."""
+        try:
+            pid, uid, gid = peer_credentials(self.stream.socket)
+        except OSError as exc:
+            self.result = f"refused: cannot read the peer's credentials: {exc}"
+            log.warning("conn %d: %s", self.number, self.result)
+            return False
+        if uid in self.allowed_uids:
+            return True
+        allowed = ", ".join(f"uid {u}" for u in sorted(self.allowed_uids))
+        log.warning(
+            "conn %d: refused peer pid=%d uid=%d gid=%d: only %s may connect (dom0 must call "
+            "qubes.BackupChunk as user root; the socket must not be reachable by other users)",
+            self.number, pid, uid, gid, allowed,
+        )  # fmt: skip
+        await self._send_fatal(
+            ProtocolError("forbidden", f"connection from uid {uid} refused: dom0 must call the service as user root")
+        )
+        return False
 
     async def _accept_header(self) -> bool:
         """Read and check the qrexec header; False if the connection must close."""
@@ -401,6 +455,16 @@ class Connection:
 # --- listening socket and process lifecycle ---------------------------------------
 
 
+@dataclass
+class Listener:
+    """The listening socket, where it lives, and whether we remove it at exit."""
+
+    sock: trio.socket.SocketType
+    path: str
+    owned: bool  # bound by us (--socket): unlink at exit; systemd's: leave it alone
+    inode: int | None = None
+
+
 def _clear_stale_socket(path: Path) -> None:
     """Remove a socket left by a dead daemon; refuse anything else at `path`."""
     try:
@@ -418,7 +482,8 @@ def _clear_stale_socket(path: Path) -> None:
     raise ServerError(f"another process is listening on {path}")
 
 
-async def _bind(path: Path) -> trio.socket.SocketType:
+async def bind_socket(path: Path) -> Listener:
+    """Bind and listen on `path` ourselves (mode 0660: owner and group only)."""
     _clear_stale_socket(path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o117)  # no window with a wider mode than 0660
@@ -431,7 +496,51 @@ async def _bind(path: Path) -> trio.socket.SocketType:
         os.umask(old_umask)
     os.chmod(path, 0o660)
     sock.listen(128)
-    return sock
+    return Listener(sock, str(path), owned=True, inode=os.stat(path).st_ino)
+
+
+def systemd_socket(environ: dict[str, str] | None = None) -> Listener:
+    """The listening socket passed by systemd socket activation (sd_listen_fds(3)).
+
+    Exactly one listening AF_UNIX stream socket must have been passed, to this
+    very process. The LISTEN_* variables are removed so that no child sees them.
+    """
+    env = os.environ if environ is None else environ
+    pid_text, fds_text = env.get("LISTEN_PID"), env.get("LISTEN_FDS")
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        env.pop(name, None)
+    if pid_text is None or fds_text is None:
+        raise ServerError(
+            "--systemd-socket: no socket passed (LISTEN_PID/LISTEN_FDS unset); start qbackupd.socket, "
+            "or use --socket PATH"
+        )
+    if not pid_text.isdigit() or int(pid_text) != os.getpid():
+        raise ServerError(f"--systemd-socket: LISTEN_PID={pid_text!r} names another process, not {os.getpid()}")
+    if fds_text != "1":
+        raise ServerError(
+            f"--systemd-socket: expected exactly one socket, LISTEN_FDS={fds_text!r} "
+            "(qbackupd.socket must have one ListenStream= and Accept=no)"
+        )
+    fd = SD_LISTEN_FDS_START
+    try:
+        std = socket.socket(fileno=fd)
+    except OSError as exc:
+        raise ServerError(f"--systemd-socket: fd {fd} is not a usable socket: {exc.strerror or exc}") from None
+    try:
+        listening = std.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+        if std.family != socket.AF_UNIX or std.type != socket.SOCK_STREAM or not listening:
+            raise ServerError(
+                f"--systemd-socket: fd {fd} is not a listening Unix stream socket "
+                "(qbackupd.socket needs ListenStream=/path and Accept=no)"
+            )
+        std.set_inheritable(False)
+        path = std.getsockname()
+    except BaseException:
+        std.detach()  # not ours to close on a refusal
+        raise
+    if isinstance(path, bytes):
+        path = path.decode("utf-8", "backslashreplace")
+    return Listener(trio.socket.from_stdlib_socket(std), path or "(unnamed socket)", owned=False)
 
 
 async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:
@@ -442,29 +551,46 @@ async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:
             return
 
 
-async def serve(storage: Storage, socket_path: Path) -> None:
-    """Serve connections on `socket_path` until SIGTERM/SIGINT."""
-    sock = await _bind(socket_path)
-    inode = os.stat(socket_path).st_ino
+async def serve(
+    storage: Storage,
+    socket_path: Path | None = None,
+    *,
+    allowed_uids: frozenset[int] | None = None,
+    listener: Listener | None = None,
+) -> None:
+    """Serve connections until SIGTERM/SIGINT, on `socket_path` (bound here)
+    or on `listener` (e.g. from systemd_socket())."""
+    if listener is None:
+        if socket_path is None:
+            raise ValueError("serve() needs socket_path or listener")
+        listener = await bind_socket(socket_path)
+    allowed = default_allowed_uids() if allowed_uids is None else allowed_uids
     counter = itertools.count(1)
 
     async def handler(stream: trio.SocketStream) -> None:
-        await Connection(storage, stream, next(counter)).run()
+        await Connection(storage, stream, next(counter), allowed).run()
 
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            await nursery.start(trio.serve_listeners, handler, [trio.SocketListener(sock)])
-            log.info("%s listening on %s", SERVER_NAME, socket_path)
+            await nursery.start(trio.serve_listeners, handler, [trio.SocketListener(listener.sock)])
+            log.info(
+                "%s listening on %s%s", SERVER_NAME, listener.path, "" if listener.owned else " (socket from systemd)"
+            )
     finally:
-        try:
-            if os.stat(socket_path).st_ino == inode:
-                os.unlink(socket_path)
-        except FileNotFoundError:
-            pass
+        if listener.owned:
+            try:
+                if os.stat(listener.path).st_ino == listener.inode:
+                    os.unlink(listener.path)
+            except FileNotFoundError:
+                pass
         log.info("stopped")
 
 
-def run(storage: Storage, socket_path: Path) -> None:
-    """Run the server in the foreground until a signal stops it."""
-    trio.run(serve, storage, socket_path)
+def run(storage: Storage, socket_path: Path | None) -> None:
+    """Run the server in the foreground until a signal stops it: on a socket
+    bound at `socket_path`, or (None) on the one systemd passed."""
+    if socket_path is None:
+        trio.run(partial(serve, storage, listener=systemd_socket()))
+    else:
+        trio.run(serve, storage, socket_path)

@@ -936,12 +936,16 @@ class Repository:
         self.config = config
 
     def stats(self) -> dict:
-        """{packs, blobs, bytes, snapshots, pack_bytes} of the sealed, indexed packs."""
+        """{packs, blobs, bytes, snapshots, pack_bytes} of the sealed, indexed
+        packs, and {fs_size, fs_free}: the size of the file system holding
+        the repository and the space left to an unprivileged writer."""
         self._check_open()
         with _io("stats"):
             stats = self._index.stats()
             with os.scandir(self._paths.snapshots) as entries:
                 stats["snapshots"] = sum(1 for e in entries if _SNAPSHOT_NAME_RE.fullmatch(e.name))
+            fs = os.statvfs(self._paths.snapshots)
+            stats["fs_size"], stats["fs_free"] = fs.f_frsize * fs.f_blocks, fs.f_frsize * fs.f_bavail
         return stats
 
     def close(self) -> None:

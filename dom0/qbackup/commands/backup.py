@@ -10,10 +10,11 @@ import contextlib
 import sys
 import time
 
-from qbackup import restore as restore_mod
+from qbackup import jobs, restore as restore_mod
 from qbackup.backup import BackupStats, backup
-from qbackup.commands.common import (EXIT_ERROR, EXIT_OK, Context, ask_passphrase, clean, local_time,
-                                     print_json, unlock)
+from qbackup.commands.common import (EXIT_ERROR, EXIT_OK, Context, ask_passphrase, clean,
+                                     local_time, open_history, print_json, warn)
+from qbackup.commands.jobs import job_run
 from qbackup.copies import Copies, Leftover
 from qbackup.errors import QbackupError, UsageError
 from qbackup.progress import Progress, human_bytes
@@ -45,23 +46,48 @@ def _targets(qubes: list[QubeInfo]) -> list[tuple[QubeInfo, VolumeInfo]]:
     return targets
 
 
+def _job_qubes(ctx: Context, args: argparse.Namespace, qubes: list[QubeInfo]) -> list[QubeInfo]:
+    """The qubes of the context's job, after the checks of `qbackup check`:
+    refused on any error, warnings on stderr."""
+    assert ctx.job is not None
+    if args.qubes or args.all or args.exclude:
+        raise UsageError(f"job {ctx.job.name} chooses the qubes: give no QUBE, --all or "
+                         "--exclude with --job")
+    result = jobs.review(ctx.job, qubes)
+    for warning in result.warnings:
+        print(f"qbackup: warning: {clean(warning)}", file=sys.stderr)
+    if result.errors:
+        more = f" (and {len(result.errors) - 1} more: qbackup check {ctx.job.name})" \
+            if len(result.errors) > 1 else ""
+        raise QbackupError(f"job {ctx.job.name} refused: {result.errors[0]}{more}")
+    by_name = {q.name: q for q in qubes}
+    return [by_name[name] for name in result.selection.included]
+
+
 def _report_problems(problems: list[str]) -> None:
     for problem in problems:
-        print(f"qbackup: warning: {clean(problem)}", file=sys.stderr)
+        warn(problem)
 
 
 def cmd_backup(ctx: Context, args: argparse.Namespace) -> int:
     every_qube = ctx.backend.list_qubes()
-    qubes = _select_qubes(args, every_qube, ctx.backup_vm)
+    if ctx.job is None:
+        return _backup(ctx, args, every_qube,
+                       _select_qubes(args, every_qube, ctx.backup_vm), {})
+    with job_run(ctx) as figures:
+        return _backup(ctx, args, every_qube, _job_qubes(ctx, args, every_qube), figures)
+
+
+def _backup(ctx: Context, args: argparse.Namespace, every_qube: list[QubeInfo],
+            qubes: list[QubeInfo], figures: dict) -> int:
+    """Back up `qubes` (of `every_qube`); their figures also go into `figures`."""
     if not qubes:
         raise UsageError("nothing to back up: every qube is excluded")
     targets = _targets(qubes)
     passphrase, state = ask_passphrase(args), ctx.state()
     with ctx.session() as session:
-        keys = unlock(session, passphrase, write=True)
+        keys, history = open_history(ctx, args, session, passphrase, write=True)
         with Copies(state, keys.repo_id, keys.chunk_size) as copies:
-            history = restore_mod.load_history(session, keys, state,
-                                               allow_rollback=args.allow_rollback)
             sources = copies.prepare(targets, history, every_qube, live=args.live,
                                      full=args.full)
             if ctx.verbose:
@@ -70,14 +96,15 @@ def cmd_backup(ctx: Context, args: argparse.Namespace) -> int:
                           f"{s.origin['state']}): {s.how}{f' ({s.why})' if s.why else ''}",
                           file=sys.stderr)
             with Progress(sum(s.size for s in sources), "backup") as progress:
+                # the new snapshot follows dom0's head for this repository
                 stats = backup(session, keys, sources, {q.name: q.settings() for q in qubes},
-                               state=state, progress=progress,
-                               predecessor=history[-1].id if history else None)
+                               state=state, progress=progress)
             snapshot = restore_mod.SnapshotInfo(stats.snapshot_id, time.time(), "", None, {}, 0)
             removed, problems = copies.committed(snapshot, history, every_qube)
     _report_problems(problems)
+    figures.update(_figures(stats, qubes, sources, len(removed)))
     if args.json:
-        _print_json(stats, qubes, sources, len(removed))
+        print_json({**({"job": ctx.job.name} if ctx.job else {}), **figures})
         return EXIT_OK
     rate = stats.bytes_read / stats.seconds if stats.seconds > 0 else 0
     print(f"snapshot {stats.snapshot_id.hex()}")
@@ -96,8 +123,8 @@ def cmd_backup(ctx: Context, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_json(stats: BackupStats, qubes: list[QubeInfo], sources: list, removed: int) -> None:
-    print_json({
+def _figures(stats: BackupStats, qubes: list[QubeInfo], sources: list, removed: int) -> dict:
+    return {
         "snapshot": stats.snapshot_id.hex(), "qubes": [q.name for q in qubes],
         "volumes": stats.volumes, "bytes_total": stats.bytes_total,
         "bytes_read": stats.bytes_read, "bytes_sent": stats.bytes_sent,
@@ -108,7 +135,7 @@ def _print_json(stats: BackupStats, qubes: list[QubeInfo], sources: list, remove
         "reads": [{"qube": r.qube, "volume": r.volume, "read": r.how, "reason": r.why,
                    "bytes_read": r.bytes_read, "chunks_unchanged": r.chunks_unchanged,
                    "state": s.origin["state"], "taken": s.origin["taken"]}
-                  for s, r in zip(sources, stats.reads)]})
+                  for s, r in zip(sources, stats.reads)]}
 
 
 def _leftover_json(leftover: Leftover) -> dict:
@@ -119,13 +146,18 @@ def cmd_cleanup(ctx: Context, args: argparse.Namespace) -> int:
     qubes = ctx.backend.list_qubes()
     passphrase, state = ask_passphrase(args), ctx.state()
     with ctx.session() as session, contextlib.ExitStack() as stack:
-        keys = unlock(session, passphrase, write=False)
+        keys = ctx.unlock(session, passphrase, write=False)
+        # locked before the history is read: a backup committing meanwhile
+        # would otherwise make its new bases look left over
         copies = stack.enter_context(Copies(state, keys.repo_id, keys.chunk_size))
         history = restore_mod.load_history(session, keys, state,
                                            allow_rollback=args.allow_rollback)
+        for bad in history.damaged:
+            warn(f"snapshot {bad.id.hex()} is damaged and left out: {bad.reason}")
         plan = copies.plan(history, qubes)
         kept = [(c, "base of the next incremental") for c in plan.bases.values()] + [
-            (c, "kept to resume an interrupted backup") for c in plan.pending.values()]
+            (c, "kept to resume an interrupted backup") for c in plan.pending.values()] + [
+            (c, "the snapshot that read it cannot be read now") for c in plan.held]
         doomed = list(plan.leftovers)
         if args.all:
             doomed += [Leftover(c.where, c.kind, why + " (--all)", c) for c, why in kept]

@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from qbackup import crypto, restore as restore_mod
-from qbackup.errors import QbackupError, UsageError
+from qbackup.errors import (BadPassphrase, IntegrityError, QbackupError, RollbackError,
+                            UsageError)
+from qbackup.jobs import JOBS_FILE, Job, check_passphrase_file, get_job
 from qbackup.proto import Session
 from qbackup.qubes import Backend
 from qbackup.state import State
@@ -31,9 +33,22 @@ EXIT_ROLLBACK = 4
 EXIT_PASSPHRASE = 5
 EXIT_INTERRUPTED = 130
 
+# Most specific first: the first match decides the exit code.
+_EXIT_CODES: list[tuple[type[BaseException], int]] = [
+    (UsageError, EXIT_USAGE),
+    (BadPassphrase, EXIT_PASSPHRASE),
+    (RollbackError, EXIT_ROLLBACK),
+    (IntegrityError, EXIT_INTEGRITY),
+    (QbackupError, EXIT_ERROR),
+    (OSError, EXIT_ERROR),
+]
+
 CONFIG_FILE = "/etc/qbackup/qbackup.conf"
-CONFIG_KEYS = ("backup_vm", "repo", "state_dir")
+CONFIG_KEYS = ("backup_vm", "repo", "state_dir", "run_dir")
 DEFAULT_STATE_DIR = "/var/lib/qbackup"
+# Where running jobs hold their locks (readable by the dom0 user that runs
+# qubes.BackupRequest, so it can refuse a request while the job runs).
+DEFAULT_RUN_DIR = "/run/qbackup"
 DEFAULT_REPO = "default"
 # How long to wait for another writer (e.g. the connection of a run just
 # interrupted, finishing what it had received) before giving up.
@@ -58,6 +73,16 @@ def clean(text: str, limit: int = 500) -> str:
     """One printable line: control characters escaped, length bounded."""
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def failure(error: QbackupError | OSError) -> tuple[int, str]:
+    """The exit code of a failed command and its one-line, printable message."""
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if error.filename else ""
+        message = f"{where}{error.strerror}"
+    else:
+        message = str(error) or type(error).__name__
+    return next(code for kind, code in _EXIT_CODES if isinstance(error, kind)), clean(message)
 
 
 def print_json(obj: Any) -> None:
@@ -92,15 +117,27 @@ def read_config(path: str) -> dict[str, str]:
 
 @dataclass
 class Context:
-    """What every command needs: where to connect and where dom0's state is."""
+    """What every command needs: where to connect and where dom0's state is;
+    the job, for a command run for one (`--job`, `check JOB`)."""
     backend: Backend
     backup_vm: str
     repo: str
     state_dir: str
     verbose: bool
+    run_dir: str = DEFAULT_RUN_DIR
+    job: Job | None = None
 
     def state(self) -> State:
         return State(self.state_dir)
+
+    def unlock(self, session: Session, passphrase: bytes, write: bool) -> crypto.Keys:
+        """Open the repository, unwrap its keys, and check it is the one
+        pinned under this name (pinning it on first use)."""
+        keys = unlock(session, passphrase, write)
+        if self.state().check_pin(self.backup_vm, self.repo, keys.repo_id):
+            print(f"qbackup: note: repository '{self.repo}' in {self.backup_vm} is now pinned to"
+                  f" {keys.repo_id.hex()}", file=sys.stderr)
+        return keys
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
@@ -119,15 +156,28 @@ class Context:
 
 def make_context(args: argparse.Namespace, backend: Callable[[], Backend],
                  config: dict[str, str] | None = None) -> Context:
-    """The context of one command: options first, then `config` (by default
-    the settings of CONFIG_FILE), then the built-in defaults. `backend` is
-    called once the names are known to be valid."""
+    """The context of one command: options first, then the job's settings
+    (for `--job JOB` or `check JOB`), then `config` (by default the settings
+    of CONFIG_FILE), then the built-in defaults. `backend` is called once the
+    names are known to be valid."""
     if config is None:
         config = read_config(CONFIG_FILE)
-    backup_vm = getattr(args, "backup_vm", None) or config.get("backup_vm")
-    if not backup_vm:
+    job = None
+    if getattr(args, "job", None):
+        job = get_job(args.job, getattr(args, "jobs_file", None) or JOBS_FILE)
+        for option, value in (("backup_vm", job.backup_vm), ("repo", job.repo)):
+            given = getattr(args, option, None)
+            if given and given != value:
+                raise UsageError(f"--{option.replace('_', '-')} {clean(given)} contradicts "
+                                 f"job {job.name} ({value})")
+            setattr(args, option, value)
+        if job.passphrase_file and not getattr(args, "passphrase_file", None):
+            check_passphrase_file(job.passphrase_file)
+            args.passphrase_file = job.passphrase_file
+    backup_vm = getattr(args, "backup_vm", None) or config.get("backup_vm") or ""
+    if not backup_vm and getattr(args, "needs_backup_vm", True):
         raise UsageError(f"no backup qube: give --backup-vm or set backup_vm in {CONFIG_FILE}")
-    if not QUBE_NAME_RE.fullmatch(backup_vm):
+    if backup_vm and not QUBE_NAME_RE.fullmatch(backup_vm):
         raise UsageError(f"invalid backup qube name {clean(backup_vm)!r}")
     repo = getattr(args, "repo", None) or config.get("repo") or DEFAULT_REPO
     if not REPO_NAME_RE.fullmatch(repo) or ".." in repo:
@@ -135,7 +185,8 @@ def make_context(args: argparse.Namespace, backend: Callable[[], Backend],
                          "(letters, digits, '_.-', at most 64, not starting with '.-_')")
     state_dir = (getattr(args, "state_dir", None) or config.get("state_dir")
                  or DEFAULT_STATE_DIR)
-    return Context(backend(), backup_vm, repo, state_dir, getattr(args, "verbose", False))
+    return Context(backend(), backup_vm, repo, state_dir, getattr(args, "verbose", False),
+                   run_dir=config.get("run_dir") or DEFAULT_RUN_DIR, job=job)
 
 
 # -- passphrases and unlocking ----------------------------------------------
@@ -165,21 +216,36 @@ def ask_passphrase(args: argparse.Namespace) -> bytes:
 
 
 def unlock(session: Session, passphrase: bytes, write: bool) -> crypto.Keys:
-    """Open the repository and unwrap its keys."""
+    """Open the repository and unwrap its keys (not checking the pin: see
+    Context.unlock)."""
     untrusted_config, _ = session.open(write=write, lock_wait=LOCK_WAIT)
     return crypto.unwrap_keys(untrusted_config, passphrase)
 
 
+def warn(message: str) -> None:
+    print(f"qbackup: warning: {clean(message)}", file=sys.stderr)
+
+
 def open_history(ctx: Context, args: argparse.Namespace, session: Session, passphrase: bytes,
-            write: bool = False) -> tuple[crypto.Keys, list[restore_mod.SnapshotInfo]]:
+                 write: bool = False, warn_damaged: bool = True
+                 ) -> tuple[crypto.Keys, restore_mod.History]:
     """Unlock the repository and load its authenticated history, refusing a
-    rollback unless --allow-rollback."""
-    keys = unlock(session, passphrase, write=write)
-    return keys, restore_mod.load_history(session, keys, ctx.state(),
-                                          allow_rollback=args.allow_rollback)
+    rollback unless --allow-rollback. Damaged snapshots are left out, each
+    named in a warning unless the caller reports them itself."""
+    keys = ctx.unlock(session, passphrase, write=write)
+    history = restore_mod.load_history(session, keys, ctx.state(),
+                                       allow_rollback=getattr(args, "allow_rollback", False))
+    if warn_damaged:
+        for bad in history.damaged:
+            warn(f"snapshot {bad.id.hex()} is damaged and left out: {bad.reason}")
+    return keys, history
 
 
-def find_snapshot(history: list[restore_mod.SnapshotInfo], spec: str) -> restore_mod.SnapshotInfo:
+def find_snapshot(history: restore_mod.History, spec: str) -> restore_mod.SnapshotInfo:
+    prefix = spec.lower()
+    damaged = [d for d in history.damaged if spec != "latest" and d.id.hex().startswith(prefix)]
+    if damaged and not any(s.id.hex().startswith(prefix) for s in history):
+        raise IntegrityError(f"snapshot {damaged[0].id.hex()} is damaged: {damaged[0].reason}")
     if not history:
         raise QbackupError("the repository holds no snapshots")
     return restore_mod.resolve_snapshot(history, spec)

@@ -13,15 +13,25 @@ from qbackup.errors import QbackupError, UsageError
 from qbackup.progress import Progress, human_bytes
 
 
-def _check_json(snap: restore_mod.SnapshotInfo, result: restore_mod.CheckResult) -> dict:
-    return {"snapshot": snap.id.hex(), "ok": result.ok, "errors": result.errors,
-            "chunks": result.chunks, "bytes": result.bytes}
+def sample_percent(text: str) -> float:
+    try:
+        percent = float(text)
+    except ValueError:
+        percent = -1.0
+    if not 0.01 <= percent <= 100:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a percentage from 0.01 to 100")
+    return percent
 
 
-def _report_check(snap: restore_mod.SnapshotInfo, result: restore_mod.CheckResult,
-                  verb: str) -> None:
+def _check_json(snap_id: bytes, result: restore_mod.CheckResult) -> dict:
+    return {"snapshot": snap_id.hex(), "ok": result.ok, "errors": result.errors,
+            "chunks": result.chunks, "bytes": result.bytes, "skipped": result.skipped}
+
+
+def _report_check(snap_id: bytes, result: restore_mod.CheckResult, verb: str) -> None:
     status = "OK" if result.ok else f"FAILED ({len(result.errors)} errors)"
-    print(f"snapshot {snap.id.hex()[:16]}: {verb} {status}: {result.chunks} chunks, "
+    skipped = f" ({result.skipped} more not sampled)" if result.skipped else ""
+    print(f"snapshot {snap_id.hex()[:16]}: {verb} {status}: {result.chunks} chunks{skipped}, "
           f"{human_bytes(result.bytes)}")
     for error in result.errors:
         print(f"  {clean(error)}")
@@ -31,23 +41,29 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
     if args.all and args.snapshot:
         raise UsageError("give a snapshot or --all, not both")
     passphrase = ask_passphrase(args)
+    sample = None if args.sample is None else restore_mod.Sample(args.sample / 100)
     with ctx.session() as session:
-        keys, history = open_history(ctx, args, session, passphrase)
+        keys, history = open_history(ctx, args, session, passphrase, warn_damaged=not args.all)
         snapshots = history if args.all else [find_snapshot(history, args.snapshot or "latest")]
-        results = []
+        results = [(d.id, restore_mod.CheckResult(False, [f"snapshot manifest: {d.reason}"], 0, 0))
+                   for d in history.damaged] if args.all else []
         for snap in snapshots:
             with Progress(snap.bytes_total, f"verify {snap.id.hex()[:16]}") as progress:
-                results.append((snap, restore_mod.verify(session, keys, snap,
-                                                         progress=progress)))
+                results.append((snap.id, restore_mod.verify(session, keys, snap,
+                                                            progress=progress, sample=sample)))
+    ok = all(r.ok for _, r in results)
     if args.json:
-        print_json({"ok": all(r.ok for _, r in results),
-                     "results": [_check_json(s, r) for s, r in results]})
-    else:
-        if not results:
-            print("no snapshots")
-        for snap, result in results:
-            _report_check(snap, result, "verify")
-    return EXIT_OK if all(r.ok for _, r in results) else EXIT_INTEGRITY
+        print_json({"ok": ok, "sample_percent": args.sample,
+                    "results": [_check_json(s, r) for s, r in results]})
+        return EXIT_OK if ok else EXIT_INTEGRITY
+    if not results:
+        print("no snapshots")
+    if sample is not None:
+        print(f"sample: {args.sample:g}% of the distinct data chunks, drawn at random for this "
+              "run; every chunk map node checked")
+    for snap_id, result in results:
+        _report_check(snap_id, result, "verify")
+    return EXIT_OK if ok else EXIT_INTEGRITY
 
 
 def volume_target(text: str) -> tuple[tuple[str, str], str]:
@@ -103,7 +119,7 @@ def cmd_restore(ctx: Context, args: argparse.Namespace) -> int:
         with Progress(total, f"restore {snap.id.hex()[:16]}") as progress:
             result = restore_mod.restore(session, keys, snap, targets, force=args.force,
                                          progress=progress)
-    _report_check(snap, result, "restore")
+    _report_check(snap.id, result, "restore")
     if result.ok:
         for (qube, vol), path in sorted(targets.items()):
             print(f"  {qube}/{vol} -> {path}")
