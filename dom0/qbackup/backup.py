@@ -38,6 +38,7 @@ HAVE_BATCH = 128  # ids per HAVE request
 IN_FLIGHT_BYTES = 64 << 20  # chunk data held between read and PUT
 RECENT_PUTS = 16384  # ids remembered as sent in this run
 LEAVES_AHEAD = 32  # previous-map leaves fetched ahead of the reader
+WAKE = 0.5  # the longest the main thread sleeps at a time (so that signals act)
 
 
 @dataclass(frozen=True)
@@ -249,17 +250,20 @@ class _Pipeline:
             self._store_node(self._nodes.popleft())
 
     def _wait_oldest(self) -> None:
-        """Block until the oldest unfinished future in the pipeline completes."""
+        """Block until the oldest unfinished future in the pipeline completes,
+        or WAKE seconds pass (callers loop): a signal the kernel hands to a
+        worker thread is only acted on once the main thread runs again, so
+        it must never sleep unbounded (Ctrl-C would be lost)."""
         if self._sending:
-            wait([self._sending[0].put])
+            wait([self._sending[0].put], timeout=WAKE)
         elif self._asking:
-            wait([self._asking[0][1]])
+            wait([self._asking[0][1]], timeout=WAKE)
         elif self._hashing:
-            wait([e.hashed for e in self._hashing[0] if e.hashed is not None])
+            wait([e.hashed for e in self._hashing[0] if e.hashed is not None], timeout=WAKE)
         elif self._batch:
             self._close_batch()
         elif self._nodes:
-            wait([self._nodes[0].have])
+            wait([self._nodes[0].have], timeout=WAKE)
 
     def _ask(self, batch: list[_Entry]) -> None:
         for e in batch:
@@ -370,7 +374,12 @@ class _LeafFetcher:
 
     def take(self) -> list[bytes] | str:
         """The next wanted leaf's ids, or why they cannot be had."""
-        item = self._queue.get()
+        while True:
+            try:
+                item = self._queue.get(timeout=WAKE)  # so that signals act (_wait_oldest)
+                break
+            except queue.Empty:
+                continue
         if isinstance(item, BaseException):
             raise item
         return item
