@@ -27,7 +27,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
-from qbackup import chunkmap, crypto, manifest
+from qbackup import chunkmap, crypto, manifest, threads
 from qbackup.chunkmap import FANOUT, ID_SIZE, NODE_TYPE, LeafRef, TreeWriter, depth_for
 from qbackup.crypto import ZERO_ID
 from qbackup.errors import IntegrityError, QbackupError, RemoteError
@@ -38,7 +38,6 @@ HAVE_BATCH = 128  # ids per HAVE request
 IN_FLIGHT_BYTES = 64 << 20  # chunk data held between read and PUT
 RECENT_PUTS = 16384  # ids remembered as sent in this run
 LEAVES_AHEAD = 32  # previous-map leaves fetched ahead of the reader
-WAKE = 0.5  # the longest the main thread sleeps at a time (so that signals act)
 
 
 @dataclass(frozen=True)
@@ -250,20 +249,17 @@ class _Pipeline:
             self._store_node(self._nodes.popleft())
 
     def _wait_oldest(self) -> None:
-        """Block until the oldest unfinished future in the pipeline completes,
-        or WAKE seconds pass (callers loop): a signal the kernel hands to a
-        worker thread is only acted on once the main thread runs again, so
-        it must never sleep unbounded (Ctrl-C would be lost)."""
+        """Block until the oldest unfinished future in the pipeline completes."""
         if self._sending:
-            wait([self._sending[0].put], timeout=WAKE)
+            wait([self._sending[0].put])
         elif self._asking:
-            wait([self._asking[0][1]], timeout=WAKE)
+            wait([self._asking[0][1]])
         elif self._hashing:
-            wait([e.hashed for e in self._hashing[0] if e.hashed is not None], timeout=WAKE)
+            wait([e.hashed for e in self._hashing[0] if e.hashed is not None])
         elif self._batch:
             self._close_batch()
         elif self._nodes:
-            wait([self._nodes[0].have], timeout=WAKE)
+            wait([self._nodes[0].have])
 
     def _ask(self, batch: list[_Entry]) -> None:
         for e in batch:
@@ -349,9 +345,7 @@ class _LeafFetcher:
     def __init__(self, session, keys: crypto.Keys, wanted: list[LeafRef]):
         self._queue: queue.Queue = queue.Queue(LEAVES_AHEAD)
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(session, keys, wanted),
-                                        name="qbackup-leaves", daemon=True)
-        self._thread.start()
+        threads.start(self._run, "qbackup-leaves", session, keys, wanted)
 
     def _put(self, item) -> bool:
         while not self._stop.is_set():
@@ -374,12 +368,7 @@ class _LeafFetcher:
 
     def take(self) -> list[bytes] | str:
         """The next wanted leaf's ids, or why they cannot be had."""
-        while True:
-            try:
-                item = self._queue.get(timeout=WAKE)  # so that signals act (_wait_oldest)
-                break
-            except queue.Empty:
-                continue
+        item = self._queue.get()
         if isinstance(item, BaseException):
             raise item
         return item
@@ -576,7 +565,7 @@ def backup(session, keys: crypto.Keys, sources: list[VolumeSource], qubes_meta: 
     workers = workers or os.cpu_count() or 1
     plans, wanted = _prepare(session, keys, sources)
     reads: list[VolumeRead] = []
-    with ThreadPoolExecutor(workers, thread_name_prefix="qbackup-backup") as pool:
+    with threads.pool(workers, "qbackup-backup") as pool:
         pipeline = _Pipeline(session, keys, pool, progress, workers)
         fetcher = _LeafFetcher(session, keys, wanted)
         reader = _Reader(pipeline, chunk_size)
