@@ -1,14 +1,21 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-# qbackup developer entry points (fresh Debian with Python 3.11):
-#   make demo   set up .venv, then run the end-to-end demo in demo-out/
-#   make test   set up .venv, then run the whole test suite and the mutation
-#               check of dom0's trust modules (docs/INVARIANTS.md)
+# qbackup developer entry points (fresh Debian 12 with Python 3.11):
+#   make demo   set up the venvs, then run the end-to-end demo in demo-out/
+#   make test   set up the venvs, then run test-current and test-floor:
+#     test-current  pyflakes, every suite on current library releases and
+#                   the mutation check of dom0's trust modules
+#                   (docs/INVARIANTS.md)
+#     test-floor    the suites on the oldest library versions qbackup
+#                   supports (requirements-floor.txt): what Qubes R4.2's
+#                   dom0 (Fedora 37) and a Debian 12 backup qube ship
 #   make rpm    dom0 and backup-qube (template) rpms in build/rpm/RPMS/noarch/
 #   make deb    backup-qube (template) deb in build/deb/
 #   make lint-packages   rpmlint and lintian on what rpm and deb built
 # Package builds use the install-* targets of install.mk.
 
 VENV_PYTHON := .venv/bin/python
+FLOOR_DOM0_PYTHON := .venv-floor-dom0/bin/python
+FLOOR_VM_PYTHON := .venv-floor-vm/bin/python
 VERSION := $(shell cat version)
 BUILDDIR ?= build
 # Package builds use the distribution's tools and Python only, never a venv
@@ -22,7 +29,7 @@ DEB_DIR = $(abspath $(BUILDDIR))/deb
 FOREIGN_RPM_HOST = $(shell rpm -q --quiet rpm 2>/dev/null || echo yes)
 RPMBUILD_FLAGS = $(if $(FOREIGN_RPM_HOST),--nodeps --load=$(CURDIR)/rpm_spec/macros.fallback)
 
-.PHONY: all setup demo test clean tarball rpm deb packages lint-packages
+.PHONY: all setup demo test test-current test-floor clean tarball rpm deb packages lint-packages
 
 all: test
 
@@ -32,10 +39,21 @@ setup:
 demo: setup
 	$(VENV_PYTHON) -m qbackup_sim.demo demo-out
 
-test: setup
+test: test-current test-floor
+
+test-current: setup
 	$(VENV_PYTHON) -m pyflakes dom0/qbackup vm-service/qbackupd sim/qbackup_sim bench tests scripts
 	$(VENV_PYTHON) -m pytest -q
 	$(VENV_PYTHON) scripts/mutants.py
+
+# dom0's and the integration suite on dom0's floors, with every daemon they
+# start on the backup qube's (the two sides' msgpack floors differ, as their
+# machines do: one venv each); then the daemon's suite on the backup qube's.
+# tests/test_floors.py checks that each run has exactly its side's floors.
+test-floor: setup
+	QBACKUP_FLOOR=dom0 QBACKUP_SIM_DAEMON_PYTHON=$(CURDIR)/$(FLOOR_VM_PYTHON) \
+		$(FLOOR_DOM0_PYTHON) -m pytest -q tests/test_floors.py tests/dom0 tests/integration
+	QBACKUP_FLOOR=vm $(FLOOR_VM_PYTHON) -m pytest -q tests/test_floors.py tests/daemon
 
 # The source tarball: the files git tracks (as they are in the work tree),
 # under qbackup-VERSION/, reproducible (sorted, owner 0, last commit's time).

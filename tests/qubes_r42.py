@@ -16,7 +16,17 @@ them (../shared/vendor/qubes-r4.2/README.md):
   records every call (method, destination, argument) so tests can count
   them; replies and errors are encoded exactly as qubesd encodes them.
   `run_service` is qubesadmin's own: it runs `qubesadmin.config.QREXEC_CLIENT`,
-  which a test points at a stand-in.
+  which a test points at a stand-in;
+- `admin.vm.volume.Import` / `ImportWithSize`, which qubesadmin hands to the
+  script `/etc/qubes-rpc/admin.vm.volume.Import` (qubes-core-admin's
+  `qubes-rpc/`, not in the tarball) rather than to qubesd, are answered the
+  way that script answers them: `internal.vm.volume.ImportBegin` through
+  qubesd's real internal API, the data written by the real `dd` with the
+  script's options, the byte count and any extra data checked, then
+  `internal.vm.volume.ImportEnd` with `ok` or `fail` and the reason (a
+  stand-in for the script; `import_script`);
+- the host's PCI bus: `pci_devices` names the PCI devices the host has (the
+  only thing qubesd checks, in sysfs, when one is assigned to a halted qube).
 
 The sources are located through $QBACKUP_QUBES_SOURCES (default
 `../shared/vendor/qubes-r4.2` next to the repository) and installed into the
@@ -31,9 +41,11 @@ import contextlib
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import textwrap
+import types
 import unittest.mock
 from pathlib import Path
 from typing import Any
@@ -54,6 +66,12 @@ TEMPLATE_FEATURES = [
     "menu-items", "default-menu-items", "netvm-menu-items"]
 APP_FEATURES = ["service.cups", "service.crond", "menu-items", "gui-secure-copy",
                 "vm-config.x"]
+# admin.vm.volume.Import's dd (qubes-rpc/admin.vm.volume.Import, R4.2), run
+# without sudo: the test bed's images belong to the test's user.
+IMPORT_DD = ["dd", "bs=128K", "iflag=count_bytes,fullblock",
+             "conv=sparse,notrunc,nocreat,fdatasync"]
+IMPORT_METHODS = ("admin.vm.volume.Import", "admin.vm.volume.ImportWithSize")
+PCI_SYSFS = "/sys/bus/pci/devices/"
 LVM_STATE_ENV = "QBACKUP_FAKE_LVM_STATE"
 LVM_LOG_ENV = "QBACKUP_FAKE_LVM_LOG"
 LVM_DEV_ENV = "QBACKUP_FAKE_LVM_DEV"
@@ -414,6 +432,17 @@ class Testbed:
         self._patches.append(unittest.mock.patch.object(
             qubes.vm.qubesvm.QubesVM, "start", autospec=True, side_effect=self._start))
         self._patches[-1].start()
+        # kill waits for libvirt's shutdown event, which never comes here
+        self._patches.append(unittest.mock.patch.object(
+            qubes.vm.qubesvm.QubesVM, "kill", autospec=True, side_effect=self._kill))
+        self._patches[-1].start()
+        # The host's PCI devices, as qubesd's pci extension looks for them in
+        # sysfs (its only check when a device is assigned to a halted qube).
+        import qubes.ext.pci
+        self.pci_devices: set[str] = set()
+        self._patches.append(unittest.mock.patch.object(
+            qubes.ext.pci, "os", _HostOs(self.pci_devices)))
+        self._patches[-1].start()
         # Every call made through a client: (method, destination, argument).
         # Calls qubesd refused (method, destination, argument, exception
         # name, "" for a dropped connection) and those it aborted with an
@@ -492,14 +521,28 @@ class Testbed:
         domain.state.return_value = [libvirt.VIR_DOMAIN_RUNNING if active
                                      else libvirt.VIR_DOMAIN_SHUTOFF, 0]
         domain.ID.return_value = vm.qid if active else -1
+        # no devices attached while it runs (qubesd's device extensions parse this)
+        domain.XMLDesc.return_value = "<domain><devices/></domain>"
         return domain
 
-    async def _start(self, vm: Any, **_kwargs: Any) -> Any:
+    async def _start(self, vm: Any, start_guid: bool = True, mem_required: Any = None,
+                     **_kwargs: Any) -> Any:
+        """QubesVM.start up to its first event: qubesd's domain-pre-start
+        handlers run (backup_restore refuses a qube being restored), then
+        the qube is running; nothing of Xen is started."""
         if self.start_error is not None:
             raise self._qubes.exc.QubesVMError(vm, self.start_error)
         if vm.name in self.running:
             raise self._qubes.exc.QubesVMNotHaltedError(vm)
+        await vm.fire_event_async("domain-pre-start", pre_event=True, start_guid=start_guid,
+                                  mem_required=mem_required)
         self.set_running(vm.name)
+        return vm
+
+    async def _kill(self, vm: Any) -> Any:
+        if vm.name not in self.running:
+            raise self._qubes.exc.QubesVMNotStartedError(vm)
+        self.set_running(vm.name, False)
         return vm
 
     # -- qubesadmin side
@@ -514,6 +557,13 @@ class Testbed:
             def qubesd_call(self, dest, method, arg=None, payload=None,
                             payload_stream=None):
                 testbed.calls.append((method, dest or "", arg or ""))
+                if method in IMPORT_METHODS and payload_stream is not None:
+                    reply = testbed.import_script(method, dest, arg, payload,
+                                                  payload_stream)
+                    if not reply.startswith(b"0\0"):
+                        testbed.refused.append((method, dest or "", arg or "",
+                                                reply.split(b"\0")[1].decode()))
+                    return self._parse_qubesd_response(reply)
                 if payload_stream is not None:
                     payload = (payload or b"") + payload_stream.read()
                     payload_stream.close()
@@ -529,12 +579,22 @@ class Testbed:
                payload: bytes) -> bytes:
         """One Admin API call from dom0, answered as qubesd answers it on its
         socket: b'0\\0' + reply, b'2\\0' + exception, or b'' (call aborted)."""
+        import qubes.api.admin as admin_api
+        return self._answer(method, payload, lambda: admin_api.QubesAdminAPI(
+            self.app, b"dom0", method.encode(), (dest or "dom0").encode(),
+            (arg or "").encode()))
+
+    def internal(self, method: str, dest: str, arg: str, payload: bytes) -> bytes:
+        """One call to qubesd's internal API (qubesd.internal.sock), answered
+        as qubesd-query prints it: b'0\\0' + reply or b'2\\0' + exception."""
+        import qubes.api.internal as internal_api
+        return self._answer(method, payload, lambda: internal_api.QubesInternalAPI(
+            self.app, b"dom0", method.encode(), dest.encode(), arg.encode()))
+
+    def _answer(self, method: str, payload: bytes, make_api: Any) -> bytes:
         qubes = self._qubes
         try:
-            api = qubes.api.admin.QubesAdminAPI(
-                self.app, b"dom0", method.encode(), (dest or "dom0").encode(),
-                (arg or "").encode())
-            reply = self.run(api.execute(untrusted_payload=payload))
+            reply = self.run(make_api().execute(untrusted_payload=payload))
         except qubes.exc.QubesException as e:
             return b"2\0" + type(e).__name__.encode() + b"\0\0" + str(e).encode() + b"\0"
         except (qubes.api.PermissionDenied, qubes.api.ProtocolError):
@@ -543,6 +603,48 @@ class Testbed:
             self.aborted.append((method, repr(e)))
             return b""
         return b"0\0" + (reply or "").encode()
+
+    def import_script(self, method: str, dest: str, arg: str, payload: bytes | None,
+                      stream: Any) -> bytes:
+        """admin.vm.volume.Import(WithSize) as the R4.2 script answers it
+        (stand-in; qubes-core-admin qubes-rpc/admin.vm.volume.Import):
+        ImportBegin with the first line of the input (ImportWithSize) or
+        nothing (Import); `dd` of exactly SIZE bytes into the path qubesd
+        returned; "not enough data" / "too much data" checked; ImportEnd
+        with `ok` or `fail\\nREASON`, whose answer is the reply. The input is
+        `payload` then `stream`, copied as qubesadmin copies it
+        (`_call_with_stream`): an exception from the stream ends the input
+        (the script sees EOF) and is raised once the script is done."""
+        stdin = _Input(payload or b"", stream)
+        first = b""
+        if method.endswith("WithSize"):  # qubesd-query --single-line --max-bytes=21
+            while len(first) < 21 and (byte := stdin.read(1)) not in (b"", b"\n"):
+                first += byte
+        begin = self.internal("internal.vm.volume.ImportBegin", dest, arg, first)
+        if not begin.startswith(b"0\0"):
+            stdin.close()
+            return begin
+        size, path = begin[2:].decode().split(" ", 1)
+        dd = subprocess.Popen([*IMPORT_DD, f"of={path}", f"count={size}"],
+                              stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env={**os.environ, "LC_ALL": "C"})
+        stdin.copy_to(dd.stdin, int(size))
+        dd.stdin.close()
+        dd_err = dd.stderr.read().decode()
+        error = ""
+        if dd.wait() != 0:
+            error = "error copying data"
+        elif (copied := int(dd_err.splitlines()[-1].split(" ")[0])) != int(size):
+            error = (f"not enough data (copied {copied} bytes, expected "
+                     f"{size} bytes)")
+        elif stdin.read(1):
+            error = f"too much data (expected {size} bytes)"
+        stdin.close()
+        end = self.internal("internal.vm.volume.ImportEnd", dest, arg,
+                            b"ok" if not error else b"fail\n" + error.encode())
+        if stdin.exception is not None:
+            raise stdin.exception
+        return end
 
     def count(self, method: str | None = None) -> int:
         return sum(1 for m, _, _ in self.calls if method is None or m == method)
@@ -602,7 +704,6 @@ class ToolStandIn:
         self.fail: dict[str, str] = {}
 
     def run(self, argv: list[str], *, timeout: float) -> str:
-        import subprocess
         from qbackup import tools
         self.calls.append(list(argv))
         for word, error in self.fail.items():
@@ -658,6 +759,61 @@ def reachable_daemon(monkeypatch: Any, tmp_path: Path):
         shutil.rmtree(root, ignore_errors=True)
 
 
+class _Input:
+    """The import script's stdin: the payload, then the stream qubesadmin
+    copies after it. An exception from the stream is kept (the script
+    sees EOF) to be raised to the caller afterwards, as qubesadmin would."""
+
+    def __init__(self, payload: bytes, stream: Any):
+        self._head = payload
+        self._stream = stream
+        self.exception: BaseException | None = None
+
+    def read(self, n: int) -> bytes:
+        if self._head:
+            data, self._head = self._head[:n], self._head[n:]
+            return data
+        if self.exception is not None:
+            return b""
+        try:
+            return self._stream.read(n)
+        except BaseException as e:  # re-raised by import_script
+            self.exception = e
+            return b""
+
+    def copy_to(self, pipe: Any, size: int) -> None:
+        """Copy up to `size` bytes into `pipe` (dd's count=SIZE)."""
+        copied = 0
+        while copied < size and (data := self.read(min(1 << 16, size - copied))):
+            try:
+                pipe.write(data)
+            except BrokenPipeError:
+                break
+            copied += len(data)
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class _HostOs(types.ModuleType):
+    """`os` for qubesd's pci extension: the PCI devices in sysfs are the
+    test bed's `pci_devices` (BDF idents, `00_1f.6`); the rest is `os`."""
+
+    def __init__(self, devices: set[str]):
+        super().__init__("os")
+        self.__dict__.update(os.__dict__)
+        self.path = types.ModuleType("os.path")
+        self.path.__dict__.update(os.path.__dict__)
+
+        def exists(path: Any) -> bool:
+            path = os.fspath(path)
+            if path.startswith(PCI_SYSFS):
+                bdf = path[len(PCI_SYSFS):].removeprefix("0000:")
+                return bdf.replace(":", "_", 1) in devices
+            return os.path.exists(path)
+        self.path.exists = exists
+
+
 def fake_qrexec_client(path: Path, log: Path) -> Path:
     """Write a stand-in for dom0's qrexec-client at `path`.
 
@@ -667,7 +823,9 @@ def fake_qrexec_client(path: Path, log: Path) -> Path:
     the Unix socket QBACKUP_FAKE_QREXEC_SOCKET, sends the header
     qrexec-agent sends (`SERVICE+ARG dom0\\0`), and copies data both ways
     until the service closes, with stdin EOF passed on as a half-close.
-    QBACKUP_FAKE_QREXEC_STDERR is written to stderr first."""
+    QBACKUP_FAKE_QREXEC_STDERR is written to stderr first. A service other
+    than qubes.BackupChunk (qubes.VMShell, say) only has its input logged
+    (`{"stdin": TEXT}`) and exits QBACKUP_FAKE_QREXEC_SERVICE_EXIT (0)."""
     path.write_text(textwrap.dedent(f"""\
         #!{sys.executable}
         import json, os, socket, sys, threading
@@ -680,6 +838,11 @@ def fake_qrexec_client(path: Path, log: Path) -> Path:
         user, call = sys.argv[-1].split(":", 1)
         kind, service, source = call.split(" ")
         assert kind == "QUBESRPC", kind
+        if not service.startswith("qubes.BackupChunk"):
+            stdin = sys.stdin.buffer.read().decode()
+            with open({str(log)!r}, "a") as f:
+                f.write(json.dumps({{"stdin": stdin}}) + "\\n")
+            sys.exit(int(os.environ.get("QBACKUP_FAKE_QREXEC_SERVICE_EXIT", "0")))
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         s.connect(os.environ["QBACKUP_FAKE_QREXEC_SOCKET"])
         s.sendall(f"{{service}} {{source}}".encode() + b"\\0")

@@ -501,7 +501,8 @@ def _prepare(session, keys: crypto.Keys, sources: list[VolumeSource]
 
 def _manifest_qubes(sources: list[VolumeSource], qubes_meta: dict, chunk_size: int) -> dict:
     """The manifest's qubes map with placeholder roots, validated before any work."""
-    qubes = {name: {"properties": {}, "features": {}, "tags": [], **meta, "volumes": {}}
+    qubes = {name: {"properties": {}, "features": {}, "tags": [], "volume_config": {},
+                    "firewall": None, "devices": None, "dependencies": {}, **meta, "volumes": {}}
              for name, meta in qubes_meta.items()}
     for s in sources:
         if s.qube not in qubes:
@@ -546,11 +547,13 @@ def backup(session, keys: crypto.Keys, sources: list[VolumeSource], qubes_meta: 
            progress=None, workers: int | None = None, predecessor: bytes | None = None) -> BackupStats:
     """Back up `sources` and the qubes' metadata as one new snapshot; commit it last.
 
-    `qubes_meta` = {qube: {"class", "properties", "features", "tags", ...}}
-    (properties, features and tags default to empty); each qube's "volumes"
-    in the manifest are the sources. The predecessor defaults to the state's
-    head for this repository. A source with `previous` and `changed` reads
-    only the changed chunks (see VolumeSource).
+    `qubes_meta` = {qube: {"class", "properties", "features", "tags",
+    "volume_config", "firewall", "devices", "dependencies"}} (docs/SNAPSHOTS.md
+    §3; all but "class" default to empty, firewall and devices to nil: not
+    recorded); each qube's "volumes" in the manifest are the sources. The
+    predecessor defaults to the state's head for this repository. A source
+    with `previous` and `changed` reads only the changed chunks (see
+    VolumeSource).
     """
     started = time.monotonic()
     chunk_size = keys.chunk_size

@@ -9,9 +9,11 @@ hold exactly the number of ids its range needs. A node whose ids are all
 ZERO_ID is ZERO_ID itself and is never stored. See docs/SNAPSHOTS.md.
 
 TreeWriter builds a tree while ids stream in (memory: depth x FANOUT ids);
-iter_leaves walks a stored tree, authenticating and validating every node.
+iter_leaves walks a stored tree, authenticating and validating every node;
+count_changed compares two trees, skipping the subtrees they share.
 """
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -284,3 +286,64 @@ def _open_node(keys, node_id: bytes, untrusted_data: bytes) -> bytes | str:
     except IntegrityError as e:
         return f"chunk map node fails authentication: {e}"
 
+
+
+def count_changed(session, keys: crypto.Keys, old: dict, new: dict) -> int:
+    """How many chunks of volume `new` differ from the chunk at the same
+    position of volume `old` (manifest volume entries; chunks past the end
+    of `old` count as changed). Subtrees with the same id hold the same
+    chunks and are not fetched. IntegrityError if a node it needs is
+    missing, forged or malformed."""
+    if old["depth"] != new["depth"]:
+        return _count_leaves(session, keys, old, new)
+    return _count_nodes(session, keys, new["depth"] - 1, old["root"], new["root"], 0,
+                        old["chunks"], new["chunks"])
+
+
+def _covered(level: int, start: int, chunks: int) -> int:
+    return max(0, min(FANOUT ** (level + 1), chunks - start))
+
+
+def _children(session, keys, level: int, node_id: bytes, start: int, chunks: int) -> list[bytes]:
+    [(_, children, error)] = _fetch_nodes(session, keys, level, [node_id], start, chunks)
+    if error is not None:
+        raise IntegrityError(f"chunks {start}..: {error}")
+    return children
+
+
+def _count_nodes(session, keys, level: int, old_id: bytes, new_id: bytes, start: int,
+                 old_chunks: int, new_chunks: int) -> int:
+    old_covered = _covered(level, start, old_chunks)
+    new_covered = _covered(level, start, new_chunks)
+    if old_id == new_id and old_covered == new_covered:
+        return 0
+    if new_covered == 0 or old_covered == 0:
+        return new_covered
+    old_children = _children(session, keys, level, old_id, start, old_chunks)
+    new_children = _children(session, keys, level, new_id, start, new_chunks)
+    if level == 0:
+        return sum(1 for a, b in itertools.zip_longest(old_children, new_children)
+                   if b is not None and a != b)
+    span = FANOUT ** level
+    return sum(_count_nodes(session, keys, level - 1,
+                            old_children[k] if k < len(old_children) else ZERO_ID, child,
+                            start + k * span, old_chunks, new_chunks)
+               for k, child in enumerate(new_children))
+
+
+def _count_leaves(session, keys, old: dict, new: dict) -> int:
+    """count_changed for trees of different depths (a volume that grew or
+    shrank past a power of FANOUT): leaf by leaf."""
+    changed = 0
+    old_leaves = iter_leaves(session, keys, old["root"], old["depth"], old["chunks"])
+    new_leaves = iter_leaves(session, keys, new["root"], new["depth"], new["chunks"])
+    for a, b in itertools.zip_longest(old_leaves, new_leaves):
+        if b is None:
+            break
+        for leaf in (a, b):
+            if leaf is not None and leaf.ids is None:
+                raise IntegrityError(f"chunks {leaf.start}..: {leaf.error}")
+        old_ids = a.ids if a is not None else []
+        changed += sum(1 for x, y in itertools.zip_longest(old_ids, b.ids)
+                       if y is not None and x != y)
+    return changed

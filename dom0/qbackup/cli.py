@@ -23,6 +23,7 @@ from typing import Any, Callable, NoReturn
 
 from qbackup import crypto
 from qbackup.commands.backup import cmd_backup, cmd_cleanup
+from qbackup.commands.browse import cmd_browse
 from qbackup.commands.common import (CONFIG_FILE, DEFAULT_REPO, DEFAULT_STATE_DIR,
                                      EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Context,
                                      clean, failure, make_context, parse_size)
@@ -31,10 +32,12 @@ from qbackup.commands.prune import cmd_protect, cmd_prune, keep_within
 from qbackup.commands.repository import (MAX_SCRYPT_N, cmd_change_passphrase, cmd_delete,
                                          cmd_init, cmd_list, cmd_stats)
 from qbackup.commands.jobs import EXIT_CHECK_ERRORS, EXIT_CHECK_WARNINGS, cmd_check, cmd_status
+from qbackup.commands.qubes_restore import rename_arg
 from qbackup.commands.restore import cmd_restore, cmd_verify, sample_percent, volume_target
+from qbackup.commands.show import cmd_show
 from qbackup.errors import QbackupError
 from qbackup.jobs import JOBS_FILE
-from qbackup.qubes import Backend, QubesAdminBackend
+from qbackup.qubes import RESTORE_IN_PROGRESS, Backend, QubesAdminBackend
 
 DEFAULT_CHUNK_SIZE = 256 << 10
 DEFAULT_PACK_SIZE = 64 << 20
@@ -207,20 +210,79 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
                    "chunks; every chunk map node is still checked")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
-    p = _add_command(sub, "restore", cmd_restore, "restore volumes to files or devices",
-                     "Restore the volumes of a snapshot, streaming from the backup qube "
-                     "and authenticating everything before writing. Existing targets "
-                     "are never overwritten without --force.", rollback=True)
+    p = _add_command(sub, "restore", cmd_restore, "restore qubes, or volumes to files or devices",
+                     "Restore a snapshot, streaming from the backup qube and authenticating\n"
+                     "everything before it is written.\n\n"
+                     "--qubes recreates qubes through the Admin API: class, label, template,\n"
+                     "properties, features, tags, firewall, device assignments and volume\n"
+                     "settings, each volume imported straight into the new qube\n"
+                     "(admin.vm.volume.ImportWithSize), in dependency order. An existing qube\n"
+                     "is never touched without --replace. Each new qube carries the tag\n"
+                     f"{RESTORE_IN_PROGRESS} (qubesd will not start it) until its\n"
+                     "restore is complete; a qube whose restore failed keeps it and gets\n"
+                     "qbackup-restore-failed. Exit 3 if a volume failed authentication.\n\n"
+                     "--to and --volume-target write volumes to files or block devices\n"
+                     "instead; existing targets are never overwritten without --force.",
+                     rollback=True)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("snapshot", metavar="SNAPSHOT",
-                   help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
-    p.add_argument("--qube", action="append", default=[], metavar="QUBE",
-                   help="with --to: restore only this qube (repeatable)")
+                   help="snapshot id, unique prefix (8+ hex digits) or 'latest' (give it "
+                   "before --qubes)")
     where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--qubes", nargs="*", metavar="QUBE",
+                       help="recreate these qubes of the snapshot (every qube of it if none "
+                       "is named)")
     where.add_argument("--to", metavar="DIR", help="write DIR/QUBE/VOLUME.img")
     where.add_argument("--volume-target", type=volume_target, action="append",
                        metavar="QUBE:VOLUME=PATH",
                        help="write that volume to PATH, a file or device (repeatable)")
-    p.add_argument("--force", action="store_true", help="overwrite existing targets")
+    g = p.add_argument_group("with --qubes")
+    g.add_argument("--rename", type=rename_arg, action="append", default=[],
+                   metavar="OLD:NEW", help="restore qube OLD as NEW; the other restored "
+                   "qubes' references to OLD follow (repeatable)")
+    g.add_argument("--pool", metavar="POOL",
+                   help="put every volume in this storage pool (default: each volume's "
+                   "pool in the snapshot)")
+    g.add_argument("--replace", action="append", default=[], metavar="QUBE",
+                   help="remove the existing qube QUBE (halted) and restore the snapshot's "
+                   "in its place: the only way restore touches an existing qube (repeatable)")
+    g.add_argument("--skip-missing", action="store_true",
+                   help="a template, netvm or other qube (or pool) the qubes use that is "
+                   "neither restored nor on this system: warn and use the system's default "
+                   "instead (device assignments from it are left out) rather than refuse")
+    g.add_argument("--dry-run", action="store_true",
+                   help="print every step the restore would make, change nothing")
+    g = p.add_argument_group("with --to or --volume-target")
+    g.add_argument("--qube", action="append", default=[], metavar="QUBE",
+                   help="with --to: restore only this qube (repeatable)")
+    g.add_argument("--force", action="store_true", help="overwrite existing targets")
+
+    p = _add_command(sub, "show", cmd_show, "show what a snapshot holds and what changed",
+                     "Show the qubes of a snapshot: their settings, volumes and sizes, and "
+                     "what changed since the snapshot before it (qubes added or removed, "
+                     "settings changed, bytes changed per volume, found by comparing chunk "
+                     "maps).", rollback=True)
+    p.add_argument("snapshot", metavar="SNAPSHOT",
+                   help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = _add_command(sub, "browse", cmd_browse, "browse a qube's files from a snapshot",
+                     "Make a temporary qube (qbackup-browse-..., red, no network) whose "
+                     "private volume is QUBE's from SNAPSHOT, streamed in and authenticated "
+                     "as restore does, and open its file manager. Its files are read in "
+                     "that qube, never in dom0: copy what you need out with qvm-copy. "
+                     "--cleanup removes every such qube.", rollback=True)
+    p.add_argument("snapshot", nargs="?", metavar="SNAPSHOT",
+                   help="snapshot id, unique prefix (8+ hex digits) or 'latest'")
+    p.add_argument("qube", nargs="?", metavar="QUBE", help="the qube whose files to browse")
+    p.add_argument("--template", metavar="TEMPLATE",
+                   help="template of the browse qube (default: QUBE's own if it is on this "
+                   "system, else the system's default template)")
+    p.add_argument("--pool", metavar="POOL", help="pool for its volumes (default: the "
+                   "system's default)")
+    p.add_argument("--cleanup", action="store_true",
+                   help="remove every qbackup-browse-... qube made by this command (killed "
+                   "first if running)")
 
     p = _add_command(sub, "delete", cmd_delete, "delete a snapshot",
                      "Delete one snapshot. Data shared with other snapshots stays.",

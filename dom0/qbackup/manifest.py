@@ -1,14 +1,17 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Snapshot manifest: what one backup holds, as a msgpack map (format 2).
+"""Snapshot manifest: what one backup holds, as a msgpack map (format 3).
 
 The manifest names its repository, its own id, time, host and predecessor,
-the chunk size, and per qube its settings (class, properties, features, tags,
-optional extra metadata) and per volume its size and chunk map root and,
-from version 2, where its data came from (`source`: last-shutdown or live
-state, when it was taken, and which of dom0's copies was read). It is
-sealed with crypto.seal_snapshot; decode() runs on authenticated plaintext
-only and still checks every type and bound; version 1 manifests are still
-read. See docs/SNAPSHOTS.md.
+the chunk size, and per qube its settings (class, properties, features,
+tags, the configuration of its volumes, firewall rules, device assignments
+and the qubes it depends on) and per volume its size and chunk map root
+and where its data came from (`source`: the last-shutdown or live state,
+when dom0's copy was taken, and which copy). It is sealed with
+crypto.seal_snapshot; decode() runs on authenticated plaintext only and
+still checks every type and bound. Format 2 manifests (no `source`) and
+format 1 manifests (no firewall, devices or dependencies either) still
+decode, format 1 into the same shape with those marked as not recorded.
+See docs/SNAPSHOTS.md.
 """
 
 import math
@@ -22,8 +25,8 @@ from qbackup.chunkmap import ID_SIZE, MAX_DEPTH, depth_for
 from qbackup.errors import IntegrityError, QbackupError, RollbackError
 
 FORMAT = "qbackup-manifest"
-VERSION = 2
-VERSIONS = (1, 2)  # read; VERSION is written
+VERSION = 3
+VERSIONS = (1, 2, 3)  # what decode() accepts
 MAX_VALUE_DEPTH = 8
 MAX_SIZE = 1 << 62
 # A sealed manifest must fit the 4 MiB a snapshot may take (PROTOCOL §7),
@@ -33,8 +36,30 @@ QUBE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 VOLUME_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 EXTRA_KEY = re.compile(r"[a-z][a-z0-9_]{0,31}")
 QUBE_KEYS = {"class", "properties", "features", "tags", "volumes"}
+# Formats 2 and 3: every qube entry has exactly these keys (firewall and devices
+# may be nil: not recorded).
+QUBE_KEYS_2 = QUBE_KEYS | {"volume_config", "firewall", "devices", "dependencies"}
+PROPERTY_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+# Feature names, tags, device idents: characters a qrexec argument may hold.
+QREXEC_ARG = re.compile(r"[A-Za-z0-9_.+-]{1,255}")
+POOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+DEVICE_CLASS = re.compile(r"[a-z][a-z0-9_]{0,31}")
+# qubesd's characters for device option names and values (admin.vm.device.*.Attach)
+DEVICE_OPTION = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+DEVICE_VALUE = re.compile(r"[A-Za-z0-9_.,+:-]{0,255}")
+FIREWALL_RULE = re.compile(r"[\x20-\x7e]{1,2048}")  # admin.vm.firewall.Get lines
+MAX_STR = 4096  # a property value
+MAX_FEATURE = 1 << 16  # a feature value (qubesd takes at most 64 KiB of payload)
+MAX_RULES = 4096
+MAX_DEVICES = 1024
+MAX_OPTIONS = 64
+# The properties that name the qubes a qube depends on.
+DEPENDENCIES = ("template", "netvm", "default_dispvm", "audiovm", "guivm", "management_dispvm")
+VOLUME_CONFIG = {"pool": str, "size": int, "rw": bool, "save_on_stop": bool,
+                 "snap_on_start": bool, "revisions_to_keep": int, "ephemeral": bool}
+DEVICE_KEYS = {"class", "backend", "ident", "options", "persistent"}
 VOLUME_KEYS = {"size", "chunks", "root", "depth", "settings"}
-SOURCE_KEY = "source"  # version 2: optional in a volume entry
+SOURCE_KEY = "source"  # format 3: optional in a volume entry
 SOURCE_KEYS = {"state", "taken", "copy"}
 SOURCE_STATES = ("shutdown", "live")
 COPY_ID_SIZE = 16
@@ -51,6 +76,7 @@ class Manifest:
     predecessor: bytes | None
     chunk_size: int
     qubes: dict  # qube name -> {class, properties, features, tags, volumes, ...} (docs/SNAPSHOTS.md §3)
+    version: int = VERSION  # the format it was decoded from (encode writes VERSION)
 
 
 class _Invalid(Exception):
@@ -107,12 +133,12 @@ def _check_source(source, where: str) -> None:
            f"{where}.copy is not nil or a {COPY_ID_SIZE}-byte id")
 
 
-def _check_volume(vol: dict, where: str, chunk_size: int, version: int = VERSION) -> None:
+def _check_volume(vol: dict, where: str, chunk_size: int, version: int) -> None:
     keys = set(vol) if isinstance(vol, dict) else set()
-    allowed = VOLUME_KEYS | ({SOURCE_KEY} if version >= 2 else set())
+    allowed = VOLUME_KEYS | ({SOURCE_KEY} if version >= 3 else set())
     _check(isinstance(vol, dict) and VOLUME_KEYS <= keys <= allowed,
            f"{where} does not have exactly {sorted(VOLUME_KEYS)}"
-           + (f" and optionally {SOURCE_KEY!r}" if version >= 2 else ""))
+           + (f" and optionally {SOURCE_KEY!r}" if version >= 3 else ""))
     if SOURCE_KEY in vol:
         _check_source(vol[SOURCE_KEY], f"{where}.{SOURCE_KEY}")
     _check_int(vol["size"], 0, MAX_SIZE, f"{where}.size")
@@ -124,19 +150,133 @@ def _check_volume(vol: dict, where: str, chunk_size: int, version: int = VERSION
 
 
 def _check_qube(qube: dict, where: str, chunk_size: int, version: int) -> None:
-    _check(isinstance(qube, dict) and QUBE_KEYS <= set(qube), f"{where} lacks one of {sorted(QUBE_KEYS)}")
+    if version == 1:
+        _check(isinstance(qube, dict) and QUBE_KEYS <= set(qube), f"{where} lacks one of {sorted(QUBE_KEYS)}")
+    else:
+        _check(isinstance(qube, dict) and set(qube) == QUBE_KEYS_2,
+               f"{where} does not have exactly {sorted(QUBE_KEYS_2)}")
     _check(isinstance(qube["class"], str) and qube["class"].isidentifier(), f"{where}.class is not a class name")
-    _check_map(qube["properties"], f"{where}.properties")
-    _check_map(qube["features"], f"{where}.features")
-    _check(isinstance(qube["tags"], list) and all(isinstance(t, str) for t in qube["tags"]),
-           f"{where}.tags is not a list of strings")
     _check(isinstance(qube["volumes"], dict), f"{where}.volumes is not a map")
     for name, vol in qube["volumes"].items():
         _check(isinstance(name, str) and VOLUME_NAME.fullmatch(name) is not None, f"{where} has a bad volume name")
         _check_volume(vol, f"{where}.volumes.{name}", chunk_size, version)
-    for key in set(qube) - QUBE_KEYS:
-        _check(isinstance(key, str) and EXTRA_KEY.fullmatch(key) is not None, f"{where} has a bad key")
-        _check_value(qube[key], f"{where}.{key}")
+    if version == 1:
+        _check_map(qube["properties"], f"{where}.properties")
+        _check_map(qube["features"], f"{where}.features")
+        _check(isinstance(qube["tags"], list) and all(isinstance(t, str) for t in qube["tags"]),
+               f"{where}.tags is not a list of strings")
+        for key in set(qube) - QUBE_KEYS:
+            _check(isinstance(key, str) and EXTRA_KEY.fullmatch(key) is not None, f"{where} has a bad key")
+            _check_value(qube[key], f"{where}.{key}")
+        return
+    _check_properties(qube["properties"], f"{where}.properties")
+    _check_features(qube["features"], f"{where}.features")
+    _check_tags(qube["tags"], f"{where}.tags")
+    _check(isinstance(qube["volume_config"], dict), f"{where}.volume_config is not a map")
+    for name, config in qube["volume_config"].items():
+        _check(isinstance(name, str) and VOLUME_NAME.fullmatch(name) is not None,
+               f"{where}.volume_config has a bad volume name")
+        _check_volume_config(config, f"{where}.volume_config.{name}")
+    if qube["firewall"] is not None:
+        _check_firewall(qube["firewall"], f"{where}.firewall")
+    if qube["devices"] is not None:
+        _check_devices(qube["devices"], f"{where}.devices")
+    _check_dependencies(qube["dependencies"], f"{where}.dependencies")
+
+
+def _check_properties(props, where: str) -> None:
+    _check(isinstance(props, dict), f"{where} is not a map")
+    for name, value in props.items():
+        _check(isinstance(name, str) and PROPERTY_NAME.fullmatch(name) is not None,
+               f"{where} has a bad property name")
+        _check(value is None or isinstance(value, (bool, str)) or
+               (isinstance(value, int) and -(1 << 63) <= value < (1 << 63)),
+               f"{where}.{name} is not nil, a boolean, an integer or a string")
+        _check(not isinstance(value, str) or len(value) <= MAX_STR, f"{where}.{name} is too long")
+
+
+def _check_features(features, where: str) -> None:
+    _check(isinstance(features, dict), f"{where} is not a map")
+    for name, value in features.items():
+        _check(isinstance(name, str) and QREXEC_ARG.fullmatch(name) is not None,
+               f"{where} has a bad feature name")
+        _check(isinstance(value, str) and len(value) <= MAX_FEATURE,
+               f"{where}.{name} is not a string of at most {MAX_FEATURE} characters")
+
+
+def _check_tags(tags, where: str) -> None:
+    _check(isinstance(tags, list) and all(isinstance(t, str) and QREXEC_ARG.fullmatch(t)
+                                          for t in tags), f"{where} is not a list of tags")
+    _check(len(set(tags)) == len(tags), f"{where} lists a tag twice")
+
+
+def _check_volume_config(config, where: str) -> None:
+    _check(isinstance(config, dict) and set(config) == set(VOLUME_CONFIG),
+           f"{where} does not have exactly {sorted(VOLUME_CONFIG)}")
+    for key, kind in VOLUME_CONFIG.items():
+        _check(type(config[key]) is kind, f"{where}.{key} is not a {kind.__name__}")
+    _check(POOL_NAME.fullmatch(config["pool"]) is not None, f"{where}.pool is not a pool name")
+    _check_int(config["size"], 0, MAX_SIZE, f"{where}.size")
+    _check_int(config["revisions_to_keep"], -1, 1 << 31, f"{where}.revisions_to_keep")
+
+
+def _check_firewall(rules, where: str) -> None:
+    _check(isinstance(rules, list) and len(rules) <= MAX_RULES,
+           f"{where} is not a list of at most {MAX_RULES} rules")
+    for rule in rules:
+        _check(isinstance(rule, str) and FIREWALL_RULE.fullmatch(rule) is not None,
+               f"{where} has a rule that is not one line of printable ASCII")
+
+
+def _check_devices(devices, where: str) -> None:
+    _check(isinstance(devices, list) and len(devices) <= MAX_DEVICES,
+           f"{where} is not a list of at most {MAX_DEVICES} assignments")
+    seen = set()
+    for dev in devices:
+        _check(isinstance(dev, dict) and set(dev) == DEVICE_KEYS,
+               f"{where} has an assignment without exactly {sorted(DEVICE_KEYS)}")
+        _check(isinstance(dev["class"], str) and DEVICE_CLASS.fullmatch(dev["class"]) is not None,
+               f"{where} has a bad device class")
+        _check(isinstance(dev["backend"], str) and QUBE_NAME.fullmatch(dev["backend"]) is not None,
+               f"{where} has a bad backend qube")
+        _check(isinstance(dev["ident"], str) and QREXEC_ARG.fullmatch(dev["ident"]) is not None,
+               f"{where} has a bad device id")
+        _check(isinstance(dev["persistent"], bool), f"{where} has a bad persistent flag")
+        options = dev["options"]
+        _check(isinstance(options, dict) and len(options) <= MAX_OPTIONS and all(
+            isinstance(k, str) and DEVICE_OPTION.fullmatch(k) and k != "persistent" and
+            isinstance(v, str) and DEVICE_VALUE.fullmatch(v) for k, v in options.items()),
+            f"{where} has bad device options")
+        key = (dev["class"], dev["backend"], dev["ident"])
+        _check(key not in seen, f"{where} assigns a device twice")
+        seen.add(key)
+
+
+def _check_dependencies(deps, where: str) -> None:
+    _check(isinstance(deps, dict), f"{where} is not a map")
+    for prop, value in deps.items():
+        _check(prop in DEPENDENCIES, f"{where} has a key that is not one of {', '.join(DEPENDENCIES)}")
+        _check(value is None or (isinstance(value, str) and QUBE_NAME.fullmatch(value) is not None),
+               f"{where}.{prop} is neither nil nor a qube name")
+
+
+def _normalise_v1(qube: dict) -> dict:
+    """A format 1 qube entry in the shape of format 2: its volume_config if
+    it has format 2's shape (ephemeral was not recorded: None), firewall
+    and devices not recorded (None), no dependencies; other extra keys
+    dropped (format 1 wrote none)."""
+    entry = {k: qube[k] for k in QUBE_KEYS}
+    config = qube.get("volume_config")
+    try:
+        _check(isinstance(config, dict), "")
+        for name, vol in config.items():
+            _check(isinstance(name, str) and VOLUME_NAME.fullmatch(name) is not None, "")
+            _check_volume_config({"ephemeral": False, **vol}, "")
+        entry["volume_config"] = {n: {"ephemeral": None, **v} for n, v in config.items()}
+    except (_Invalid, TypeError):
+        entry["volume_config"] = {}
+    entry.update(firewall=None, devices=None, dependencies={})
+    return entry
 
 
 def _check_qubes(qubes: dict, chunk_size: int, version: int = VERSION) -> None:
@@ -161,9 +301,9 @@ def _to_map(m: Manifest) -> dict:
 
 
 def _check_manifest(doc, repo_id: bytes, snapshot_id: bytes, chunk_size: int) -> None:
-    _check(isinstance(doc, dict) and set(doc) == TOP_KEYS, "manifest does not have exactly the format's fields")
-    _check(doc["format"] == FORMAT and doc["version"] in VERSIONS,
-           f"manifest is not one of the formats {VERSIONS}")
+    _check(isinstance(doc, dict) and set(doc) == TOP_KEYS, "manifest does not have exactly the fields of its format")
+    _check(doc["format"] == FORMAT and type(doc["version"]) is int and doc["version"] in VERSIONS,
+           f"manifest is not of format {' or '.join(map(str, VERSIONS))}")
     _check_id(doc["repo_id"], "repo_id")
     if doc["repo_id"] != repo_id:
         raise RollbackError(f"snapshot {snapshot_id.hex()} belongs to repository {doc['repo_id'].hex()},"
@@ -178,13 +318,9 @@ def _check_manifest(doc, repo_id: bytes, snapshot_id: bytes, chunk_size: int) ->
     _check_qubes(doc["qubes"], chunk_size, doc["version"])
 
 
-def volume_source(volume_entry: dict) -> dict | None:
-    """A decoded volume entry's `source` (version 2), or None."""
-    return volume_entry.get(SOURCE_KEY)
-
-
 def encode(m: Manifest) -> bytes:
-    """Validated msgpack plaintext of a manifest, at most MAX_PLAIN bytes."""
+    """Validated msgpack plaintext of a manifest (always format VERSION), at most MAX_PLAIN
+    bytes."""
     doc = _to_map(m)
     try:
         _check_manifest(doc, m.repo_id, m.snapshot_id, m.chunk_size)
@@ -212,5 +348,8 @@ def decode(plain: bytes, *, repo_id: bytes, snapshot_id: bytes, chunk_size: int)
         _check_manifest(doc, repo_id, snapshot_id, chunk_size)
     except (_Invalid, ValueError, TypeError, msgpack.UnpackException) as e:
         raise IntegrityError(f"snapshot {snapshot_id.hex()}: bad manifest: {e}") from None
+    qubes = doc["qubes"]
+    if doc["version"] == 1:
+        qubes = {name: _normalise_v1(qube) for name, qube in qubes.items()}
     return Manifest(doc["repo_id"], doc["snapshot_id"], doc["time"], doc["host"], doc["predecessor"],
-                    doc["chunk_size"], doc["qubes"])
+                    doc["chunk_size"], qubes, doc["version"])

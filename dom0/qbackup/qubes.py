@@ -2,8 +2,9 @@
 """The one adapter between qbackup and Qubes OS.
 
 Everything qbackup learns about qubes (classes, properties, features, tags,
-volumes and where to read them) and the qrexec call to the backup qube go
-through a `Backend`. On a real system that is `QubesAdminBackend`, the only
+volumes and where to read them, firewall rules, device assignments), the
+qrexec call to the backup qube, and every change restore makes (creating
+qubes, setting their settings, importing volumes) go through a `Backend`. On a real system that is `QubesAdminBackend`, the only
 code in qbackup that imports `qubesadmin`; in development and tests the
 simulated dom0 stands in for it: it hands its own backend to `qbackup.cli.run`
 from outside this package, which never imports it.
@@ -64,6 +65,7 @@ class VolumeInfo:
     revisions_to_keep: int
     unreadable: str = ""
     usage: int = 0    # bytes the volume holds (allocated), as Qubes reports it
+    ephemeral: bool = False
     driver: str = ""
     vid: str = ""
     thin_pool: str = ""
@@ -75,7 +77,8 @@ class VolumeInfo:
         return {"pool": self.pool, "size": self.size, "rw": self.rw,
                 "save_on_stop": self.save_on_stop,
                 "snap_on_start": self.snap_on_start,
-                "revisions_to_keep": self.revisions_to_keep}
+                "revisions_to_keep": self.revisions_to_keep,
+                "ephemeral": self.ephemeral}
 
 
 @dataclass(frozen=True)
@@ -99,12 +102,130 @@ class QubeInfo:
                 "volume_config": {n: v.settings() for n, v in sorted(self.volumes.items())}}
 
 
+# The properties that name the qubes a qube depends on (manifest.DEPENDENCIES).
+DEPENDENCIES = ("template", "netvm", "default_dispvm", "audiovm", "guivm", "management_dispvm")
+
+
+@dataclass(frozen=True)
+class Device:
+    """A device assignment as R4.2 lists it (admin.vm.device.CLASS.List):
+    `persistent` ones are in qubes.xml and attached at every start; the
+    others are attached to the running qube only."""
+    devclass: str
+    backend: str
+    ident: str
+    options: dict[str, str] = field(default_factory=dict)
+    persistent: bool = True
+
+    def settings(self) -> dict[str, Any]:
+        return {"class": self.devclass, "backend": self.backend, "ident": self.ident,
+                "options": dict(self.options), "persistent": self.persistent}
+
+
+@dataclass(frozen=True)
+class QubeDetails:
+    """The settings read only for the qubes a backup includes: firewall
+    rules (admin.vm.firewall.Get lines, in order), device assignments, and
+    the qubes it depends on (the value of each of DEPENDENCIES it has,
+    default or not; `properties` says which are set)."""
+    firewall: list[str]
+    devices: list[Device]
+    dependencies: dict[str, str | None]
+
+    def settings(self) -> dict[str, Any]:
+        return {"firewall": list(self.firewall),
+                "devices": [d.settings() for d in self.devices],
+                "dependencies": dict(sorted(self.dependencies.items()))}
+
+
+def parse_device_list(devclass: str, text: str) -> list[Device]:
+    """admin.vm.device.CLASS.List: `BACKEND+IDENT [OPT=VALUE ...] persistent=yes|no` lines."""
+    devices = []
+    for line in text.splitlines():
+        target, *options = line.split(" ")
+        backend, _, ident = target.partition("+")
+        opts = dict(o.split("=", 1) for o in options if "=" in o)
+        persistent = opts.pop("persistent", "no") == "yes"
+        devices.append(Device(devclass, backend, ident, opts, persistent))
+    return devices
+
+
+@dataclass(frozen=True)
+class SystemInfo:
+    """What restore needs to know of the system before it changes anything:
+    every qube (dom0 included, class AdminVM) and which run, the storage
+    pools and labels, and the system's defaults (`default_template`,
+    `default_netvm`, `default_dispvm`, `management_dispvm`, `default_pool`,
+    ...: global property → value, None if unset)."""
+    qubes: dict[str, str]
+    running: frozenset[str]
+    pools: tuple[str, ...]
+    labels: tuple[str, ...]
+    defaults: dict[str, str | None]
+
+
+# The tag qubesd's backup_restore extension refuses to start a qube with
+# (qubes/ext/backup_restore.py): restore puts it on every qube it creates
+# and takes it off once that qube is complete.
+RESTORE_IN_PROGRESS = "backup-restore-in-progress"
+# What `browse` runs in its qube (qubes.VMShell, as the default user): the
+# first file manager found, on the home directory; exit 3 if there is none.
+FILE_MANAGER_COMMAND = (
+    b'FM=$(command -v nautilus thunar dolphin nemo caja pcmanfm | head -n 1); '
+    b'[ -n "$FM" ] || exit 3; setsid "$FM" "$HOME" </dev/null >/dev/null 2>&1 & exit 0\n')
+
+
 class Backend(Protocol):
-    """What qbackup needs from dom0: the qube inventory and a qrexec call."""
+    """What qbackup needs from dom0: the qube inventory, a qube's further
+    settings, the qrexec call, and (restore) the changes below. Every
+    method raises QbackupError with one line on failure; values are passed
+    to qubesd, which checks them."""
 
     def list_qubes(self) -> list[QubeInfo]: ...
 
+    def qube_details(self, name: str) -> QubeDetails: ...
+
     def connect(self, backup_vm: str, repo: str) -> Transport: ...
+
+    # -- restore
+
+    def system(self) -> SystemInfo: ...
+
+    def create_qube(self, name: str, klass: str, label: str, template: str | None,
+                    pools: dict[str, str]) -> None:
+        """A new qube (pools: volume → pool; empty: the system's defaults)."""
+
+    def set_property(self, name: str, prop: str, value: Any) -> None: ...
+
+    def set_feature(self, name: str, feature: str, value: str) -> None: ...
+
+    def add_tag(self, name: str, tag: str) -> None: ...
+
+    def remove_tag(self, name: str, tag: str) -> None: ...
+
+    def qube_tags(self, name: str) -> list[str]: ...
+
+    def set_firewall(self, name: str, rules: list[str]) -> None: ...
+
+    def attach_device(self, name: str, device: Device) -> None: ...
+
+    def volume_config(self, name: str) -> dict[str, VolumeInfo]: ...
+
+    def set_volume(self, name: str, volume: str, key: str, value: Any) -> None:
+        """key: revisions_to_keep, rw or ephemeral."""
+
+    def resize_volume(self, name: str, volume: str, size: int) -> None: ...
+
+    def import_volume(self, name: str, volume: str, stream: Any, size: int) -> None:
+        """Replace the volume's data with exactly `size` bytes read from
+        `stream` (read, close): committed only if exactly that many come."""
+
+    def remove_qube(self, name: str) -> None: ...
+
+    def kill_qube(self, name: str) -> None: ...
+
+    def run_file_manager(self, name: str) -> None:
+        """Start the qube if needed and open a file manager in it."""
 
 
 def volumes_to_backup(qube: QubeInfo) -> list[VolumeInfo]:
@@ -216,6 +337,7 @@ class QubesAdminBackend:
         self._app.cache_enabled = True
         self._error = qubesadmin.exc.QubesException
         self._pools: dict[str, dict[str, str]] = {}
+        self._device_classes: list[str] | None = None
 
     def list_qubes(self) -> list[QubeInfo]:
         try:
@@ -256,9 +378,148 @@ class QubesAdminBackend:
             rw=_flag(info, "rw"), save_on_stop=_flag(info, "save_on_stop"),
             snap_on_start=_flag(info, "snap_on_start"),
             revisions_to_keep=int(info["revisions_to_keep"]), unreadable=unreadable,
-            usage=int(info.get("usage") or 0), driver=driver, vid=info.get("vid", ""),
+            usage=int(info.get("usage") or 0), ephemeral=_flag(info, "ephemeral"),
+            driver=driver, vid=info.get("vid", ""),
             thin_pool=pool.get("thin_pool", "") if driver == "lvm_thin" else "",
             live_path=live_path(driver, pool, info, running) if path else None)
+
+    def qube_details(self, name: str) -> QubeDetails:
+        """One admin.vm.firewall.Get and one admin.vm.device.CLASS.List per
+        device class (admin.deviceclass.List once per run); the dependencies
+        come from the properties list_qubes already fetched (GetAll)."""
+        try:
+            if name not in self._app.domains:
+                raise QbackupError(f"reading the settings of {name} failed: no such qube")
+            vm = self._app.domains[name]
+            names = vm.property_list()
+            dependencies = {p: _plain(getattr(vm, p)) for p in DEPENDENCIES if p in names}
+            firewall = self._app.qubesd_call(name, "admin.vm.firewall.Get").decode(
+                "ascii").splitlines()
+            if self._device_classes is None:
+                self._device_classes = self._app.qubesd_call(
+                    "dom0", "admin.deviceclass.List").decode("ascii").split()
+            devices = []
+            for devclass in self._device_classes:
+                devices += parse_device_list(devclass, self._app.qubesd_call(
+                    name, f"admin.vm.device.{devclass}.List").decode("ascii"))
+        except self._error as e:
+            raise QbackupError(f"reading the settings of {name} failed: {e}") from None
+        return QubeDetails(firewall, devices, dependencies)
+
+    # -- restore: every change through one Admin API call, qubesd checks it
+
+    def _call(self, dest: str, method: str, arg: str | None = None,
+              payload: bytes | None = None, *, what: str) -> str:
+        try:
+            return self._app.qubesd_call(dest, method, arg, payload).decode("ascii")
+        except self._error as e:
+            raise QbackupError(f"{what}: {e}") from None
+
+    def system(self) -> SystemInfo:
+        """admin.vm.List, admin.property.GetAll, admin.pool.List and
+        admin.label.List: four calls."""
+        what = "reading the system's qubes and settings failed"
+        qubes, running = {}, set()
+        for line in self._call("dom0", "admin.vm.List", what=what).splitlines():
+            name, *fields = line.split(" ")
+            info = dict(f.split("=", 1) for f in fields if "=" in f)
+            qubes[name] = info.get("class", "")
+            if info.get("state", "Halted") != "Halted":
+                running.add(name)
+        defaults: dict[str, str | None] = {}
+        for line in self._call("dom0", "admin.property.GetAll", what=what).splitlines():
+            name, _default, kind, value = (line.split(" ", 3) + [""])[:4]
+            defaults[name] = None if kind == "type=vm" and not value else value
+        pools = tuple(self._call("dom0", "admin.pool.List", what=what).split())
+        labels = tuple(self._call("dom0", "admin.label.List", what=what).split())
+        return SystemInfo(qubes, frozenset(running), pools, labels, defaults)
+
+    def create_qube(self, name: str, klass: str, label: str, template: str | None,
+                    pools: dict[str, str]) -> None:
+        payload = f"name={name} label={label}" + "".join(
+            f" pool:{vol}={pool}" for vol, pool in sorted(pools.items()))
+        method = ("admin.vm.CreateInPool." if pools else "admin.vm.Create.") + klass
+        self._call("dom0", method, template, payload.encode(), what=f"creating {name} failed")
+        self._app.domains.clear_cache()
+
+    def set_property(self, name: str, prop: str, value: Any) -> None:
+        payload = "" if value is None else str(value)  # True/False as qubesadmin sends them
+        self._call(name, "admin.vm.property.Set", prop, payload.encode(),
+                   what=f"{name}: setting {prop} failed")
+
+    def set_feature(self, name: str, feature: str, value: str) -> None:
+        self._call(name, "admin.vm.feature.Set", feature, value.encode(),
+                   what=f"{name}: setting feature {feature} failed")
+
+    def add_tag(self, name: str, tag: str) -> None:
+        self._call(name, "admin.vm.tag.Set", tag, what=f"{name}: adding tag {tag} failed")
+
+    def remove_tag(self, name: str, tag: str) -> None:
+        self._call(name, "admin.vm.tag.Remove", tag, what=f"{name}: removing tag {tag} failed")
+
+    def qube_tags(self, name: str) -> list[str]:
+        return self._call(name, "admin.vm.tag.List", what=f"{name}: listing tags failed").split()
+
+    def set_firewall(self, name: str, rules: list[str]) -> None:
+        self._call(name, "admin.vm.firewall.Set", None,
+                   "".join(f"{rule}\n" for rule in rules).encode(),
+                   what=f"{name}: setting the firewall failed")
+
+    def attach_device(self, name: str, device: Device) -> None:
+        options = [f"{k}={v}" for k, v in device.options.items()]
+        options.append(f"persistent={device.persistent}")
+        self._call(name, f"admin.vm.device.{device.devclass}.Attach",
+                   f"{device.backend}+{device.ident}", " ".join(options).encode(),
+                   what=f"{name}: attaching {device.devclass} device "
+                   f"{device.backend}:{device.ident} failed")
+
+    def volume_config(self, name: str) -> dict[str, VolumeInfo]:
+        return {vol: self._volume(vol, parse_info(self._call(
+                    name, "admin.vm.volume.Info", vol, what=f"{name}: reading volume {vol} failed")),
+                    False)
+                for vol in QUBE_VOLUMES}
+
+    def set_volume(self, name: str, volume: str, key: str, value: Any) -> None:
+        self._call(name, f"admin.vm.volume.Set.{key}", volume, str(value).encode(),
+                   what=f"{name}: setting {key} of volume {volume} failed")
+
+    def resize_volume(self, name: str, volume: str, size: int) -> None:
+        self._call(name, "admin.vm.volume.Resize", volume, str(size).encode(),
+                   what=f"{name}: resizing volume {volume} failed")
+
+    def import_volume(self, name: str, volume: str, stream: Any, size: int) -> None:
+        """admin.vm.volume.ImportWithSize, as qubesadmin's
+        import_data_with_size: qubesadmin runs /etc/qubes-rpc's import script,
+        which asks qubesd for an import target (ImportBegin), writes exactly
+        `size` bytes of `stream` there with dd, and commits it (ImportEnd)
+        only if exactly that many came; otherwise qubesd discards it."""
+        try:
+            self._app.qubesd_call(name, "admin.vm.volume.ImportWithSize", volume,
+                                  payload=f"{size}\n".encode(), payload_stream=stream)
+        except self._error as e:
+            raise QbackupError(f"{name}: importing volume {volume} failed: {e}") from None
+
+    def remove_qube(self, name: str) -> None:
+        self._call(name, "admin.vm.Remove", what=f"removing {name} failed")
+        self._app.domains.clear_cache()
+
+    def kill_qube(self, name: str) -> None:
+        self._call(name, "admin.vm.Kill", what=f"stopping {name} failed")
+
+    def run_file_manager(self, name: str) -> None:
+        try:
+            proc = self._app.run_service(name, "qubes.VMShell", stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL,
+                                         stderr=subprocess.DEVNULL)
+        except self._error as e:
+            raise QbackupError(f"{name} failed to start: {e}") from None
+        proc.communicate(FILE_MANAGER_COMMAND)
+        if proc.returncode == 3:
+            raise QbackupError(f"{name} has no file manager (nautilus, thunar, dolphin, nemo, "
+                               f"caja, pcmanfm): open a terminal with qvm-run {name} xterm")
+        if proc.returncode != 0:
+            raise QbackupError(f"starting a file manager in {name} failed (qrexec exit code "
+                               f"{proc.returncode})")
 
     def connect(self, backup_vm: str, repo: str) -> Transport:
         service = f"{SERVICE}+{check_repo_name(repo)}"

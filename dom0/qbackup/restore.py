@@ -8,7 +8,10 @@ chunk is authenticated, decrypted, decompressed (bounded), re-identified and
 length-checked before anything is done with it. restore writes a regular
 file target as PATH.qbackup-partial (zero chunks stay holes) and renames it
 into place only once the whole volume is verified; a block device target is
-written in place, zeros included.
+written in place, zeros included. VolumeStream gives a volume's plaintext
+in order, as a file to read, for admin.vm.volume.ImportWithSize: it stops
+short at the first bad chunk, so qubesd never commits a volume that was not
+wholly authenticated (docs/RESTORE.md).
 """
 
 import collections
@@ -18,7 +21,7 @@ import hashlib
 import os
 import re
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
@@ -32,6 +35,9 @@ from qbackup.volume import fd_size
 DATA_TYPE = crypto.TYPE_DATA
 MAX_ERRORS = 100
 GET_BYTES = 16 << 20  # chunk data fetched ahead while verifying or restoring
+# VolumeStream: opened chunks kept to serve a chunk that comes again in the
+# same leaf (repeats further away are fetched again), so memory stays bounded.
+STREAM_CACHE = 8
 PARTIAL_SUFFIX = ".qbackup-partial"
 SNAPSHOT_PREFIX = re.compile(r"[0-9a-f]{8,64}")
 
@@ -44,6 +50,7 @@ class SnapshotInfo:
     predecessor: bytes | None
     qubes: dict  # the manifest's qubes map (see docs/SNAPSHOTS.md)
     bytes_total: int
+    version: int = manifest.VERSION  # the manifest's format
 
 
 @dataclass
@@ -98,7 +105,7 @@ def _read_snapshot(session, keys: crypto.Keys, untrusted_id: bytes) -> SnapshotI
         raise IntegrityError(f"fails authentication: {e}") from None
     m = manifest.decode(plain, repo_id=keys.repo_id, snapshot_id=untrusted_id, chunk_size=keys.chunk_size)
     total = sum(v["size"] for q in m.qubes.values() for v in q["volumes"].values())
-    return SnapshotInfo(m.snapshot_id, m.time, m.host, m.predecessor, m.qubes, total)
+    return SnapshotInfo(m.snapshot_id, m.time, m.host, m.predecessor, m.qubes, total, m.version)
 
 
 def load_history(session, keys: crypto.Keys, state, *, allow_rollback: bool = False) -> History:
@@ -466,3 +473,154 @@ def restore(session, keys: crypto.Keys, snapshot: SnapshotInfo, targets: dict[tu
             chunks, nbytes = chunks + good, nbytes + n
     lines = errors.result()
     return CheckResult(not lines, lines, chunks, nbytes)
+
+
+class VolumeStream:
+    """The plaintext of one volume of a snapshot, in order, as a file object
+    (`read`, `close`) for `admin.vm.volume.ImportWithSize`.
+
+    Every chunk is fetched, authenticated, decrypted, decompressed (bounded),
+    re-identified and length-checked before any of its bytes is returned;
+    zero chunks come out as zeros. At the first chunk map node or chunk that
+    fails, the stream ends early (EOF before `size` bytes) and `error` says
+    where and why: the importer then has fewer bytes than it was told, and
+    fails without committing anything. Protocol errors (the session is
+    dead) are raised. Memory: the fetch window (GET_BYTES) plus
+    STREAM_CACHE chunks kept for repeats within a leaf.
+    """
+
+    def __init__(self, session, keys: crypto.Keys, label: str, vol: dict, *, progress=None):
+        self._session, self._keys, self._label, self._vol = session, keys, label, vol
+        self._progress = progress
+        self._piece = memoryview(b"")
+        self._pieces = self._generate()
+        self.size: int = vol["size"]
+        self.error: str | None = None
+        self.chunks = 0  # stored chunks authenticated and handed out (per position)
+        self.bytes = 0   # bytes handed out, zeros included
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to `n` bytes (all that is left if n < 0); b"" at the end, or early
+        after a failure (see `error`)."""
+        n = self.size if n is None or n < 0 else n
+        parts = []
+        while n > 0:
+            if not self._piece:
+                piece = next(self._pieces, None)
+                if piece is None:
+                    break
+                self._piece = piece
+            part, self._piece = self._piece[:n], self._piece[n:]
+            parts.append(part)
+            n -= len(part)
+        data = b"".join(parts)
+        self.bytes += len(data)
+        return data
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    @property
+    def complete(self) -> bool:
+        """Every byte was handed out, each one authenticated."""
+        return self.error is None and self.bytes == self.size
+
+    def _generate(self) -> Iterator[memoryview]:
+        cs, vol = self._keys.chunk_size, self._vol
+        if self._progress is not None:
+            self._progress.start(self._label, vol["size"])
+        pool = threads.pool(os.cpu_count() or 1, "qbackup-open")
+        try:
+            for leaf in chunkmap.iter_leaves(self._session, self._keys, vol["root"], vol["depth"],
+                                             vol["chunks"]):
+                if leaf.ids is None:
+                    self._fail(leaf.start * cs, leaf.error)
+                    return
+                pieces = self._leaf(leaf, pool)
+                try:
+                    for piece in pieces:
+                        if piece is None:
+                            return
+                        yield piece
+                        if self._progress is not None:
+                            self._progress.advance(len(piece))
+                finally:
+                    pieces.close()
+        finally:
+            pool.shutdown(cancel_futures=True)
+            if self._progress is not None:
+                self._progress.done()
+
+    def _fail(self, offset: int, reason: str) -> None:
+        self.error = f"{self._label} at offset {offset}: {reason}"
+
+    def _leaf(self, leaf: Leaf, pool: Executor) -> Iterator[memoryview | None]:
+        """The pieces of one leaf in order; None after a failure."""
+        cs, size = self._keys.chunk_size, self._vol["size"]
+        # Which chunks to fetch: the first time each comes, and again only if
+        # it has left a STREAM_CACHE-entry LRU since (the same LRU, run below,
+        # then holds every repeat it was expected to hold).
+        fetch: list[bytes] = []
+        lru: collections.OrderedDict[bytes, None] = collections.OrderedDict()
+        for chunk_id in leaf.ids:
+            if chunk_id == ZERO_ID:
+                continue
+            if chunk_id in lru:
+                lru.move_to_end(chunk_id)
+                continue
+            fetch.append(chunk_id)
+            lru[chunk_id] = None
+            if len(lru) > STREAM_CACHE:
+                lru.popitem(last=False)
+        opened = self._opened(fetch, pool)
+        cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
+        zeros = memoryview(bytes(cs))
+        try:
+            for k, chunk_id in enumerate(leaf.ids):
+                index = leaf.start + k
+                expected = min(cs, size - index * cs)
+                if chunk_id == ZERO_ID:
+                    yield zeros[:expected]
+                    continue
+                if chunk_id in cache:
+                    cache.move_to_end(chunk_id)
+                    plain = cache[chunk_id]
+                else:
+                    want, plain = next(opened)
+                    assert want == chunk_id
+                    if isinstance(plain, str):
+                        self._fail(index * cs, plain)
+                        yield None
+                        return
+                    cache[chunk_id] = plain
+                    if len(cache) > STREAM_CACHE:
+                        cache.popitem(last=False)
+                if len(plain) != expected:
+                    self._fail(index * cs, f"chunk has {len(plain)} bytes, expected {expected}")
+                    yield None
+                    return
+                self.chunks += 1
+                yield memoryview(plain)
+        finally:
+            opened.close()
+
+    def _opened(self, ids: list[bytes], pool: Executor) -> Iterator[tuple[bytes, bytes | str]]:
+        """(id, authenticated plaintext or why there is none) for each of `ids`,
+        in order, opened on `pool` while the next ones arrive."""
+        cs = self._keys.chunk_size
+        window = max(4, GET_BYTES // cs)
+        pending: collections.deque[tuple[bytes, Future]] = collections.deque()
+        for want, untrusted_type, untrusted_data, error in chunkmap.get_each(
+                self._session, ids, window, crypto.max_blob_size(cs)):
+            if error is not None:
+                opened: Future = Future()
+                opened.set_result(f"cannot fetch chunk: {error}")
+            else:
+                opened = pool.submit(_open_chunk, self._keys, want, untrusted_type, untrusted_data)
+            pending.append((want, opened))
+            if len(pending) >= window:
+                want, opened = pending.popleft()
+                yield want, opened.result()
+        while pending:
+            want, opened = pending.popleft()
+            yield want, opened.result()

@@ -32,7 +32,8 @@ def _qube_spec(text: str) -> tuple[str, dict[str, Any]]:
                 volumes[vol] = parse_size(size)
             except ValueError as e:
                 raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
-    return parts[0], {"class": parts[1], "volumes": volumes}
+    label = "black" if parts[1] == "TemplateVM" else "red"
+    return parts[0], {"class": parts[1], "label": label, "volumes": volumes}
 
 
 def _create(args: argparse.Namespace) -> int:
@@ -86,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                             description="Create a sim: inventory, sparse volume images, "
                             "storage. Without sizes, TemplateVMs and StandaloneVMs get "
                             "root=16M,private=8M, other qubes private=8M; AppVMs and "
-                            "DispVMs use the first TemplateVM given as their template.")
+                            "DispVMs use the first TemplateVM given as their template; "
+                            "templates are labelled black, other qubes red.")
     create.add_argument("dir")
     create.add_argument("--qube", type=_qube_spec, action="append", default=[],
                         metavar="NAME:CLASS[:VOL=SIZE,...]", help="add a qube (repeatable)")

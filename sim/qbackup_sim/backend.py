@@ -3,7 +3,9 @@
 
 `list_qubes` reads the sim's inventory; `connect` does what qrexec does for
 `qubes.BackupChunk+REPO`: starts the backup qube's service (the real daemon)
-if needed and connects to its socket, sending the same header qrexec sends.
+if needed and connects to its socket, sending the same header qrexec sends;
+restore's changes (creating qubes, importing volumes, ...) are in
+`qbackup_sim.changes`.
 
 `run_qbackup(DIR, ARGV)` runs the real `qbackup` command line with this
 backend: the dom0 package itself never imports the simulation.
@@ -16,13 +18,14 @@ import sys
 from pathlib import Path
 
 from qbackup import cli, transport
-from qbackup.qubes import QubeInfo
+from qbackup.qubes import QubeDetails, QubeInfo
+from qbackup_sim.changes import SimChanges
 from qbackup_sim.daemon import socket_path, start_daemon
-from qbackup_sim.inventory import SimError, load_inventory, qube_infos
+from qbackup_sim.inventory import SimError, load_inventory, qube_details, qube_infos
 
 
-class SimBackend:
-    """The Backend for the sim in `directory`."""
+class SimBackend(SimChanges):
+    """The Backend for the sim in `directory` (restore's changes: SimChanges)."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
         self.directory = Path(directory).absolute()
@@ -35,6 +38,11 @@ class SimBackend:
 
     def list_qubes(self) -> list[QubeInfo]:
         return qube_infos(self.directory, self.inventory)
+
+    def qube_details(self, name: str) -> QubeDetails:
+        if name not in self.inventory["qubes"]:
+            raise SimError(f"reading the settings of {name} failed: no such qube")
+        return qube_details(self.inventory, name)
 
     def connect(self, backup_vm: str, repo: str) -> transport.Transport:
         if backup_vm not in self.inventory["qubes"]:

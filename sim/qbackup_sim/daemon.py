@@ -5,6 +5,11 @@ The sim runs the real daemon (`python -m qbackupd serve`) in the background
 on `DIR/daemon.sock` with its storage in `DIR/storage`, started on first use
 as qrexec would start the backup qube. Its pid is kept in `DIR/daemon.pid`,
 its output in `DIR/daemon.log`; `DIR/daemon.lock` serialises start and stop.
+
+The daemon runs on the interpreter named in $QBACKUP_SIM_DAEMON_PYTHON, or
+else on the sim's own: `make test` runs dom0's suites on the library floors
+of dom0 and the daemon on those of the backup qube, which differ (msgpack),
+as the two machines' do.
 """
 
 from __future__ import annotations
@@ -28,10 +33,16 @@ PIDFILE = "daemon.pid"
 LOG = "daemon.log"
 LOCK = "daemon.lock"
 STORAGE = "storage"
+DAEMON_PYTHON = "QBACKUP_SIM_DAEMON_PYTHON"
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path minus the NUL
 
 # Daemons this process started, so that stopping one also reaps it.
 _children: dict[int, subprocess.Popen] = {}
+
+
+def daemon_command(*args: str) -> list[str]:
+    """The command line that runs `qbackupd ARGS` as the sim's backup qube does."""
+    return [os.environ.get(DAEMON_PYTHON) or sys.executable, "-m", "qbackupd", *args]
 
 
 def socket_path(directory: str | os.PathLike) -> Path:
@@ -107,8 +118,7 @@ def start_daemon(directory: str | os.PathLike, timeout: float = 30.0) -> int:
         (root / STORAGE).mkdir(exist_ok=True)
         with open(root / LOG, "ab") as log:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "qbackupd", "serve", "--socket", str(sock),
-                 "--storage", str(root / STORAGE)],
+                daemon_command("serve", "--socket", str(sock), "--storage", str(root / STORAGE)),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
         _children[proc.pid] = proc

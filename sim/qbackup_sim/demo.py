@@ -4,9 +4,12 @@
 Builds a simulated dom0 in OUTDIR (wiped first) with a template and an app
 qube whose volumes are real ext4 images holding real files, then drives the
 real `qbackup` command line against the real daemon: init, full backup,
-change files, incremental backup, list, verify, restore, and compares the
-restored images with the originals byte for byte (sha256). Says what
-happens at each step; exits non-zero on any failure or mismatch.
+change files, incremental backup, list, show, verify, restore to files, and
+compares the restored images with the originals byte for byte (sha256).
+Last, a reinstalled system: an empty simulated dom0 in OUTDIR/reinstalled
+that has the backup qube's storage gets the qubes back with `restore
+--qubes`, and their settings and data are compared with the originals.
+Says what happens at each step; exits non-zero on any failure or mismatch.
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ import shlex
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from qbackup.errors import QbackupError
 from qbackup.progress import human_bytes
+from qbackup.qubes import volumes_to_backup
+from qbackup_sim.backend import SimBackend
 from qbackup_sim.daemon import stop_daemon
 from qbackup_sim.ext4 import make_ext4_image, read_file, write_files
 from qbackup_sim.inventory import INVENTORY, create_sim
@@ -57,9 +63,9 @@ def _files(rng: random.Random) -> tuple[dict[str, bytes], dict[str, bytes]]:
 class Demo:
     """The demo's state: the sim directory and how to call the CLI."""
 
-    def __init__(self, out: Path) -> None:
+    def __init__(self, out: Path, passphrase_file: Path | None = None) -> None:
         self.out = out
-        self.passphrase_file = out / "passphrase.txt"
+        self.passphrase_file = passphrase_file or out / "passphrase.txt"
 
     def qbackup(self, *args: str, expect: int = 0, show: bool = True) -> str:
         """Run `qbackup ARGS...` against the sim in OUT as a user would
@@ -114,10 +120,16 @@ def run_demo(out: Path) -> None:
     create_sim(out, {
         TEMPLATE: {"class": "TemplateVM", "label": "black",
                    "features": {"os": "Linux"},
-                   "volumes": {"root": 64 << 20, "private": 8 << 20}},
+                   "volumes": {"root": 64 << 20, "private": 8 << 20, "volatile": 10 << 30}},
         APPVM: {"class": "AppVM", "label": "blue", "template": TEMPLATE, "netvm": None,
                 "properties": {"memory": 800, "maxmem": 4000}, "tags": ["demo"],
-                "volumes": {"private": 32 << 20, "volatile": 8 << 20}}})
+                "features": {"service.cups": "1"},
+                "firewall": ["action=accept specialtarget=dns",
+                             "action=accept dst4=192.168.1.0/24 proto=tcp dstports=22-22",
+                             "action=drop"],
+                "volumes": {"root": 64 << 20, "private": {"size": 32 << 20,
+                                                         "revisions_to_keep": 2},
+                            "volatile": 10 << 30}}})
     root_files, private_files = _files(random.Random(4242))
     make_ext4_image(volumes[f"{TEMPLATE}/root"], 64 << 20, root_files)
     make_ext4_image(volumes[f"{TEMPLATE}/private"], 8 << 20, {"home/user/.bashrc": b"# bash\n"})
@@ -180,8 +192,72 @@ def run_demo(out: Path) -> None:
     _say("10. Restore never overwrites without --force")
     demo.qbackup("restore", "latest", "--to", str(out / "restored-latest"), expect=1)
 
-    _say("11. Repository size, as the backup qube reports it")
+    _say("11. What the latest snapshot holds, and what changed since the first one")
+    demo.qbackup("show", "latest")
+
+    _say("12. Repository size, as the backup qube reports it")
     demo.qbackup("stats")
+
+    reinstall(demo)
+
+
+def _settings(root: Path, names: list[str]) -> dict:
+    """Every setting of the qubes, without where their images are and how
+    much of them is allocated (state of this machine, not settings)."""
+    backend = SimBackend(root)
+    qubes = {q.name: q for q in backend.list_qubes()}
+    return {name: (replace(qubes[name], volumes={n: replace(v, path=None, usage=0)
+                                                 for n, v in qubes[name].volumes.items()}),
+                   backend.qube_details(name)) for name in names}
+
+
+def _volume_digests(root: Path, names: list[str]) -> dict[str, str]:
+    qubes = {q.name: q for q in SimBackend(root).list_qubes()}
+    return {f"{name}/{vol.name}": _sha256(Path(vol.path))
+            for name in names for vol in volumes_to_backup(qubes[name])}
+
+
+def reinstall(demo: Demo) -> None:
+    """Dom0's disk fails: a new dom0, the backup qube's storage back, the qubes
+    restored from the latest snapshot and compared with the originals."""
+    out = demo.out
+    names = [TEMPLATE, APPVM]
+    new = out / "reinstalled"
+    _say(f"13. dom0's disk fails. A fresh install ({new}): no qubes but the backup qube, "
+         "whose storage is the old one's")
+    stop_daemon(out)
+    create_sim(new, {})
+    shutil.rmtree(new / "storage")
+    shutil.copytree(out / "storage", new / "storage")
+    fresh = Demo(new, demo.passphrase_file)
+
+    _say("14. The restore plan: every step, checked before anything changes (--dry-run)")
+    fresh.qbackup("restore", "latest", "--qubes", "--dry-run")
+
+    _say("15. Restore the qubes: created in dependency order, settings set, each volume "
+         "streamed from the backup qube and authenticated straight into the new qube")
+    fresh.qbackup("restore", "latest", "--qubes")
+
+    _say("16. Compare the restored qubes with the originals")
+    before, after = _settings(out, names), _settings(new, names)
+    for name in names:
+        info, details = after[name]
+        same = (info, details) == before[name]
+        print(f"   {name}: class {info.klass}, {len(info.properties)} properties, "
+              f"{len(info.features)} features, {len(info.tags)} tags, "
+              f"{len(details.firewall)} firewall rules, {len(info.volumes)} volume settings: "
+              f"{'the same as' if same else 'DIFFERENT from'} the original")
+        if not same:
+            raise DemoFailed(f"the settings of the restored {name} differ")
+    restored = _volume_digests(new, names)
+    for name, digest in sorted(_volume_digests(out, names).items()):
+        same = restored[name] == digest
+        print(f"   {name}: sha256 {restored[name][:16]}... "
+              f"{'matches' if same else 'DIFFERS from'} the original ({digest[:16]}...)")
+        if not same:
+            raise DemoFailed(f"restored {name} differs from the original")
+    notes = read_file(new / "volumes" / APPVM / "private.img", "home/user/notes.txt")
+    print(f"   notes.txt in the restored {APPVM}: {notes.decode().strip()!r}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,10 +275,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ndemo FAILED: {e}", file=sys.stderr)
         return 1
     finally:
-        if out.is_dir():
-            stop_daemon(out)
-    print("\ndemo OK: backups, incremental, verify and restores all check out "
-          f"(everything is in {out})")
+        for sim in (out, out / "reinstalled"):
+            if (sim / INVENTORY).exists():
+                stop_daemon(sim)
+    print("\ndemo OK: backups, incremental, verify, restores and the qubes restored on a "
+          f"reinstalled system all check out (everything is in {out})")
     return 0
 
 

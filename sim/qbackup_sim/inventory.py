@@ -15,7 +15,13 @@ Format (JSON object):
 
 `label`, `template` and `netvm` are optional and join `properties`;
 `"running": true` makes the qube run (default: halted); volume paths are
-relative to the sim directory. Such volumes are plain image files.
+relative to the sim directory; a volume may say `"ephemeral": true`.
+Optional per qube: `"firewall": [RULE, ...]` (admin.vm.firewall.Get lines;
+default `["action=accept"]`, as qubesd) and `"devices": [{"class", "backend",
+"ident", "options", "persistent"}]`. Optional at the top: `"system":
+{"pools": [...], "default_pool", "default_template", "default_netvm",
+"default_dispvm", "management_dispvm"}` (SYSTEM_DEFAULTS). Such volumes
+are plain image files.
 
 An optional top-level `"pools": {"varlibqubes": {"driver": "file-reflink",
 "dir_path": "/abs/path"}}` makes the volumes of those pools live in a Qubes
@@ -36,7 +42,8 @@ from pathlib import Path
 from typing import Any
 
 from qbackup.errors import QbackupError
-from qbackup.qubes import QubeInfo, VolumeInfo, restorable_properties
+from qbackup.qubes import (DEPENDENCIES, Device, QubeDetails, QubeInfo, VolumeInfo,
+                           restorable_properties)
 
 INVENTORY = "inventory.json"
 CLASSES = ("AppVM", "TemplateVM", "StandaloneVM", "DispVM", "DispVMTemplate")
@@ -44,6 +51,11 @@ _QUBE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 _VOLUME_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 _TOP_PROPERTIES = ("label", "template", "netvm")
 POOL = "varlibqubes"
+# qubesd's defaults in a fresh test bed: one pool, no default qubes.
+SYSTEM_DEFAULTS: dict[str, Any] = {
+    "pools": [POOL], "default_pool": POOL, "default_template": None,
+    "default_netvm": None, "default_dispvm": None, "management_dispvm": None}
+DEFAULT_FIREWALL = ["action=accept"]
 
 
 class SimError(QbackupError):
@@ -55,20 +67,28 @@ def _check(condition: bool, where: str, what: str) -> None:
         raise SimError(f"sim inventory: {where}: {what}")
 
 
-def _volume_defaults(klass: str, volume: str) -> dict[str, Any]:
+def volume_defaults(klass: str, volume: str) -> dict[str, Any]:
     """Volume flags as qubesd R4.2 sets them for a qube of class `klass` in a
     file-reflink pool (checked against qubesd by tests/dom0/test_backend_contract.py):
     every volume writable and keeping the pool's revisions_to_keep (1); root
     is the qube's own in TemplateVMs and StandaloneVMs, a snapshot of the
-    template's otherwise."""
-    own = volume == "private" or (volume == "root" and klass in ("TemplateVM", "StandaloneVM"))
-    return {"pool": "varlibqubes", "rw": True, "save_on_stop": own,
-            "snap_on_start": volume == "root" and not own, "revisions_to_keep": 1}
+    template's otherwise; a DispVM's private is a snapshot of its template's."""
+    own = ((volume == "private" and klass != "DispVM")
+           or (volume == "root" and klass in ("TemplateVM", "StandaloneVM")))
+    snapshot = (volume == "root" and not own) or (volume == "private" and klass == "DispVM")
+    return {"pool": POOL, "rw": True, "save_on_stop": own,
+            "snap_on_start": snapshot, "revisions_to_keep": 1, "ephemeral": False}
 
 
-def _pool_subdir(klass: str) -> str:
-    """Where qubesd puts a qube's images in a file pool (dir_path_prefix)."""
-    return "vm-templates" if klass == "TemplateVM" else "appvms"
+def image_path(inventory: dict[str, Any], name: str, klass: str, volume: str, pool: str) -> str:
+    """Where a new volume's image goes: in its file-reflink pool's directory
+    as qubesd lays it out (dir_path_prefix: vm-templates/ or appvms/), or
+    relative to the sim directory for a pool with no such entry."""
+    pool_dir = inventory.get("pools", {}).get(pool, {}).get("dir_path")
+    if pool_dir is None:
+        return f"volumes/{name}/{volume}.img"
+    subdir = "vm-templates" if klass == "TemplateVM" else "appvms"
+    return str(Path(pool_dir) / subdir / name / f"{volume}.img")
 
 
 def create_sim(directory: str | os.PathLike, qubes: dict[str, dict[str, Any]],
@@ -91,20 +111,18 @@ def create_sim(directory: str | os.PathLike, qubes: dict[str, dict[str, Any]],
                                  "volumes": {"private": 1 << 20}})
     inventory: dict[str, Any] = {"backup_vm": backup_vm, "qubes": {}}
     if pool_dir is not None:
-        pool_path = Path(pool_dir).absolute()
-        inventory["pools"] = {POOL: {"driver": "file-reflink", "dir_path": str(pool_path)}}
+        inventory["pools"] = {POOL: {"driver": "file-reflink",
+                                     "dir_path": str(Path(pool_dir).absolute())}}
     for name, spec in qubes.items():
         entry = {k: v for k, v in spec.items() if k != "volumes"}
         # as qvm-create: qubesd tags every qube dom0 creates
         entry["tags"] = sorted(set(spec.get("tags", [])) | {"created-by-dom0"})
         entry["volumes"] = {}
         for vol, value in spec.get("volumes", {}).items():
-            settings = _volume_defaults(spec.get("class", ""), vol)
+            settings = volume_defaults(spec.get("class", ""), vol)
             settings.update(value if isinstance(value, dict) else {"size": value})
-            if pool_dir is not None and settings["pool"] == POOL:
-                settings.setdefault("path", str(
-                    pool_path / _pool_subdir(spec.get("class", "")) / name / f"{vol}.img"))
-            settings.setdefault("path", f"volumes/{name}/{vol}.img")
+            settings.setdefault("path", image_path(inventory, name, spec.get("class", ""), vol,
+                                                   settings["pool"]))
             entry["volumes"][vol] = settings
         inventory["qubes"][name] = entry
     _validate(inventory)
@@ -145,8 +163,11 @@ def load_inventory(directory: str | os.PathLike) -> dict[str, Any]:
 
 def _validate(inventory: Any) -> None:
     _check(isinstance(inventory, dict), "top level", "not an object")
-    _check({"backup_vm", "qubes"} <= set(inventory) <= {"backup_vm", "qubes", "pools"},
-           "top level", "needs exactly the keys backup_vm and qubes, and optionally pools")
+    _check({"backup_vm", "qubes"} <= set(inventory) <= {"backup_vm", "qubes", "system", "pools"},
+           "top level", "needs exactly the keys backup_vm and qubes (and may have system and pools)")
+    system = inventory.get("system", {})
+    _check(isinstance(system, dict) and set(system) <= set(SYSTEM_DEFAULTS), "system",
+           f"may only have the keys {', '.join(SYSTEM_DEFAULTS)}")
     pools = inventory.get("pools", {})
     _check(isinstance(pools, dict), "pools", "not an object")
     for name, pool in pools.items():
@@ -166,7 +187,7 @@ def _validate_qube(name: str, qube: Any) -> None:
     _check(bool(_QUBE_NAME.fullmatch(name)), repr(name), "invalid qube name")
     _check(isinstance(qube, dict), name, "not an object")
     allowed = {"class", "volumes", "properties", "features", "tags", "running",
-               *_TOP_PROPERTIES}
+               "firewall", "devices", *_TOP_PROPERTIES}
     _check(set(qube) <= allowed, name, f"unknown keys {sorted(set(qube) - allowed)}")
     _check(qube.get("class") in CLASSES, name, f"class must be one of {', '.join(CLASSES)}")
     _check(isinstance(qube.get("properties", {}), dict), name, "properties not an object")
@@ -177,6 +198,13 @@ def _validate_qube(name: str, qube: Any) -> None:
     _check(isinstance(tags, list) and all(isinstance(t, str) for t in tags),
            name, "tags must be a list of strings")
     _check(isinstance(qube.get("running", False), bool), name, "running must be true or false")
+    firewall = qube.get("firewall", [])
+    _check(isinstance(firewall, list) and all(isinstance(r, str) for r in firewall),
+           name, "firewall must be a list of strings")
+    devices = qube.get("devices", [])
+    _check(isinstance(devices, list) and all(
+        isinstance(d, dict) and set(d) == {"class", "backend", "ident", "options", "persistent"}
+        for d in devices), name, "devices must be a list of assignments")
     volumes = qube.get("volumes", {})
     _check(isinstance(volumes, dict), name, "volumes not an object")
     for vol, settings in volumes.items():
@@ -185,8 +213,10 @@ def _validate_qube(name: str, qube: Any) -> None:
         _check(isinstance(settings, dict), where, "not an object")
         expected = {"pool": str, "size": int, "path": str, "rw": bool,
                     "save_on_stop": bool, "snap_on_start": bool, "revisions_to_keep": int}
-        _check(set(settings) == set(expected), where,
-               f"needs exactly the keys {', '.join(sorted(expected))}")
+        _check(set(expected) <= set(settings) <= set(expected) | {"ephemeral"}, where,
+               f"needs exactly the keys {', '.join(sorted(expected))} (and may have ephemeral)")
+        _check(isinstance(settings.get("ephemeral", False), bool), where,
+               "ephemeral must be bool")
         for key, kind in expected.items():
             _check(type(settings[key]) is kind, where, f"{key} must be {kind.__name__}")
         _check(settings["size"] >= 0, where, "negative size")
@@ -220,7 +250,8 @@ def _volume_info(root: Path, inventory: dict[str, Any], qube: dict[str, Any], vo
     return VolumeInfo(name=vol, pool=s["pool"], size=s["size"], path=path, rw=s["rw"],
                       save_on_stop=s["save_on_stop"], snap_on_start=s["snap_on_start"],
                       revisions_to_keep=s["revisions_to_keep"], usage=_usage(Path(path)),
-                      driver=driver, vid=vid, live_path=live)
+                      ephemeral=s.get("ephemeral", False), driver=driver, vid=vid,
+                      live_path=live)
 
 
 def qube_infos(directory: str | os.PathLike, inventory: dict[str, Any]) -> list[QubeInfo]:
@@ -239,3 +270,34 @@ def qube_infos(directory: str | os.PathLike, inventory: dict[str, Any]) -> list[
                               tags=sorted(qube.get("tags", [])), volumes=volumes,
                               running=qube.get("running", False)))
     return qubes
+
+
+def system_settings(inventory: dict[str, Any]) -> dict[str, Any]:
+    """The sim's global settings: SYSTEM_DEFAULTS, as the inventory overrides them."""
+    return {**SYSTEM_DEFAULTS, **inventory.get("system", {})}
+
+
+def qube_dependencies(inventory: dict[str, Any], name: str) -> dict[str, str | None]:
+    """What each of DEPENDENCIES of a qube is, set or default, as qubesd R4.2
+    answers: `template` only for classes that have one; a template's netvm
+    defaults to none, any other qube's to the system's default_netvm;
+    audiovm and guivm default to dom0."""
+    qube = inventory["qubes"][name]
+    system = system_settings(inventory)
+    explicit = dict(qube.get("properties", {}))
+    explicit.update({k: qube[k] for k in _TOP_PROPERTIES if k in qube})
+    defaults = {"netvm": None if qube["class"] == "TemplateVM" else system["default_netvm"],
+                "default_dispvm": system["default_dispvm"], "audiovm": "dom0",
+                "guivm": "dom0", "management_dispvm": system["management_dispvm"]}
+    if qube["class"] in ("AppVM", "DispVM"):
+        defaults["template"] = None
+    return {p: explicit.get(p, defaults[p]) for p in DEPENDENCIES if p in defaults}
+
+
+def qube_details(inventory: dict[str, Any], name: str) -> QubeDetails:
+    """A qube's firewall rules, device assignments and dependencies."""
+    qube = inventory["qubes"][name]
+    devices = [Device(d["class"], d["backend"], d["ident"], dict(d["options"]), d["persistent"])
+               for d in qube.get("devices", [])]
+    return QubeDetails(list(qube.get("firewall", DEFAULT_FIREWALL)), devices,
+                       qube_dependencies(inventory, name))

@@ -6,6 +6,7 @@ concurrency, shutdown and the command line."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import socket
@@ -14,8 +15,9 @@ import threading
 import time
 
 import pytest
+import trio
 
-from qbackupd import frames, storage
+from qbackupd import frames, server, storage
 
 MiB = 1 << 20
 
@@ -458,6 +460,22 @@ def test_refuses_live_socket_and_non_socket(daemon):
     result = daemon.cli("serve", "--socket", str(regular), "--storage", str(daemon.storage))
     assert result.returncode == 2 and "is not a socket" in result.stderr
     assert regular.read_text() == "keep me"
+
+
+def test_an_error_inside_the_server_nursery_ends_serve_unwrapped(tmp_path, monkeypatch):
+    """trio 0.22 (Debian 12) lets a lone task error out of a nursery bare, trio >= 0.25
+    wraps it in an exception group: on both, `run` raises the error itself, which the
+    command line reports in one line (exit 2), and removes its socket."""
+
+    async def failing_listeners(handler, listeners, *, task_status=trio.TASK_STATUS_IGNORED):
+        raise OSError(errno.EBADF, "accept failed")
+
+    monkeypatch.setattr(trio, "serve_listeners", failing_listeners)
+    sock = tmp_path / "sock"
+    with pytest.raises(OSError) as raised:
+        server.run(storage.Storage(tmp_path), sock)
+    assert type(raised.value) is OSError and raised.value.errno == errno.EBADF
+    assert not sock.exists()
 
 
 # --- command line ------------------------------------------------------------------------

@@ -6,7 +6,7 @@ from engine_helpers import MemoryStore, random_ids
 
 from qbackup import crypto
 from qbackup.chunkmap import (FANOUT, MAGIC, TreeWriter, decode_node, depth_for, encode_node,
-                              get_each, iter_leaves)
+                              count_changed, get_each, iter_leaves)
 from qbackup.crypto import TYPE_TREE, ZERO_ID
 from qbackup.errors import IntegrityError, ProtocolError, QbackupError
 
@@ -272,3 +272,59 @@ def test_depth_must_match_chunk_count(keys):
     root, _ = build(keys, store, random_ids(5))
     with pytest.raises(IntegrityError):
         list(iter_leaves(store, keys, root, 2, 5))
+
+
+# -- count_changed: what changed between two versions of a volume ------------------
+
+def vol(keys, store, ids):
+    root, depth = build(keys, store, ids)
+    return {"root": root, "depth": depth, "chunks": len(ids)}
+
+
+@pytest.mark.parametrize("n", [5, 1024, 3 * 1024 + 7])
+def test_count_changed(keys, n):
+    store = MemoryStore(keys)
+    ids = random_ids(n)
+    for k in range(0, n, 7):
+        ids[k] = ZERO_ID
+    old = vol(keys, store, ids)
+    assert count_changed(store, keys, old, old) == 0
+    changed = list(ids)
+    for k in (1, n // 2, n - 1):
+        changed[k] = random_ids(1)[0]
+    changed[0] = ZERO_ID if ids[0] != ZERO_ID else random_ids(1)[0]
+    new = vol(keys, store, changed)
+    assert count_changed(store, keys, old, new) == sum(1 for a, b in zip(ids, changed) if a != b)
+    # grown: the new chunks count; shrunk: only what is left is compared
+    grown = vol(keys, store, changed + random_ids(3))
+    assert count_changed(store, keys, new, grown) == 3
+    assert count_changed(store, keys, grown, new) == 0
+    assert count_changed(store, keys, vol(keys, store, []), new) == n
+
+
+def test_count_changed_skips_shared_subtrees(keys):
+    """Two volumes of 2049 leaves that differ in one chunk: only the path to
+    it is fetched (root and one leaf from each), not the 2049 leaves."""
+    store = MemoryStore(keys)
+    n = 3 * FANOUT
+    ids = random_ids(n)
+    old = vol(keys, store, ids)
+    ids[FANOUT + 5] = random_ids(1)[0]
+    new = vol(keys, store, ids)
+    store.gets = 0
+    assert count_changed(store, keys, old, new) == 1
+    assert store.gets == 4
+    # across depths (grown past FANOUT chunks) it goes leaf by leaf
+    small = vol(keys, store, ids[:FANOUT])
+    assert count_changed(store, keys, small, new) == 2 * FANOUT
+
+
+def test_count_changed_refuses_a_forged_node(keys):
+    store = MemoryStore(keys)
+    ids = random_ids(10)
+    old = vol(keys, store, ids)
+    ids[3] = random_ids(1)[0]
+    new = vol(keys, store, ids)
+    store.broken.add(new["root"])
+    with pytest.raises(IntegrityError, match="chunks 0..: cannot fetch chunk map node"):
+        count_changed(store, keys, old, new)

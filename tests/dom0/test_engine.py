@@ -7,7 +7,6 @@ import contextlib
 import itertools
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,9 +17,10 @@ from qbackup import crypto, manifest, proto, transport
 from qbackup.backup import VolumeSource, backup
 from qbackup.chunkmap import MAX_NODE_PLAIN, TreeWriter
 from qbackup.errors import QbackupError, RollbackError
-from qbackup.restore import (delete_snapshots, load_history, resolve_snapshot, restore,
-                             verify)
+from qbackup.restore import (VolumeStream, delete_snapshots, load_history, resolve_snapshot,
+                             restore, verify)
 from qbackup.state import State
+from qbackup_sim.daemon import daemon_command
 
 CS = 64 << 10  # the smallest chunk size: more chunks per byte of test data
 START_TIMEOUT = 30  # guard against a daemon that never comes up, not a performance check
@@ -32,8 +32,8 @@ def daemon(tmp_path_factory):
     sock, storage = base / "sock", base / "storage"
     storage.mkdir()
     with open(base / "daemon.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "qbackupd", "serve", "--socket", str(sock),
-                                 "--storage", str(storage), "--log-level", "warning"],
+        proc = subprocess.Popen(daemon_command("serve", "--socket", str(sock), "--storage",
+                                               str(storage), "--log-level", "warning"),
                                 stdout=log, stderr=log)
     deadline = time.monotonic() + START_TIMEOUT
     while not sock.exists():
@@ -100,7 +100,8 @@ def repo(daemon, tmp_path):
 
 
 def qube_meta(klass="AppVM"):
-    return {"class": klass, "properties": {"label": "red", "netvm": ""}, "features": {}, "tags": ["t"]}
+    return {"class": klass, "properties": {"label": "red", "netvm": ""}, "features": {}, "tags": ["t"],
+            "volume_config": {}, "firewall": None, "devices": None, "dependencies": {}}
 
 
 def source(qube, volume, path):
@@ -614,7 +615,9 @@ def test_bad_metadata_fails_before_sending(repo, tmp_path):
 
 def test_oversized_manifest_fails_before_anything_is_sent(repo, tmp_path):
     path = write_file(tmp_path / "v", 3 * CS, [(0, os.urandom(3 * CS))])
-    meta = {"work": {**qube_meta(), "features": {"notes": "x" * manifest.MAX_PLAIN}}}
+    # features of at most 64 KiB each (qubesd's payload bound), 4 MiB in all
+    meta = {"work": {**qube_meta(), "features": {f"notes{i}": "x" * manifest.MAX_FEATURE
+                                                 for i in range(64)}}}
     with pytest.raises(QbackupError, match="manifest would take .* qube work alone takes"):
         repo.backup([source("work", "private", path)], meta=meta)
     with repo.session(write=False) as s:
@@ -709,3 +712,86 @@ def test_a_reused_leaf_the_repository_lost_is_a_clear_error(repo, tmp_path):
                                            "backup --full sends it again"):
         repo.backup([_changed_source(path, lost, [])])
     assert len(repo.history()) == 1
+
+
+# -- VolumeStream: a volume in order, for admin.vm.volume.ImportWithSize ---------
+
+def stream_all(stream: VolumeStream, sizes) -> bytes:
+    out, k = [], 0
+    while data := stream.read(sizes[k % len(sizes)]):
+        assert len(data) <= sizes[k % len(sizes)]
+        out.append(data)
+        k += 1
+    stream.close()
+    return b"".join(out)
+
+
+def test_volume_stream_gives_every_byte_in_order(repo, tmp_path):
+    """Zero chunks, a short last chunk, chunks repeated next to each other
+    and far apart (beyond the stream's cache: fetched again), and a tree of
+    two levels: the stream's bytes are the volume's bytes."""
+    blocks = [os.urandom(CS) for _ in range(12)]
+    layout = ([0, 1, 0, None, 2, 2, 2] + list(range(3, 12)) + [None] * 1000 + [1, 0, 5]
+              + list(range(12)) * 3)
+    data = b"".join(bytes(CS) if b is None else blocks[b] for b in layout) + b"tail"
+    path = write_file(tmp_path / "v", len(data), [(0, data)])
+    repo.backup([source("work", "private", path)])
+    [snap] = repo.history()
+    vol = snap.qubes["work"]["volumes"]["private"]
+    assert vol["depth"] == 2
+    progress = Recorder()
+    with repo.session(write=False) as s:
+        stream = VolumeStream(s, repo.keys, "work:private", vol, progress=progress)
+        assert stream_all(stream, [65536, 1, CS * 3 + 7, 100000]) == data
+        assert stream.complete and stream.error is None and stream.bytes == len(data)
+        assert stream.chunks == sum(1 for b in layout if b is not None) + 1
+        # a second stream on the same session: the first left nothing behind
+        again = VolumeStream(s, repo.keys, "work:private", vol)
+        assert again.read() == data and again.read(10) == b""
+    assert progress.per_volume() == {"work:private": (len(data), len(data))}
+
+
+@pytest.mark.parametrize("attack,reason", [
+    (lambda i, t, d: (i, t, flip(d)), "fails authentication"),
+    (lambda i, t, d: (i, None, None), "chunk missing"),
+    (lambda i, t, d: (i, t, d[:40]), "fails authentication"),
+])
+def test_volume_stream_stops_before_a_tampered_chunk(repo, tmp_path, attack, reason):
+    """Nothing of a bad chunk, and nothing after it, comes out: the stream
+    ends exactly where the bad chunk begins, and says so."""
+    data = os.urandom(6 * CS)
+    path = write_file(tmp_path / "v", len(data), [(0, data)])
+    repo.backup([source("work", "private", path)])
+    [snap] = repo.history()
+    seen = []
+
+    def alter(i, t, d):
+        if t == crypto.TYPE_DATA:
+            seen.append(i)
+            if len(seen) == 4:
+                return attack(i, t, d)
+        return i, t, d
+
+    with repo.session(write=False) as s:
+        stream = VolumeStream(Tamper(s, alter), repo.keys, "work:private",
+                              snap.qubes["work"]["volumes"]["private"])
+        out = stream_all(stream, [CS // 3])
+    assert out == data[:3 * CS]
+    assert not stream.complete and stream.chunks == 3
+    assert stream.error.startswith(f"work:private at offset {3 * CS}: ") and reason in stream.error
+
+
+def test_volume_stream_stops_at_a_bad_chunk_map_node(repo, tmp_path):
+    data = os.urandom(3 * CS)
+    path = write_file(tmp_path / "v", len(data), [(0, data)])
+    repo.backup([source("work", "private", path)])
+    [snap] = repo.history()
+
+    def alter(i, t, d):
+        return (i, t, flip(d)) if t == crypto.TYPE_TREE else (i, t, d)
+
+    with repo.session(write=False) as s:
+        stream = VolumeStream(Tamper(s, alter), repo.keys, "work:private",
+                              snap.qubes["work"]["volumes"]["private"])
+        assert stream.read() == b""
+    assert stream.error.startswith("work:private at offset 0: chunk map node fails")

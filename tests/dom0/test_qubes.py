@@ -66,7 +66,7 @@ def test_settings_hold_configuration_not_paths():
                         "features": {"f": "1"}, "tags": ["t"],
                         "volume_config": {"private": {"pool": "p", "size": 4096, "rw": True,
                                                 "save_on_stop": True, "snap_on_start": False,
-                                                "revisions_to_keep": 1}}}
+                                                "revisions_to_keep": 1, "ephemeral": False}}}
     assert "/x" not in json.dumps(settings)
 
 

@@ -186,6 +186,26 @@ def test_calls_per_qube(qubesd):
     assert_no_call_refused(qubesd)
 
 
+def test_calls_for_the_settings_of_qubes_backed_up(qubesd):
+    """Firewall and devices only for the qubes a backup includes: one
+    admin.vm.firewall.Get and one admin.vm.device.CLASS.List per device
+    class (pci and block in R4.2's core; a real system adds usb and mic
+    with their packages) per qube, admin.deviceclass.List once; the
+    dependencies come from the properties already fetched."""
+    qubesd.populate(12)
+    backend = backend_of(qubesd)
+    qubes = backend.list_qubes()
+    qubesd.calls.clear()
+    for qube in qubes[:5]:
+        backend.qube_details(qube.name)
+    per_method = {}
+    for method, _, _ in qubesd.calls:
+        per_method[method] = per_method.get(method, 0) + 1
+    assert per_method == {"admin.deviceclass.List": 1, "admin.vm.firewall.Get": 5,
+                          "admin.vm.device.block.List": 5, "admin.vm.device.pci.List": 5}
+    assert_no_call_refused(qubesd)
+
+
 def test_fifty_qubes_stay_within_ten_calls_each(qubesd):
     """The issue's budget, measured: bench/bench_adminapi.py reports the
     same figures."""

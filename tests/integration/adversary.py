@@ -15,12 +15,13 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import msgpack
+
+from qbackup_sim.daemon import daemon_command
 
 HEADER_MAX = 256
 
@@ -140,8 +141,7 @@ class Daemon:
         self.storage.mkdir()
         self.log = open(tmp / "daemon.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "qbackupd", "serve",
-             "--socket", str(self.sock), "--storage", str(self.storage)],
+            daemon_command("serve", "--socket", str(self.sock), "--storage", str(self.storage)),
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 15

@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shlex
 import signal
 import socket
 import struct
@@ -25,8 +26,9 @@ import pytest
 from qbackup import cli, transport
 from qbackup.commands import common
 from qbackup.errors import QbackupError, UsageError
-from qbackup_sim import (daemon_pid, load_inventory, run_qbackup, save_inventory, start_daemon,
-                         stop_daemon)
+from qbackup_sim import (daemon_pid, load_inventory, run_qbackup, save_inventory, socket_path,
+                         start_daemon, stop_daemon)
+from qbackup_sim.daemon import DAEMON_PYTHON, daemon_command
 
 VOLUMES = {("tpl", "private"), ("tpl", "root"), ("work", "private")}
 POLL = 0.005
@@ -259,7 +261,14 @@ def test_empty_passphrase_and_no_terminal_are_refused(sim, tmp_path):
     (["init", "--pack-size", "1M"], "--pack-size must be from 8M to 512M"),
     (["init", "--scrypt-n", "1000"], "--scrypt-n must be a power of two"),
     (["init", "--scrypt-n", "4194304"], "--scrypt-n must be a power of two"),
-    (["restore", "latest"], "one of the arguments --to --volume-target is required"),
+    (["restore", "latest"], "one of the arguments --qubes --to --volume-target is required"),
+    (["restore", "latest", "--qubes", "--to", "x"], "not allowed with"),
+    (["restore", "latest", "--to", "x", "--rename", "a:b"], "--rename goes with --qubes"),
+    (["restore", "latest", "--to", "x", "--dry-run"], "--dry-run goes with --qubes"),
+    (["restore", "latest", "--qubes", "--force"], "--qube and --force go with --to"),
+    (["restore", "latest", "--qubes", "--rename", "nocolon"], "expected OLD:NEW"),
+    (["restore", "latest", "--qubes", "--rename", "a:bad.name"], "invalid qube name"),
+    (["restore", "latest", "--qubes", "--rename", "a:dom0"], "invalid qube name"),
     (["restore", "latest", "--to", "x", "--volume-target", "a:b=c"], "not allowed with"),
     (["restore", "latest", "--volume-target", "nocolon=x"], "expected QUBE:VOLUME=PATH"),
     (["verify", "latest", "--all"], "give a snapshot or --all, not both"),
@@ -492,6 +501,21 @@ def test_sim_daemon_start_stop_and_restart_after_crash(sim):
     stopped = subprocess.run([*sim_cli, "stop", str(sim.dir)], capture_output=True, text=True)
     assert stopped.returncode == 0 and "daemon stopped" in stopped.stdout
     assert daemon_pid(sim.dir) is None and not (sim.dir / "daemon.sock").exists()
+
+
+def test_sim_daemon_runs_on_the_interpreter_the_environment_names(sim, tmp_path, monkeypatch):
+    """make test points QBACKUP_SIM_DAEMON_PYTHON at the backup qube's floor venv."""
+    called = tmp_path / "called"
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "$@" > {shlex.quote(str(called))}\n'
+                      f'exec {shlex.quote(daemon_command()[0])} "$@"\n')
+    python.chmod(0o755)
+    monkeypatch.setenv(DAEMON_PYTHON, str(python))
+    pid = start_daemon(sim.dir)
+    assert called.read_text().split() == [
+        "-m", "qbackupd", "serve", "--socket", str(socket_path(sim.dir)),
+        "--storage", str(sim.dir / "storage")]
+    assert daemon_pid(sim.dir) == pid
 
 
 def test_sim_create_command(tmp_path):

@@ -16,10 +16,11 @@ def test_demo_runs_and_checks_out(tmp_path_factory):
                           capture_output=True, text=True, timeout=TIMEOUT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo OK" in proc.stdout
-    assert proc.stdout.count("matches the") == 6  # 3 volumes, 2 restores
+    assert proc.stdout.count("matches the") == 9  # 3 volumes, 2 restores to files, 1 of qubes
+    assert proc.stdout.count("the same as the original") == 2  # the settings of both qubes
     assert "refusing to overwrite without --force" in proc.stdout
     assert not (out / "leftover").exists()
-    assert daemon_pid(out) is None  # stopped at the end
+    assert daemon_pid(out) is None and daemon_pid(out / "reinstalled") is None
 
 
 def test_demo_usage():

@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from qbackup import crypto
 from qbackup.errors import QbackupError, RemoteError
 from qbackup.proto import MAX_BLOB, Session
 from qbackup.transport import SocketTransport, unix_socket
+from qbackup_sim.daemon import daemon_command
 from hangguard import within
 
 TIMEOUT = 60   # guards against hangs only
@@ -48,8 +48,8 @@ def daemon():
     root = Path(tempfile.mkdtemp(prefix="qbx-"))   # short: Unix socket paths are limited
     sock, storage = root / "sock", root / "storage"
     storage.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "qbackupd", "serve", "--socket", str(sock),
-                             "--storage", str(storage), "--log-level", "warning"])
+    proc = subprocess.Popen(daemon_command("serve", "--socket", str(sock), "--storage", str(storage),
+                                           "--log-level", "warning"))
     deadline = time.monotonic() + TIMEOUT
     while not accepts(sock):
         assert proc.poll() is None, "the daemon exited at start"

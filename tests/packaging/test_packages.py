@@ -17,17 +17,17 @@ from pathlib import Path
 import pytest
 from packaging.version import Version
 
+from floors import floors
 from pkgbuild import REPO, run
 
 pytestmark = pytest.mark.packaging
 
 SOCKET = "/run/qbackupd/qubes.BackupChunk"
 
-# What Fedora 37 (R4.2's dom0) provides. QUBES_FACTS "Packaging conventions":
-# Python 3.11, python3-cryptography 37.0.2, python3-zstandard 0.19.0.
-# python3-msgpack 1.0.4-3.fc37 (packages.fedoraproject.org changelog: the
-# Fedora 37 mass rebuild of 1.0.4; 1.0.5 came in 2023 and only maybe to f37).
-FEDORA_37 = {"python(abi)": "3.11", "cryptography": "37.0.2", "zstandard": "0.19.0", "msgpack": "1.0.4"}
+# What Fedora 37 (R4.2's dom0) provides: Python 3.11 and the dom0 lines of
+# requirements-floor.txt (python3-cryptography 37.0.2, python3-zstandard
+# 0.19.0, python3-msgpack 1.0.4, each with where its number comes from).
+FEDORA_37 = {"python(abi)": "3.11", **floors()["dom0"]}
 
 
 def rpm_query(package: Path, *args: str) -> list[str]:
@@ -192,16 +192,6 @@ def unmet_on_fedora_37(requires: list[str]) -> list[str]:
     return unmet
 
 
-# Known on this branch: dom0/pyproject.toml's floors are above Fedora 37's
-# until the `floors` branch (which lowers them, with the code changes that
-# need) is merged. Exactly these two are tolerated, as an expected failure;
-# anything else unmet fails, and once they are gone the check is whole.
-KNOWN_UNMET_UNTIL_FLOORS = [
-    "python3.11dist(cryptography) >= 41 (Fedora 37 has cryptography 37.0.2)",
-    "python3.11dist(zstandard) >= 0.21 (Fedora 37 has zstandard 0.19.0)",
-]
-
-
 def test_dom0_requirements_are_met_by_fedora_37(built):
     """rpm -qp --requires on the dom0 rpm: the Python requirements generated
     from the package metadata (and any the spec names itself) must be
@@ -210,8 +200,6 @@ def test_dom0_requirements_are_met_by_fedora_37(built):
     assert "python3-qubesadmin" in requires
     assert any(r.startswith("python3.11dist(cryptography)") for r in requires), requires  # the generator ran
     unmet = unmet_on_fedora_37(requires)
-    if unmet and unmet == KNOWN_UNMET_UNTIL_FLOORS:
-        pytest.xfail("not installable on Fedora 37 until the floors branch is merged: " + "; ".join(unmet))
     assert not unmet, "not installable on Fedora 37 (R4.2 dom0): " + "; ".join(unmet)
 
 

@@ -587,10 +587,27 @@ async def serve(
         log.info("stopped")
 
 
+def _run_strict(async_fn: Callable[[], Awaitable[None]]) -> None:
+    """trio.run, with nurseries that wrap what their tasks raise in an exception
+    group on every trio version: strict exception groups are the default only
+    from trio 0.25, and Debian 12 ships 0.22, whose nurseries let a lone error
+    through bare. An error that ends the run alone is unwrapped, so that the
+    command line reports it in one line, as it does any other error."""
+    try:
+        trio.run(async_fn, strict_exception_groups=True)
+    except BaseExceptionGroup as group:
+        error: BaseException = group
+        while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+            error = error.exceptions[0]
+        if error is group:
+            raise
+        raise error from None
+
+
 def run(storage: Storage, socket_path: Path | None) -> None:
     """Run the server in the foreground until a signal stops it: on a socket
     bound at `socket_path`, or (None) on the one systemd passed."""
     if socket_path is None:
-        trio.run(partial(serve, storage, listener=systemd_socket()))
+        _run_strict(partial(serve, storage, listener=systemd_socket()))
     else:
-        trio.run(serve, storage, socket_path)
+        _run_strict(partial(serve, storage, socket_path))

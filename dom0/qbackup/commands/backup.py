@@ -84,6 +84,9 @@ def _backup(ctx: Context, args: argparse.Namespace, every_qube: list[QubeInfo],
     if not qubes:
         raise UsageError("nothing to back up: every qube is excluded")
     targets = _targets(qubes)
+    # Firewall rules and device assignments: only for the qubes backed up.
+    settings = {q.name: {**q.settings(), **ctx.backend.qube_details(q.name).settings()}
+                for q in qubes}
     passphrase, state = ask_passphrase(args), ctx.state()
     with ctx.session() as session:
         keys, history = open_history(ctx, args, session, passphrase, write=True)
@@ -97,8 +100,8 @@ def _backup(ctx: Context, args: argparse.Namespace, every_qube: list[QubeInfo],
                           file=sys.stderr)
             with Progress(sum(s.size for s in sources), "backup") as progress:
                 # the new snapshot follows dom0's head for this repository
-                stats = backup(session, keys, sources, {q.name: q.settings() for q in qubes},
-                               state=state, progress=progress)
+                stats = backup(session, keys, sources, settings, state=state,
+                               progress=progress)
             snapshot = restore_mod.SnapshotInfo(stats.snapshot_id, time.time(), "", None, {}, 0)
             removed, problems = copies.committed(snapshot, history, every_qube)
     _report_problems(problems)

@@ -1,5 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""`qbackup verify` and `qbackup restore` (to files or block devices)."""
+"""`qbackup verify` and `qbackup restore` to files or block devices (recreating
+qubes, `restore --qubes`, is in qbackup.commands.qubes_restore)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 from qbackup import restore as restore_mod
 from qbackup.commands.common import (EXIT_INTEGRITY, EXIT_OK, Context, ask_passphrase,
                                      clean, find_snapshot, open_history, print_json)
+from qbackup.commands.qubes_restore import cmd_restore_qubes
 from qbackup.errors import QbackupError, UsageError
 from qbackup.progress import Progress, human_bytes
 
@@ -101,7 +103,18 @@ def _restore_targets(args: argparse.Namespace,
             for qube, vol in available if qube in qubes}
 
 
+QUBES_ONLY = ("rename", "pool", "replace", "skip_missing", "dry_run")
+
+
 def cmd_restore(ctx: Context, args: argparse.Namespace) -> int:
+    if args.qubes is not None:
+        if args.qube or args.force:
+            raise UsageError("--qube and --force go with --to or --volume-target; with "
+                             "--qubes, name the qubes after it, and --replace QUBE")
+        return cmd_restore_qubes(ctx, args)
+    given = [o for o in QUBES_ONLY if getattr(args, o)]
+    if given:
+        raise UsageError(f"--{given[0].replace('_', '-')} goes with --qubes")
     passphrase = ask_passphrase(args)
     with ctx.session() as session:
         keys, history = open_history(ctx, args, session, passphrase)
