@@ -305,6 +305,17 @@ def test_live_backups_read_the_running_qubes_changes(bsim):
     restore_matches(bsim, "latest", {"work/private": dirty.read_bytes()})
     history = bsim.json("list")["snapshots"]
     restore_matches(bsim, history[1]["id"], {"work/private": shutdown_state})
+    # a job with live = true: check says so, and its runs copy the live state
+    jobs_file = bsim.dir / "jobs.toml"
+    jobs_file.write_text('[jobs.now]\nbackup_vm = "backup"\nrepo = "default"\n'
+                         'include = ["work"]\nlive = true\n')
+    check = subprocess.run(bsim.argv("--jobs-file", str(jobs_file), "check", "now")[:-2],
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 6, check.stderr
+    assert "work is running: private backed up live: a crash-consistent copy" in check.stdout
+    run = json.loads(bsim.run("--jobs-file", str(jobs_file), "backup", "--job", "now",
+                              "--json").stdout)
+    assert [(r["state"], r["bytes_read"]) for r in run["reads"]] == [("live", 0)]
 
 
 def test_a_pool_without_reflinks_is_read_in_place(tmp_path_factory, no_reflink_dir):

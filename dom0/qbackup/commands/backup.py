@@ -84,6 +84,7 @@ def _backup(ctx: Context, args: argparse.Namespace, every_qube: list[QubeInfo],
     if not qubes:
         raise UsageError("nothing to back up: every qube is excluded")
     targets = _targets(qubes)
+    live = args.live or (ctx.job is not None and ctx.job.live)
     # Firewall rules and device assignments: only for the qubes backed up.
     settings = {q.name: {**q.settings(), **ctx.backend.qube_details(q.name).settings()}
                 for q in qubes}
@@ -91,7 +92,7 @@ def _backup(ctx: Context, args: argparse.Namespace, every_qube: list[QubeInfo],
     with ctx.session() as session:
         keys, history = open_history(ctx, args, session, passphrase, write=True)
         with Copies(state, keys.repo_id, keys.chunk_size) as copies:
-            sources = copies.prepare(targets, history, every_qube, live=args.live,
+            sources = copies.prepare(targets, history, every_qube, live=live,
                                      full=args.full)
             if ctx.verbose:
                 for s in sources:
