@@ -318,6 +318,20 @@ def test_live_backups_read_the_running_qubes_changes(bsim):
     assert [(r["state"], r["bytes_read"]) for r in run["reads"]] == [("live", 0)]
 
 
+def test_a_qube_restored_into_the_pool_is_tracked_like_the_others(bsim):
+    """restore --qubes of a format 3 snapshot creates the qube in the
+    file-reflink pool, as qubesd would; its volume is then copied and
+    compared like any other."""
+    bsim.backup("work")
+    bsim.run("restore", "latest", "--qubes", "work", "--rename", "work:work2")
+    image = bsim.image("work2")
+    assert image.read_bytes() == bsim.image("work").read_bytes()
+    assert bsim.backup("work2")["by"]["work2:private"]["read"] == "full"
+    write_blocks(image, [5 * MiB])
+    again = bsim.backup("work2")["by"]["work2:private"]
+    assert (again["read"], again["bytes_read"]) == ("changed", CS)
+
+
 def test_a_pool_without_reflinks_is_read_in_place(tmp_path_factory, no_reflink_dir):
     root = create_sim(tmp_path_factory.mktemp("noreflink"), {
         "work": {"class": "AppVM", "volumes": {"private": 2 * MiB}}},
