@@ -9,6 +9,9 @@ an untimed wait (a future's result, a queue), the interrupt waited as long
 as the wait did — for ever with a stalled backup qube. So every other thread
 blocks SIGINT and SIGTERM: the kernel then always hands them to the main
 thread, whose waits they interrupt (lock waits are interruptible on POSIX).
+A process started from such a thread would inherit the blocked mask (it
+survives exec): these threads start none; tools, qrexec and imports run on
+the main thread.
 """
 
 import signal
