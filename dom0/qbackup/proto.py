@@ -28,6 +28,7 @@ from typing import Any
 
 import msgpack
 
+from . import threads
 from .errors import ProtocolError, QbackupError, RemoteError, sanitize
 from .transport import Transport
 
@@ -411,7 +412,7 @@ class Session:
         # The watchdog covers the hello exchange too: a backup qube that
         # never answers it cannot keep dom0 waiting.
         self._in_hello = True
-        threading.Thread(target=self._watch, name="qbackup-proto-watchdog", daemon=True).start()
+        threads.start(self._watch, "qbackup-proto-watchdog")
         try:
             self._hello()
         except BaseException as exc:
@@ -427,12 +428,8 @@ class Session:
         with self._cond:
             self._in_hello = False
             self._heard = time.monotonic()
-        self._reader = threading.Thread(target=self._read_loop, name="qbackup-proto-reader",
-                                        daemon=True)
-        self._reader.start()
-        self._sender = threading.Thread(target=self._send_loop, name="qbackup-proto-sender",
-                                        daemon=True)
-        self._sender.start()
+        self._reader = threads.start(self._read_loop, "qbackup-proto-reader")
+        self._sender = threads.start(self._send_loop, "qbackup-proto-sender")
 
     def __enter__(self) -> "Session":
         return self

@@ -22,10 +22,10 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
-from qbackup import chunkmap, crypto, manifest
+from qbackup import chunkmap, crypto, manifest, threads
 from qbackup.chunkmap import Leaf
 from qbackup.crypto import ZERO_ID
 from qbackup.errors import IntegrityError, QbackupError, RemoteError, RollbackError
@@ -338,7 +338,7 @@ def _check_volume(session, keys: crypto.Keys, label: str, vol: dict, sink: _Sink
     if progress is not None:
         progress.start(label, vol["size"])
     try:
-        with ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="qbackup-open") as pool:
+        with threads.pool(os.cpu_count() or 1, "qbackup-open") as pool:
             for leaf in chunkmap.iter_leaves(session, keys, vol["root"], vol["depth"], vol["chunks"]):
                 if leaf.ids is None:
                     fail(leaf.start * cs, leaf.error)
@@ -574,7 +574,7 @@ class VolumeStream:
         cs, vol = self._keys.chunk_size, self._vol
         if self._progress is not None:
             self._progress.start(self._label, vol["size"])
-        pool = ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="qbackup-open")
+        pool = threads.pool(os.cpu_count() or 1, "qbackup-open")
         try:
             for leaf in chunkmap.iter_leaves(self._session, self._keys, vol["root"], vol["depth"],
                                              vol["chunks"]):
