@@ -75,7 +75,10 @@ class FakeDaemon:
 
     def send(self, **msg) -> None:
         payload = msgpack.packb(msg, use_bin_type=True)
-        self.sock.sendall(struct.pack(">I", len(payload)) + payload)
+        try:
+            self.sock.sendall(struct.pack(">I", len(payload)) + payload)
+        except OSError:
+            pass  # the client went away: carry on with what it sent, as qbackupd does
 
     def run(self) -> None:
         self.hello = self.recv()
