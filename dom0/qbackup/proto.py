@@ -396,7 +396,10 @@ class Session:
         self._heard = time.monotonic()           # last answer, or start of the wait for one
         self._max_in_flight = max_in_flight_bytes
         self._order_lock = threading.Lock()      # rid order == write order == queue order
-        lock = threading.Lock()
+        # Re-entrant, as a Condition's default lock is: a Ctrl-C that lands in
+        # Condition.__enter__ right after the acquire leaves it held by the main
+        # thread, whose abort() must still be able to take it.
+        lock = threading.RLock()
         self._cond = threading.Condition(lock)   # guards everything below
         self._outbox_ready = threading.Condition(lock)
         self._pending: collections.deque = collections.deque()
