@@ -581,9 +581,8 @@ def backup(session, keys: crypto.Keys, sources: list[VolumeSource], qubes_meta: 
                 pipeline.end(vol)
             pipeline.drain()
         except BaseException:
-            # Workers may wait for room in the session's in-flight budget while
-            # the backup qube reads nothing: kill the session first so they
-            # wake (what they handed over is still written, briefly), then join them.
+            # Workers may be blocked sending to a backup qube that stopped
+            # reading: kill the session first so they wake, then join them.
             session.abort("backup interrupted")
             pool.shutdown(cancel_futures=True)
             raise

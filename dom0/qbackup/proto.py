@@ -7,11 +7,9 @@ before its payload is read, msgpack is decoded with every limit set (and an
 object budget, so a small frame cannot expand into a huge object graph), and
 each field is checked for type, length and range before it is used.
 
-Requests are pipelined: any thread may send. A caller only encodes its
-request and queues the frame (within the in-flight byte budget); one sender
-thread owns the writing side of the transport, so no caller waits on
-another's write; one reader thread matches the answers to the requests in
-FIFO order (PROTOCOL §3) and resolves their futures. Any protocol violation kills the session: every pending and later
+Requests are pipelined: any thread may send; one reader thread matches the
+answers to the requests in FIFO order (PROTOCOL §3) and resolves their
+futures. Any protocol violation kills the session: every pending and later
 call fails with that same ProtocolError, and nothing waits forever on a
 daemon that closed the connection.
 """
@@ -59,8 +57,6 @@ LOCK_RETRY = 0.2   # seconds between open attempts while the repository is locke
 # given up. Generous: a backup qube may rebuild a large index on open.
 STALL_TIMEOUT = 600.0
 READ_SIZE = 1 << 20
-ABORT_GRACE = 2.0  # seconds abort() lets the sender write the frames already queued
-WRITE_COALESCE = 64 << 10  # queued frames joined into one write up to this size
 # Bounds of the version-2 answers (PROTOCOL §5): a daemon sending more is broken.
 MAX_PROBLEMS, MAX_PROBLEM_CHARS = 100, 300
 MAX_DAMAGED = 4096
@@ -120,7 +116,7 @@ def read_frame(transport: Transport, max_frame: int = MAX_FRAME,
         return decode_payload(untrusted_payload, max_frame)
 
 
-def decode_payload(untrusted_payload: bytes | memoryview, max_frame: int = MAX_FRAME) -> dict:
+def decode_payload(untrusted_payload: bytes | bytearray, max_frame: int = MAX_FRAME) -> dict:
     """Decode one frame's payload: exactly one map with str keys 'op' and 'rid'."""
     budget = [MAX_OBJECTS]
 
@@ -395,17 +391,9 @@ class Session:
         self._stall_timeout = stall_timeout
         self._heard = time.monotonic()           # last answer, or start of the wait for one
         self._max_in_flight = max_in_flight_bytes
-        self._order_lock = threading.Lock()      # rid order == write order == queue order
-        # Re-entrant, as a Condition's default lock is: a Ctrl-C that lands in
-        # Condition.__enter__ right after the acquire leaves it held by the main
-        # thread, whose abort() must still be able to take it.
-        lock = threading.RLock()
-        self._cond = threading.Condition(lock)   # guards everything below
-        self._outbox_ready = threading.Condition(lock)
+        self._send_lock = threading.Lock()       # rid order == write order == queue order
+        self._cond = threading.Condition()       # guards everything below
         self._pending: collections.deque = collections.deque()
-        self._outbox: collections.deque = collections.deque()  # frames for the sender, in rid order
-        self._writing = False   # the sender is in a write
-        self._aborting = False  # abort() waits for the outbox to empty: no new request
         self._in_flight = 0
         self._error: QbackupError | None = None
         self._closed = False
@@ -432,7 +420,6 @@ class Session:
             self._in_hello = False
             self._heard = time.monotonic()
         self._reader = threads.start(self._read_loop, "qbackup-proto-reader")
-        self._sender = threads.start(self._send_loop, "qbackup-proto-sender")
 
     def __enter__(self) -> "Session":
         return self
@@ -475,21 +462,16 @@ class Session:
                 self._error = exc
             calls = list(self._pending)
             self._pending.clear()
-            self._outbox.clear()
             self._cond.notify_all()
-            self._outbox_ready.notify_all()
         for call in calls:
             call.fail(self._error)
         self._transport.abort()
 
     def _send(self, msg: dict, make_call: Callable[[int, int], Any]) -> Any:
-        """Number, encode and queue a request for the sender thread; its call."""
-        with self._order_lock:  # held to encode one frame, never during a write
+        with self._send_lock:
             with self._cond:
                 if self._error is not None:
                     raise self._error
-                if self._aborting:
-                    raise QbackupError("session is being aborted")
             rid = self._next_rid
             frame = encode_frame({**msg, "rid": rid}, self.max_frame)
             call = make_call(rid, len(frame))
@@ -503,39 +485,16 @@ class Session:
                 if not self._pending:
                     self._heard = time.monotonic()  # the wait for an answer starts now
                 self._pending.append(call)
-                self._outbox.append(frame)
-                self._outbox_ready.notify()
             self._next_rid += 1
-        return call
-
-    def _send_loop(self) -> None:
-        """The sender thread: write the queued frames in order, small ones
-        joined up to WRITE_COALESCE bytes a write, until the session ends."""
-        while True:
-            with self._cond:
-                while not self._outbox and self._error is None:
-                    self._outbox_ready.wait()
-                if self._error is not None:
-                    return
-                frames = [self._outbox.popleft()]
-                size = len(frames[0])
-                while self._outbox and size + len(self._outbox[0]) <= WRITE_COALESCE:
-                    frames.append(self._outbox.popleft())
-                    size += len(frames[-1])
-                self._writing = True
             try:
-                self._transport.write(frames[0] if len(frames) == 1 else b"".join(frames))
+                self._transport.write(frame)
             except QbackupError as exc:  # the transport knows why (qrexec exit code)
                 self._fail(exc)
-                return
+                raise self._error from None
             except (OSError, ValueError) as exc:
                 self._fail(ProtocolError(f"cannot send to the daemon: {exc}"))
-                return
-            finally:
-                with self._cond:
-                    self._writing = False
-                    if self._aborting:
-                        self._cond.notify_all()
+                raise self._error from None
+        return call
 
     def _call(self, op: str, parse: Callable[[dict], Any], **fields: Any) -> Future:
         call = self._send({"op": op, **fields},
@@ -833,19 +792,8 @@ class Session:
             pack_bytes=count, fs_size=count, fs_free=count)).result()
 
     def abort(self, reason: str = "session aborted") -> None:
-        """Kill the session (an error or an interrupt elsewhere): every blocked
-        or later call fails, and the daemon sees the connection drop. The
-        frames callers had already handed over are written first, for at most
-        ABORT_GRACE seconds: as when each caller wrote its own, a daemon that
-        reads them carries them out, and a re-run reuses what they stored."""
-        deadline = time.monotonic() + ABORT_GRACE
-        with self._cond:
-            self._aborting = True
-            while (self._outbox or self._writing) and self._error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(left)
+        """Kill the session at once (an error or an interrupt elsewhere): every
+        blocked or later call fails, and the daemon sees the connection drop."""
         self._fail(QbackupError(reason))
 
     def close(self) -> None:
@@ -869,7 +817,6 @@ class Session:
                 if self._error is None:
                     self._error = QbackupError("session is closed")
                 self._cond.notify_all()
-                self._outbox_ready.notify_all()
             self._transport.close()
 
     # Defined last: in the class body, the name 'list' shadows the builtin.
