@@ -49,10 +49,11 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
         snapshots = history if args.all else [find_snapshot(history, args.snapshot or "latest")]
         results = [(d.id, restore_mod.CheckResult(False, [f"snapshot manifest: {d.reason}"], 0, 0))
                    for d in history.damaged] if args.all else []
-        for snap in snapshots:
-            with Progress(snap.bytes_total, f"verify {snap.id.hex()[:16]}") as progress:
-                results.append((snap.id, restore_mod.verify(session, keys, snap,
-                                                            progress=progress, sample=sample)))
+        label = "verify " + (f"{len(snapshots)} snapshots" if args.all else snapshots[0].id.hex()[:16])
+        with Progress(0, label) as progress:  # the total is known once the chunk maps are read
+            checked = restore_mod.verify_snapshots(session, keys, snapshots, progress=progress,
+                                                   sample=sample)
+        results += [(snap.id, result) for snap, result in zip(snapshots, checked)]
     ok = all(r.ok for _, r in results)
     if args.json:
         print_json({"ok": ok, "sample_percent": args.sample,
