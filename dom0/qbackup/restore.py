@@ -389,6 +389,7 @@ def verify(session, keys: crypto.Keys, snapshot: SnapshotInfo, *, progress=None,
 
 BLOCK = 4096        # all-zero blocks of this size inside a chunk stay holes in a file
 WRITE_QUEUE = 16    # authenticated chunks waiting for the writer thread
+FLUSH_BYTES = 64 << 20  # written between two background fdatasync
 _ZERO_BLOCK = bytes(BLOCK)
 
 
@@ -417,16 +418,22 @@ class _Writer:
     gets only the non-zero BLOCKs of each chunk: zero chunks and zero blocks
     inside chunks stay holes. A device gets every byte, zeros included. At
     most WRITE_QUEUE chunks wait; `close` waits for them and raises the
-    first write error."""
+    first write error. Every FLUSH_BYTES written, another thread starts
+    fdatasync, so the disk writes while chunks are opened and the final
+    fsync has little left to do."""
 
     def __init__(self, fd: int, device: bool):
         self._fd, self._device = fd, device
         self._queue: queue.Queue = queue.Queue(WRITE_QUEUE)
         self._error: OSError | None = None
-        self._discard = False
+        self._discard = self._closing = False
         self._zeros = b""
-        self._thread = threading.Thread(target=self._run, name="qbackup-write", daemon=True)
-        self._thread.start()
+        self._unflushed = 0
+        self._flush = threading.Event()
+        self._threads = [threading.Thread(target=self._run, name="qbackup-write", daemon=True),
+                         threading.Thread(target=self._flusher, name="qbackup-flush", daemon=True)]
+        for thread in self._threads:
+            thread.start()
 
     def chunk(self, offset: int, data: bytes) -> None:
         if self._error is not None:
@@ -444,7 +451,10 @@ class _Writer:
         """Wait until every chunk is written (or, with `discard`, dropped)."""
         self._discard = discard
         self._queue.put(None)
-        self._thread.join()
+        self._threads[0].join()
+        self._closing = True
+        self._flush.set()
+        self._threads[1].join()
         if self._error is not None and not discard:
             raise self._error
 
@@ -456,16 +466,31 @@ class _Writer:
                 except OSError as e:
                     self._error = e
 
+    def _flusher(self) -> None:
+        while True:
+            self._flush.wait()
+            self._flush.clear()
+            if self._closing:
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError as e:
+                self._error = self._error or e
+
     def _write(self, offset: int, data: bytes) -> None:
         if self._device:
             _pwrite(self._fd, data, offset)
-            return
-        start, view = 0, memoryview(data)
-        for k in _zero_blocks(data) + [len(data) // BLOCK + 1]:
-            end = min(k * BLOCK, len(data))
-            if end > start:
-                _pwrite(self._fd, view[start:end], offset + start)
-            start = end + BLOCK
+        else:
+            start, view = 0, memoryview(data)
+            for k in _zero_blocks(data) + [len(data) // BLOCK + 1]:
+                end = min(k * BLOCK, len(data))
+                if end > start:
+                    _pwrite(self._fd, view[start:end], offset + start)
+                start = end + BLOCK
+        self._unflushed += len(data)
+        if self._unflushed >= FLUSH_BYTES:
+            self._unflushed = 0
+            self._flush.set()
 
 
 def _restore_volume(session, keys: crypto.Keys, label: str, vol: dict, writer: _Writer,
