@@ -10,7 +10,6 @@ import os
 from qbackup import restore as restore_mod
 from qbackup.commands.common import (EXIT_INTEGRITY, EXIT_OK, Context, ask_passphrase,
                                      clean, find_snapshot, open_history, print_json)
-from qbackup.commands.qubes_restore import cmd_restore_qubes
 from qbackup.errors import QbackupError, UsageError
 from qbackup.progress import Progress, human_bytes
 
@@ -112,6 +111,7 @@ def cmd_restore(ctx: Context, args: argparse.Namespace) -> int:
         if args.qube or args.force:
             raise UsageError("--qube and --force go with --to or --volume-target; with "
                              "--qubes, name the qubes after it, and --replace QUBE")
+        from qbackup.commands.qubes_restore import cmd_restore_qubes  # only for --qubes
         return cmd_restore_qubes(ctx, args)
     given = [o for o in QUBES_ONLY if getattr(args, o)]
     if given:
