@@ -123,6 +123,7 @@ def main() -> int:
     args = ap.parse_args()
 
     size = parse_size(args.size)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)  # bytecode cached, as installed (borg too)
     work = Path(tempfile.mkdtemp(prefix="qbackup-bench-read-", dir=args.workdir))
     q = None
     try:
