@@ -14,6 +14,7 @@ import pytest
 from engine_helpers import MemoryStore, store_volume
 
 from qbackup import crypto, restore
+from qbackup.chunkmap import TreeWriter
 from qbackup.errors import QbackupError, RemoteError
 from qbackup.restore import PARTIAL_SUFFIX, SnapshotInfo
 from qbackup.state import State
@@ -481,3 +482,25 @@ def test_verify_of_many_snapshots_reads_each_chunk_once_and_places_every_error(k
         []]
     assert all("authentication failed" in e for r in results for e in r.errors)
     assert [(r.ok, r.chunks) for r in results] == [(False, 2), (False, 4), (True, 6)]
+
+
+def test_verify_of_many_snapshots_checks_a_shared_chunk_against_every_place(keys):
+    """One authentic short chunk: rightly the tail of one volume, wrongly at
+    full-size places of another snapshot's map (as a dom0 bug could write
+    it). Read once, it is still checked against the length of every place."""
+    store = MemoryStore(keys)
+    data = os.urandom(CS) + os.urandom(10)
+    tail = keys.chunk_id(data[CS:])
+    good = store_volume(store, data)
+    writer = TreeWriter(keys, store.put_node)
+    writer.add(tail)
+    writer.add(tail)
+    root, depth = writer.finish()
+    bad = {"size": 2 * CS, "chunks": 2, "root": root, "depth": depth, "settings": {}}
+    snaps = [SnapshotInfo(os.urandom(32), 1.0, "dom0", None, {"work": {
+        "class": "AppVM", "properties": {}, "features": {}, "tags": [], "volumes": {"private": vol}}},
+        0) for vol in (good, bad)]
+    first, second = restore.verify_snapshots(store, keys, snaps)
+    assert first.ok and first.chunks == 2
+    assert second.errors == [f"work:private at offset {k * CS}: chunk has 10 bytes, expected {CS}"
+                             for k in (0, 1)]
