@@ -131,14 +131,11 @@ def main() -> int:
         data = make_image(image, size)
         q = Qbackup(work, size, args.chunk_size)
         shutil.copyfile(image, q.image)
-        tools: list = [q]
-        for cls in (ResticRead, BorgRead):
-            if shutil.which(cls.name):
-                copy = work / f"{cls.name}.img"
-                shutil.copyfile(image, copy)
-                tools.append(cls(work, copy))
-            else:
-                print(f"{cls.name} not installed: skipped", file=sys.stderr)
+        missing = [cls.name for cls in (ResticRead, BorgRead) if not shutil.which(cls.name)]
+        if missing:
+            print(f"not installed, left out: {', '.join(missing)}", file=sys.stderr)
+        tools: list = [q] + [cls(work, Path(shutil.copyfile(image, work / f"{cls.name}.img")))
+                             for cls in (ResticRead, BorgRead) if cls.name not in missing]
         image.unlink()
         for tool in tools:
             tool.init()

@@ -401,7 +401,17 @@ def allocated_blocks(path: Path) -> set[int]:
     return blocks
 
 
-def test_zero_blocks_inside_chunks_stay_holes(keys, tmp_path):
+@pytest.fixture
+def holey(keys):
+    """A store holding holey_data() as work:private: (store, snapshot, data)."""
+    store = MemoryStore(keys)
+    data = holey_data()
+    qubes = {"work": {"class": "AppVM", "properties": {}, "features": {}, "tags": [],
+                      "volumes": {"private": store_volume(store, data)}}}
+    return store, SnapshotInfo(os.urandom(32), 1.0, "dom0", None, qubes, len(data)), data
+
+
+def test_zero_blocks_inside_chunks_stay_holes(holey, tmp_path):
     """Restored to a file, every all-zero 4 KiB block is a hole, inside
     chunks too (one non-zero byte costs one block, not a chunk)."""
     probe = tmp_path / "probe"
@@ -409,14 +419,9 @@ def test_zero_blocks_inside_chunks_stay_holes(keys, tmp_path):
         f.truncate(1 << 20)
     if allocated_blocks(probe):
         pytest.skip(f"the file system of {tmp_path} does not report holes")
-    store = MemoryStore(keys)
-    data = holey_data()
-    vol = store_volume(store, data)
-    qubes = {"work": {"class": "AppVM", "properties": {}, "features": {}, "tags": [],
-                      "volumes": {"private": vol}}}
-    snap = SnapshotInfo(os.urandom(32), 1.0, "dom0", None, qubes, len(data))
+    store, snap, data = holey
     target = tmp_path / "out.img"
-    result = within(restore.restore, store, keys, snap, {("work", "private"): str(target)})
+    result = within(restore.restore, store, store.keys, snap, {("work", "private"): str(target)})
     assert result.ok and result.chunks == 5
     assert target.read_bytes() == data
     assert allocated_blocks(target) == data_blocks(data) == (
@@ -424,17 +429,13 @@ def test_zero_blocks_inside_chunks_stay_holes(keys, tmp_path):
 
 
 @pytest.mark.root
-def test_a_device_gets_the_zero_blocks_too(keys, tmp_path):
-    store = MemoryStore(keys)
-    data = holey_data()
-    vol = store_volume(store, data)
-    qubes = {"work": {"class": "AppVM", "properties": {}, "features": {}, "tags": [],
-                      "volumes": {"private": vol}}}
-    snap = SnapshotInfo(os.urandom(32), 1.0, "dom0", None, qubes, len(data))
+def test_a_device_gets_the_zero_blocks_too(holey, tmp_path):
+    store, snap, data = holey
     with loop_device(tmp_path / "img", 8 * CS) as dev:
         with open(dev, "wb") as f:
             f.write(b"\xff" * 8 * CS)
-        assert within(restore.restore, store, keys, snap, {("work", "private"): dev}, force=True).ok
+        assert within(restore.restore, store, store.keys, snap, {("work", "private"): dev},
+                      force=True).ok
         with open(dev, "rb") as f:
             assert f.read(len(data)) == data
 
