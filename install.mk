@@ -57,7 +57,8 @@ install-dom0:
 	install -m 0644 dom0/systemd/qbackup-job@.service dom0/systemd/qbackup-job@.timer "$(DESTDIR)$(UNITDIR)/"
 	install -m 0755 qubes-rpc/qubes.BackupRequest "$(DESTDIR)$(QUBESRPCDIR)/qubes.BackupRequest"
 
-# Backup qube's template: the daemon, its units, user, preset, manual page
+# Backup qube's template: the daemon, its units (the socket service and the
+# scheduled garbage collection), user, preset, manual page
 # and the qrexec socket service link.
 install-vm: install-vm-files
 	$(call install_python,vm-service,qbackupd,qbackupd)
@@ -65,7 +66,8 @@ install-vm: install-vm-files
 install-vm-files:
 	install -d "$(DESTDIR)$(UNITDIR)" "$(DESTDIR)$(PRESETDIR)" "$(DESTDIR)$(SYSUSERSDIR)" \
 		"$(DESTDIR)$(MANDIR)/man8" "$(DESTDIR)$(QUBESRPCDIR)"
-	install -m 0644 vm-service/systemd/qbackupd.socket vm-service/systemd/qbackupd.service "$(DESTDIR)$(UNITDIR)/"
+	install -m 0644 vm-service/systemd/qbackupd.socket vm-service/systemd/qbackupd.service \
+		vm-service/systemd/qbackupd-gc.service vm-service/systemd/qbackupd-gc.timer "$(DESTDIR)$(UNITDIR)/"
 	install -m 0644 vm-service/systemd/70-qbackupd.preset "$(DESTDIR)$(PRESETDIR)/70-qbackupd.preset"
 	install -m 0644 vm-service/systemd/qbackupd.sysusers "$(DESTDIR)$(SYSUSERSDIR)/qbackupd.conf"
 	install -m 0644 man/qbackupd.8 "$(DESTDIR)$(MANDIR)/man8/qbackupd.8"

@@ -27,7 +27,7 @@ from qbackup.commands.common import (CONFIG_FILE, DEFAULT_REPO, DEFAULT_STATE_DI
                                      EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Context,
                                      clean, failure, make_context, parse_size)
 from qbackup.commands.repository import (MAX_SCRYPT_N, cmd_change_passphrase, cmd_delete,
-                                         cmd_init, cmd_list, cmd_stats)
+                                         cmd_init, cmd_list)
 from qbackup.commands.jobs import EXIT_CHECK_ERRORS, EXIT_CHECK_WARNINGS, cmd_check, cmd_status
 from qbackup.commands.restore import cmd_restore, cmd_verify, sample_percent, volume_target
 from qbackup.errors import QbackupError
@@ -51,6 +51,8 @@ cmd_protect, cmd_prune = _later("prune", "cmd_protect"), _later("prune", "cmd_pr
 keep_within = _later("prune", "keep_within")
 rename_arg = _later("qubes_restore", "rename_arg")
 cmd_show = _later("show", "cmd_show")
+cmd_check_storage, cmd_gc = _later("maintenance", "cmd_check_storage"), _later("maintenance", "cmd_gc")
+cmd_stats, repack_percent = _later("maintenance", "cmd_stats"), _later("maintenance", "repack_percent")
 
 DEFAULT_CHUNK_SIZE = 256 << 10
 DEFAULT_PACK_SIZE = 64 << 20
@@ -334,9 +336,48 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
                    help="trust the served repository only if its id starts with HEX "
                    "(8+ hex digits); no question asked")
 
-    p = _add_command(sub, "stats", cmd_stats, "show repository statistics",
-                     "Show the repository's size as reported by the backup qube "
-                     "(untrusted figures; no passphrase needed).")
+    p = _add_command(sub, "stats", cmd_stats, "show sizes: stored, logical, dedup, per snapshot",
+                     "Show the repository's stored size (the backup qube's pack files), its "
+                     "logical size (the volumes of every snapshot, from the authenticated "
+                     "manifests), the dedup ratio between them, the space the backup qube's "
+                     "file system has left, and for each snapshot its logical size and the "
+                     "stored bytes only it uses (what deleting it alone would free), and the "
+                     "garbage a `qbackup gc` would free. Stored figures come from the backup "
+                     "qube and are untrusted.", rollback=True)
+    p.add_argument("--quick", action="store_true",
+                   help="leave out the per-snapshot unique sizes (the backup qube walks "
+                   "every reference for them)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = _add_command(sub, "gc", cmd_gc, "free the space of deleted snapshots",
+                     "Run the backup qube's garbage collection: it marks what the snapshots "
+                     "reach from the clear references it stores, copies the live blobs of "
+                     "packs mostly dead into new packs (encrypted as they are), then deletes "
+                     "the packs nothing live is left in. No passphrase: the backup qube needs "
+                     "no key. Backups may run meanwhile (they wait at most a couple of "
+                     "seconds at a time). Interrupted (Ctrl-C, a lost connection, a killed "
+                     "qube), it resumes where it was when run again. Exit 3 if the backup "
+                     "qube refuses because snapshots are damaged (see check-storage).")
+    p.add_argument("--repack-below", type=repack_percent, default=70, metavar="PERCENT",
+                   help="rewrite a pack when less than PERCENT of its bytes are live (default "
+                   "70; 0: only delete packs with nothing live, 100: rewrite every pack "
+                   "holding garbage)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what would be freed, change nothing")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = _add_command(sub, "check-storage", cmd_check_storage,
+                     "check the backup qube's packs; name damaged snapshots, qubes, volumes",
+                     "Ask the backup qube to check its storage without keys: every pack's "
+                     "trailer, the index and the references, and with --read-data every "
+                     "byte of every pack (each record's CRC-32, each pack's SHA-256). Each "
+                     "snapshot that reaches damaged data is named with the qubes and volumes "
+                     "it affects (dom0 maps the ids through the authenticated manifests). "
+                     "Exit 3 if anything is damaged. `verify` authenticates what it reads; "
+                     "this reads everything, faster, but only against the backup qube's own "
+                     "checksums.", rollback=True)
+    p.add_argument("--read-data", action="store_true",
+                   help="read every byte of every pack (slow: reads the whole repository)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     key = sub.add_parser("key", help="manage the repository key",

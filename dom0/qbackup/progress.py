@@ -107,3 +107,28 @@ class Progress:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PhaseProgress:
+    """A `progress` callback drawing one line on a terminal (nothing otherwise):
+    `LABEL: PHASE DONE/TOTAL` (bytes for gc's `repack`)."""
+
+    def __init__(self, label: str, stream: TextIO | None = None) -> None:
+        self.stream = sys.stderr if stream is None else stream
+        self.enabled = self.stream.isatty()
+        self.label = label
+        self.drawn = False
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        show = human_bytes if phase == "repack" else str
+        of = f" / {show(total)}" if total else ""
+        self.stream.write(f"\r{self.label}: {phase} {show(done)}{of}\x1b[K")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()

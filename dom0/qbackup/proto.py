@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Client side of the qbackup wire protocol (docs/PROTOCOL.md, version 1).
+"""Client side of the qbackup wire protocol (docs/PROTOCOL.md, versions 1 and 2).
 
 Written from the protocol document alone; it shares no code with the daemon.
 Everything read from the daemon is untrusted: a frame's length is checked
@@ -31,7 +31,8 @@ from .transport import Transport
 
 __all__ = ["ProtocolError", "RemoteError", "Session"]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, 2)   # a version-1 daemon serves everything but the version-2 operations
 CLIENT_NAME = "qbackup/0.1.0"
 MAX_FRAME = 8 << 20
 MAX_BATCH = 4096
@@ -55,6 +56,12 @@ LOCK_RETRY = 0.2   # seconds between open attempts while the repository is locke
 # given up. Generous: a backup qube may rebuild a large index on open.
 STALL_TIMEOUT = 600.0
 READ_SIZE = 1 << 20
+# Bounds of the version-2 answers (PROTOCOL §5): a daemon sending more is broken.
+MAX_PROBLEMS, MAX_PROBLEM_CHARS = 100, 300
+MAX_DAMAGED = 4096
+MAX_AFFECTED, MAX_AFFECTED_ROOTS = 4096, 1024
+MAX_SNAPSHOTS = 1 << 17
+MAX_PHASE = 32
 # Error codes after which the daemon closes the connection (PROTOCOL §6).
 CLOSING_CODES = frozenset({"bad_frame", "frame_too_large", "bad_request",
                            "unsupported_version", "forbidden", "internal"})
@@ -275,6 +282,29 @@ class _Call:
         self.future.set_exception(exc)
 
 
+class _ProgressCall(_Call):
+    """A request answered by any number of 'progress' frames, then one answer
+    frame. Progress goes to `progress(phase, done, total)` on the reader
+    thread (it must be quick and must not call into the session)."""
+
+    def __init__(self, op: str, rid: int, size: int, parse: Callable[[dict], Any],
+                 progress: Callable[[str, int, int], None] | None):
+        super().__init__(op, rid, size, parse)
+        self._progress = progress
+
+    def feed(self, untrusted_msg: dict) -> bool:
+        if untrusted_msg["op"] != "progress":
+            return super().feed(untrusted_msg)
+        f = _fields(untrusted_msg, "progress", phase=_str(MAX_PHASE), done=_int(0, MAX_INT),
+                    total=_int(0, MAX_INT))
+        if self._progress is not None:
+            try:
+                self._progress(sanitize(f["phase"], MAX_PHASE), f["done"], f["total"])
+            except Exception:  # noqa: BLE001 - drawing progress must not kill the session
+                pass
+        return False
+
+
 class _Stream:
     """Items of one get() generator, filled by the reader thread: answers,
     BATCH_DONE when a batch has been closed by 'done', or the exception that
@@ -357,6 +387,7 @@ class Session:
         self._closed = False
         self._next_rid = 1
         self.max_frame, self.max_batch = MAX_FRAME, MAX_BATCH
+        self.version = PROTOCOL_VERSION
         # The watchdog covers the hello exchange too: a backup qube that
         # never answers it cannot keep dom0 waiting.
         self._in_hello = True
@@ -389,7 +420,7 @@ class Session:
     def _hello(self) -> None:
         try:
             self._transport.write(encode_frame(
-                {"op": "hello", "rid": 0, "versions": [PROTOCOL_VERSION], "client": CLIENT_NAME}))
+                {"op": "hello", "rid": 0, "versions": list(SUPPORTED_VERSIONS), "client": CLIENT_NAME}))
             unsent = None
         except OSError as exc:  # the daemon may have refused the call already: read why
             unsent = exc
@@ -405,9 +436,10 @@ class Session:
                     repo=_optional(_str(64)))
         if untrusted_msg["rid"] != 0:
             raise ProtocolError("'hello' answer with a rid other than 0")
-        if f["version"] != PROTOCOL_VERSION:
+        if f["version"] not in SUPPORTED_VERSIONS:
             raise ProtocolError(f"daemon chose protocol version {f['version']}, "
-                                f"not one offered ({PROTOCOL_VERSION})")
+                                f"not one offered {SUPPORTED_VERSIONS}")
+        self.version = f["version"]
         self.max_frame = min(MAX_FRAME, f["max_frame"])
         self.max_batch = min(MAX_BATCH, f["max_batch"])
 
@@ -650,6 +682,95 @@ class Session:
     def delete_snapshot(self, id: bytes) -> None:
         _check_ids([id], 1, "delete_snapshot")
         self._call("delete_snapshot", lambda m: _fields(m, "ok"), id=id).result()
+
+    # -- version 2: several deletions at once, garbage collection, check, usage
+
+    def _require(self, op: str) -> None:
+        if self.version < 2:
+            raise QbackupError(f"the backup qube's qbackupd speaks protocol version {self.version}; "
+                               f"'{op}' needs version 2: update qbackupd in the backup qube")
+
+    def _long_call(self, op: str, parse: Callable[[dict], Any],
+                   progress: Callable[[str, int, int], None] | None, **fields: Any) -> Any:
+        self._require(op)
+        call = self._send({"op": op, **fields},
+                          lambda rid, size: _ProgressCall(op, rid, size, parse, progress))
+        return call.future.result()
+
+    def delete_snapshots(self, ids: Iterable[bytes]) -> None:
+        """Delete several snapshots: all of them, or none (RemoteError not_found)."""
+        self._require("delete_snapshots")
+        ids = list(ids)
+        _check_ids(ids, self.max_batch, "delete_snapshots")
+        if not ids or len(set(ids)) != len(ids):
+            raise ValueError("delete_snapshots: at least one id, none twice")
+        self._call("delete_snapshots", lambda m: _fields(m, "ok"), ids=ids).result()
+
+    def gc(self, *, repack_below: int = 70, dry_run: bool = False,
+           progress: Callable[[str, int, int], None] | None = None) -> dict:
+        """Garbage collection in the backup qube (the repository must be open
+        read-only): the daemon's untrusted summary, every field bounds-checked."""
+        if type(repack_below) is not int or not 0 <= repack_below <= 100:
+            raise ValueError("repack_below must be an integer percentage 0..100")
+        count = _int(0, MAX_INT)
+        return self._long_call("gc", lambda m: _fields(
+            m, "gc", dry_run=_bool, snapshots=count, live_blobs=count, packs_deleted=count,
+            packs_repacked=count, packs_written=count, packs_kept=count, bytes_copied=count,
+            bytes_freed=_int(-MAX_INT, MAX_INT)), progress,
+            repack_below=repack_below, dry_run=bool(dry_run))
+
+    def check(self, *, read_data: bool = False,
+              progress: Callable[[str, int, int], None] | None = None) -> dict:
+        """The backup qube's keyless check: untrusted problem lines (sanitised),
+        damaged blob ids, damaged snapshot files, and the snapshots reaching
+        damage with the refs (volume roots) they reach it through."""
+        count = _int(0, MAX_INT)
+
+        def parse(untrusted_msg: dict) -> dict:
+            f = _fields(untrusted_msg, "check", problems=_list, problems_total=count,
+                        damaged=_ids(MAX_DAMAGED), damaged_total=count,
+                        bad_snapshots=_ids(MAX_AFFECTED), affected=_list, affected_total=count,
+                        complete=_bool)
+            if len(f["problems"]) > MAX_PROBLEMS or len(f["affected"]) > MAX_AFFECTED:
+                raise ProtocolError("check answer lists more than it may")
+            if (f["problems_total"] < len(f["problems"]) or f["damaged_total"] < len(f["damaged"])
+                    or f["affected_total"] < len(f["affected"])):
+                raise ProtocolError("check answer counts fewer than it lists")
+            f["problems"] = [sanitize(_str(MAX_PROBLEM_CHARS)(p, f"check.problems[{i}]"),
+                                      MAX_PROBLEM_CHARS) for i, p in enumerate(f["problems"])]
+            affected = []
+            for i, untrusted_entry in enumerate(f["affected"]):
+                if type(untrusted_entry) is not dict:
+                    raise ProtocolError(f"check.affected[{i}] is not a map")
+                entry = _check_map(untrusted_entry, f"check.affected[{i}]",
+                                   {"id": _id, "roots": _ids(MAX_AFFECTED_ROOTS)})
+                affected.append((entry["id"], entry["roots"]))
+            f["affected"] = affected
+            return f
+        return self._long_call("check", parse, progress, read_data=bool(read_data))
+
+    def usage(self, *, progress: Callable[[str, int, int], None] | None = None) -> dict:
+        """Stored bytes per snapshot (only it reaches), shared, unreferenced: untrusted, checked."""
+        count = _int(0, MAX_INT)
+
+        def parse(untrusted_msg: dict) -> dict:
+            f = _fields(untrusted_msg, "usage", snapshots=_list, shared_blobs=count,
+                        shared_bytes=count, unreferenced_blobs=_int(-MAX_INT, MAX_INT),
+                        unreferenced_bytes=_int(-MAX_INT, MAX_INT), missing=count, unreadable=count)
+            if len(f["snapshots"]) > MAX_SNAPSHOTS:
+                raise ProtocolError("usage answer lists more snapshots than it may")
+            rows = []
+            for i, untrusted_row in enumerate(f["snapshots"]):
+                if type(untrusted_row) is not list or len(untrusted_row) != 3:
+                    raise ProtocolError(f"usage.snapshots[{i}] is not [id, blobs, bytes]")
+                rows.append((_id(untrusted_row[0], f"usage.snapshots[{i}].id"),
+                             count(untrusted_row[1], f"usage.snapshots[{i}].blobs"),
+                             count(untrusted_row[2], f"usage.snapshots[{i}].bytes")))
+            if len({row[0] for row in rows}) != len(rows):
+                raise ProtocolError("usage.snapshots names a snapshot twice")
+            f["snapshots"] = rows
+            return f
+        return self._long_call("usage", parse, progress)
 
     def stats(self) -> dict:
         """The repository's figures as the daemon reports them (untrusted:

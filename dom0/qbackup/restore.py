@@ -157,12 +157,57 @@ def delete_snapshots(session, keys: crypto.Keys, state, victims: Sequence[Snapsh
     each once the backup qube confirmed it, so its absence is not taken for a
     rollback (and, if it was the newest, the newest one left may not
     disappear). They are marked as being deleted first: if dom0 stops in
-    between, the next listing tells which ones went. This is the one place
-    dom0 asks the backup qube to delete snapshots."""
+    between, the next listing tells which ones went. A daemon of protocol
+    version 2 deletes up to `max_batch` of them per request, all or none
+    (`delete_snapshots`); one of version 1, one per request. This is the one
+    place dom0 asks the backup qube to delete snapshots."""
     state.record_deleting(keys.repo_id, [v.id for v in victims])
-    for victim in victims:
-        session.delete_snapshot(victim.id)
-        state.record_deleted(keys.repo_id, victim.id, history)
+    batch = session.max_batch if session.version >= 2 else 1
+    for start in range(0, len(victims), batch):
+        done = victims[start:start + batch]
+        if session.version >= 2:
+            session.delete_snapshots([v.id for v in done])
+        else:
+            session.delete_snapshot(done[0].id)
+        for victim in done:
+            state.record_deleted(keys.repo_id, victim.id, history)
+
+
+@dataclass(frozen=True)
+class Affected:
+    """A volume of a snapshot that reaches a damaged blob, per the backup qube."""
+    snapshot: bytes
+    qube: str | None      # None: the backup qube named a ref the manifest does not have
+    volume: str | None
+
+
+def affected_volumes(history: Iterable, untrusted_report: dict) -> list[Affected]:
+    """Map a `check` answer's (snapshot id, refs) to the qubes and volumes of
+    dom0's authenticated `history` (load_history's History, or a list of
+    SnapshotInfo). A snapshot the report names but the history lacks is left
+    out (the history is dom0's truth); one listed without refs (damage too
+    wide to attribute) is reported for each of its volumes; a snapshot file
+    the report calls damaged, with no qube or volume, if dom0 lists it or
+    found it damaged too."""
+    by_id = {snap.id: snap for snap in history}
+    found: list[Affected] = []
+    for snapshot_id, untrusted_roots in untrusted_report["affected"]:
+        snap = by_id.get(snapshot_id)
+        if snap is None:
+            continue
+        volumes = {(qube, name): entry["root"]
+                   for qube, info in snap.qubes.items()
+                   for name, entry in info["volumes"].items()}
+        roots = set(untrusted_roots)
+        named = [(q, v) for (q, v), root in sorted(volumes.items()) if not roots or root in roots]
+        found += [Affected(snapshot_id, q, v) for q, v in named]
+        if roots - set(volumes.values()):
+            found.append(Affected(snapshot_id, None, None))
+    damaged = {d.id for d in getattr(history, "damaged", ())}   # dom0 could not read them either
+    for snapshot_id in untrusted_report["bad_snapshots"]:
+        if snapshot_id in by_id or snapshot_id in damaged:
+            found.append(Affected(snapshot_id, None, None))
+    return found
 
 
 class _Errors:
@@ -263,9 +308,10 @@ def _read_order(session, ids: Iterable[bytes]) -> Iterable[bytes]:
     """The order verify fetches the distinct chunks in: as they first come
     in the chunk maps of the snapshots, oldest first, which is about the
     order they were stored in, so the daemon reads its packs roughly in
-    sequence. Protocol version 1 cannot tell where a blob is; the hook for
-    a daemon that groups ids by pack (protocol version 2, docs/PROTOCOL.md)
-    is here: the order does not matter to what is checked."""
+    sequence. The protocol (versions 1 and 2) cannot tell where a blob is:
+    an operation by which the daemon groups ids by pack (which it knows and
+    dom0 need not trust) belongs here, in a later protocol version. The
+    order does not matter to what is checked."""
     return ids
 
 

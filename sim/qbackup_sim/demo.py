@@ -195,8 +195,12 @@ def run_demo(out: Path) -> None:
     _say("11. What the latest snapshot holds, and what changed since the first one")
     demo.qbackup("show", "latest")
 
-    _say("12. Repository size, as the backup qube reports it")
+    _say("12. Repository size: stored, logical, dedup ratio, each snapshot's unique part")
     demo.qbackup("stats")
+
+    _say("13. The backup qube checks every byte of its packs, then collects garbage (no keys)")
+    demo.qbackup("check-storage", "--read-data")
+    demo.qbackup("gc")
 
     reinstall(demo)
 
@@ -223,7 +227,7 @@ def reinstall(demo: Demo) -> None:
     out = demo.out
     names = [TEMPLATE, APPVM]
     new = out / "reinstalled"
-    _say(f"13. dom0's disk fails. A fresh install ({new}): no qubes but the backup qube, "
+    _say(f"14. dom0's disk fails. A fresh install ({new}): no qubes but the backup qube, "
          "whose storage is the old one's")
     stop_daemon(out)
     create_sim(new, {})
@@ -231,14 +235,14 @@ def reinstall(demo: Demo) -> None:
     shutil.copytree(out / "storage", new / "storage")
     fresh = Demo(new, demo.passphrase_file)
 
-    _say("14. The restore plan: every step, checked before anything changes (--dry-run)")
+    _say("15. The restore plan: every step, checked before anything changes (--dry-run)")
     fresh.qbackup("restore", "latest", "--qubes", "--dry-run")
 
-    _say("15. Restore the qubes: created in dependency order, settings set, each volume "
+    _say("16. Restore the qubes: created in dependency order, settings set, each volume "
          "streamed from the backup qube and authenticated straight into the new qube")
     fresh.qbackup("restore", "latest", "--qubes")
 
-    _say("16. Compare the restored qubes with the originals")
+    _say("17. Compare the restored qubes with the originals")
     before, after = _settings(out, names), _settings(new, names)
     for name in names:
         info, details = after[name]

@@ -96,11 +96,22 @@ class Client:
         assert answer["rid"] == rid, answer
         return answer
 
-    def hello(self) -> dict:
-        self.send({"op": "hello", "rid": 0, "versions": [1], "client": "test/0"})
+    def hello(self, versions: tuple[int, ...] = (1, 2)) -> dict:
+        self.send({"op": "hello", "rid": 0, "versions": list(versions), "client": "test/0"})
         answer = self.recv()
         assert answer is not None and answer["op"] == "hello", answer
         return answer
+
+    def get_all(self, ids: list[bytes]) -> dict[bytes, bytes | None]:
+        """One `get` of `ids`: id -> data, or None for "missing"."""
+        rid = self.request("get", ids=ids)
+        found = {}
+        for id_ in ids:
+            answer = self.recv()
+            assert answer["rid"] == rid and answer["id"] == id_, answer
+            found[id_] = answer["data"] if answer["op"] == "blob" else None
+        assert self.recv() == {"op": "done", "rid": rid}
+        return found
 
     def expect_error(self, code: str, op: str, **fields) -> dict:
         answer = self.call(op, **fields)
@@ -167,18 +178,20 @@ class Daemon:
         """Wait until `count` connections in all have ended."""
         self.wait_for_log(" result=", count)
 
-    def client(self, repo: str | None = "repo", source: str = "dom0", hello: bool = True) -> Client:
+    def client(
+        self, repo: str | None = "repo", source: str = "dom0", hello: bool = True, versions=(1, 2)
+    ) -> Client:
         arg = b"" if repo is None else repo.encode()
         client = Client(self.socket, HEADER % (arg, source.encode()))
         if hello:
-            client.hello()
+            client.hello(versions)
         return client
 
     def raw_client(self, header: bytes) -> Client:
         return Client(self.socket, header)
 
-    def open_repo(self, repo: str = "repo", write: bool = True, create: bool = False) -> Client:
-        client = self.client(repo)
+    def open_repo(self, repo: str = "repo", write: bool = True, create: bool = False, versions=(1, 2)) -> Client:
+        client = self.client(repo, versions=versions)
         if create:
             answer = client.call("init", config=b"config-" + repo.encode(), pack_size=8 << 20)
             assert answer["op"] == "ok", answer
@@ -191,7 +204,7 @@ class Daemon:
         return run_cli(*args)
 
     def check(self, repo: str = "repo") -> subprocess.CompletedProcess:
-        return run_cli("check", "--storage", str(self.storage), repo)
+        return run_cli("check", "--read-data", "--storage", str(self.storage), repo)
 
     def stop(self) -> int:
         """SIGTERM and wait; returns the exit status."""

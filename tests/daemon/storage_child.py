@@ -31,7 +31,7 @@ def blob(rng: random.Random, size: int) -> tuple[bytes, int, bytes]:
     return id, id[0], data
 
 
-def die(*_args: object) -> None:
+def die(*_args: object, **_kwargs: object) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -24,17 +24,6 @@ def blob_data(name: object, size: int = 100 * KiB) -> bytes:
     return random.Random(repr(name)).randbytes(size)
 
 
-def get_all(client, ids: list[bytes]) -> dict[bytes, bytes | None]:
-    rid = client.request("get", ids=ids)
-    found = {}
-    for id_ in ids:
-        answer = client.recv()
-        assert answer["rid"] == rid and answer["id"] == id_, answer
-        found[id_] = answer["data"] if answer["op"] == "blob" else None
-    assert client.recv() == {"op": "done", "rid": rid}
-    return found
-
-
 def restart_and_check(daemon) -> None:
     daemon.start()
     check = daemon.check()
@@ -74,7 +63,7 @@ def test_kill_during_puts(daemon, kill_after):
     restart_and_check(daemon)
     client = daemon.open_repo()  # for writing: the dead daemon's lock is gone
     assert client.call("have", ids=[blob_id(name) for name in flushed])["missing"] == []
-    found = get_all(client, [blob_id(name) for name in streamed])
+    found = client.get_all([blob_id(name) for name in streamed])
     for name in streamed:
         if found[blob_id(name)] is not None:  # held only if it was sealed, and then intact
             assert found[blob_id(name)] == blob_data(name)
@@ -116,7 +105,7 @@ def test_kill_during_commit(daemon, delay):
         answer = client.call("get_snapshot", id=snap)
         assert answer["data"] == b"manifest" * 1000 and answer["refs"] == refs
         assert client.call("have", ids=refs)["missing"] == []
-        assert all(get_all(client, refs)[blob_id(name)] == blob_data(name) for name in names)
+        assert all(client.get_all(refs)[blob_id(name)] == blob_data(name) for name in names)
     else:
         client.expect_error("not_found", "get_snapshot", id=snap)
         # the commit can be redone: put what is missing, commit again

@@ -74,9 +74,9 @@ class Recorder:
             self.events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
             return real_fsync(fd)
 
-        def fsync_dir(path):
-            self.events.append(("fsync", str(Path(path).resolve())))
-            return real_fsync_dir(path)
+        def fsync_dir(directory):
+            self.events.append(("fsync", str(Path(directory.path).resolve())))
+            return real_fsync_dir(directory)
 
         def add_pack(index, name, size, entries):
             self.events.append(("index", name))

@@ -362,7 +362,7 @@ def test_validate_too_large(msg):
     assert not exc.value.fatal
 
 
-@pytest.mark.parametrize("op", ["", "HELLO", "gc", "get ", "x" * 1000])
+@pytest.mark.parametrize("op", ["", "HELLO", "compact", "get ", "x" * 1000])
 def test_validate_unknown_op(op):
     with pytest.raises(ProtocolError) as exc:
         validate_request({"op": op, "rid": 7})
@@ -551,3 +551,40 @@ def test_valid_requests_roundtrip(msgs, chunk):
     assert [(r.op, r.rid, r.args) for r in out] == [
         (m["op"], m["rid"], {k: v for k, v in m.items() if k not in ("op", "rid")}) for m in msgs
     ]
+
+
+@pytest.mark.parametrize("op", sorted(frames.V2_OPS))
+def test_version_2_ops_are_unknown_in_a_version_1_session(op):
+    with pytest.raises(ProtocolError) as exc:
+        validate_request({"op": op, "rid": 3, "junk": object()}, version=1)
+    assert code_of(exc) == "unknown_op" and not exc.value.fatal
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"op": "gc", "rid": 1, "repack_below": 101, "dry_run": False},
+        {"op": "gc", "rid": 1, "repack_below": -1, "dry_run": False},
+        {"op": "gc", "rid": 1, "repack_below": True, "dry_run": False},
+        {"op": "gc", "rid": 1, "repack_below": 50, "dry_run": 0},
+        {"op": "gc", "rid": 1, "repack_below": 50},
+        {"op": "check", "rid": 1, "read_data": "yes"},
+        {"op": "check", "rid": 1, "read_data": True, "extra": 1},
+        {"op": "usage", "rid": 1, "snapshot": ID},
+        {"op": "delete_snapshots", "rid": 1, "ids": [ID] * (frames.MAX_BATCH + 1)},
+        {"op": "delete_snapshots", "rid": 1, "ids": [b"short"]},
+        {"op": "delete_snapshots", "rid": 1, "ids": ID},
+    ],
+)
+def test_version_2_ops_validate_their_fields(msg):
+    with pytest.raises(ProtocolError) as exc:
+        validate_request(msg, version=2)
+    assert code_of(exc) == "bad_request" and exc.value.rid == 1
+
+
+def test_version_2_ops_accepted():
+    assert validate_request({"op": "gc", "rid": 1, "repack_below": 0, "dry_run": True}).args == {
+        "repack_below": 0,
+        "dry_run": True,
+    }
+    assert validate_request({"op": "delete_snapshots", "rid": 1, "ids": [ID, ID]}).args == {"ids": [ID, ID]}

@@ -354,3 +354,141 @@ def test_reset_by_peer_while_daemon_writes(daemon, repo):
     assert writer.call("have", ids=[blob_id("big")])["missing"] == []
     writer.bye()
     assert "error internal" not in daemon.log_text() and "Traceback" not in daemon.log_text()
+
+
+# --- version 2 operations: delete_snapshots, gc, check, usage ----------------------------------
+
+
+def repository_with_garbage(daemon, repo: str) -> None:
+    """Two snapshots, one deleted: 30 blobs of garbage in 8 MiB packs."""
+    client = daemon.open_repo(repo, create=True)
+    for snap in range(2):
+        ids = [blob_id((repo, snap, n)) for n in range(30)]
+        for id_ in ids:
+            client.send({"op": "put", "rid": client.next_rid(), "id": id_, "type": 1, "data": os.urandom(300_000)})
+        for _ in ids:
+            assert client.recv()["op"] == "ok"
+        assert client.call("put", id=blob_id((repo, snap)), type=2, data=b"root", refs=ids)["op"] == "ok"
+        assert client.call("commit", id=blob_id((repo, "s", snap)), data=b"m", refs=[blob_id((repo, snap))])["op"] == "ok"
+    assert client.call("delete_snapshots", ids=[blob_id((repo, "s", 0))])["op"] == "ok"
+    client.bye()
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        {"op": "gc", "rid": 1, "repack_below": 101, "dry_run": False},
+        {"op": "gc", "rid": 1, "repack_below": 2**64 - 1, "dry_run": False},
+        {"op": "gc", "rid": 1, "repack_below": 50, "dry_run": None},
+        {"op": "gc", "rid": 1, "dry_run": True},
+        {"op": "check", "rid": 1, "read_data": 1},
+        {"op": "check", "rid": 1},
+        {"op": "usage", "rid": 1, "x": 1},
+        {"op": "delete_snapshots", "rid": 1, "ids": [bytes(32)] * 4097},
+        {"op": "delete_snapshots", "rid": 1, "ids": [bytes(31)]},
+        {"op": "delete_snapshots", "rid": 1, "ids": bytes(32)},
+        {"op": "delete_snapshots", "rid": 1},
+    ],
+)
+def test_version_2_wrong_fields_are_bad_request(daemon, repo, msg):
+    client = daemon.open_repo(repo, create=True)
+    client.send(msg)
+    expect_fatal(client, "bad_request", 1)
+    assert_serving(daemon)
+
+
+@pytest.mark.parametrize("op", sorted(frames.V2_OPS))
+def test_version_2_ops_unknown_in_a_version_1_session(daemon, repo, op):
+    client = daemon.open_repo(repo, create=True, versions=(1,))
+    client.expect_error("unknown_op", op)  # whatever its fields: a version-1 daemon says so too
+    assert client.call("stats")["op"] == "stats"
+    client.bye()
+
+
+def test_version_2_ops_wrong_mode_and_arguments(daemon, repo):
+    client = daemon.client(repo)
+    for op, fields in (("gc", {"repack_below": 50, "dry_run": False}), ("check", {"read_data": False}), ("usage", {})):
+        client.expect_error("no_repository", op, **fields)
+    client.bye()
+    repository_with_garbage(daemon, repo)
+    writer = daemon.open_repo(repo)
+    writer.expect_error("read_write", "gc", repack_below=50, dry_run=False)  # gc takes the lock itself
+    writer.expect_error("not_found", "delete_snapshots", ids=[blob_id((repo, "s", 1)), blob_id("nothing")])
+    assert [s["id"] for s in writer.call("list")["snapshots"]] == [blob_id((repo, "s", 1))]  # none deleted
+    writer.send({"op": "delete_snapshots", "rid": 7, "ids": [blob_id(1), blob_id(1)]})
+    expect_fatal(writer, "bad_request", 7)
+    writer = daemon.open_repo(repo)
+    writer.send({"op": "delete_snapshots", "rid": 8, "ids": []})
+    expect_fatal(writer, "bad_request", 8)
+    reader = daemon.open_repo(repo, write=False)
+    reader.expect_error("read_only", "delete_snapshots", ids=[blob_id((repo, "s", 1))])
+    reader.bye()
+
+
+def long_op(client, op: str, **fields) -> tuple[list[dict], dict]:
+    rid = client.request(op, **fields)
+    progress = []
+    while True:
+        answer = client.recv()
+        assert answer is not None and answer["rid"] == rid, answer
+        if answer["op"] != "progress":
+            return progress, answer
+        assert set(answer) == {"op", "rid", "phase", "done", "total"}, answer
+        progress.append(answer)
+
+
+def test_client_vanishing_mid_gc_stops_it_and_the_next_one_finishes(daemon, repo):
+    repository_with_garbage(daemon, repo)
+    daemon.wait_for_log(f"repo={repo} ops=")  # that connection has ended: it is not counted below
+    ended = daemon.log_text().count(f"repo={repo} ops=")
+    client = daemon.open_repo(repo, write=False)
+    client.request("gc", repack_below=100, dry_run=False)
+    first = client.recv()
+    assert first["op"] in ("progress", "gc"), first
+    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    client.sock.close()
+    daemon.wait_for_log(f"repo={repo} ops=", ended + 1)  # the connection, and so its gc, has ended
+    client = daemon.open_repo(repo, write=False)
+    _, summary = long_op(client, "gc", repack_below=100, dry_run=False)
+    assert summary["op"] == "gc", summary
+    _, report = long_op(client, "check", read_data=True)
+    assert report["problems"] == [] and report["damaged"] == [], report
+    _, used = long_op(client, "usage")
+    assert used["unreferenced_blobs"] == 0 and len(used["snapshots"]) == 1
+    client.bye()
+    writer = daemon.open_repo(repo)  # neither lock is left behind
+    writer.bye()
+    assert "Traceback" not in daemon.log_text()
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    write=st.booleans(),
+    requests=st.lists(
+        st.fixed_dictionaries(
+            {"op": st.sampled_from(sorted(frames.V2_OPS))},
+            optional={
+                "ids": st.lists(st.binary(min_size=31, max_size=33) | st.just(blob_id("x")), max_size=3),
+                "repack_below": st.integers(-2, 102) | st.booleans() | st.none(),
+                "dry_run": st.booleans() | st.integers(0, 1),
+                "read_data": st.booleans() | st.binary(max_size=2),
+                "x": st.integers(-(2**63), 2**64 - 1),
+            },
+        ),
+        max_size=4,
+    ),
+)
+def test_fuzz_version_2_ops_on_a_repository(daemon, write, requests):
+    """Random version-2 requests against a repository that exists (storage code reached)."""
+    ended = daemon.closed_connections()
+    client = daemon.open_repo("fuzz2", create=not (daemon.storage / "fuzz2").exists(), write=write)
+    for n, msg in enumerate(requests):
+        send_quietly(client, frame({**msg, "rid": 100 + n}))
+    send_quietly(client, frame({"op": "bye", "rid": 999}))
+    while (answer := client.recv()) is not None:
+        assert answer["op"] != "error" or answer["code"] in {
+            "bad_request", "unknown_op", "read_only", "read_write", "not_found", "locked",
+        }, answer  # fmt: skip
+    client.close()
+    daemon.wait_connections_closed(ended + 1)  # its writer lock is released before the next example
+    assert "error internal" not in daemon.log_text() and "Traceback" not in daemon.log_text()

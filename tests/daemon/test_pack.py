@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qbackupd import pack
+from qbackupd.fsdir import Dir
 from qbackupd.pack import Bounds, PackError, PackWriter, read_blob, read_trailer, verify_pack
 
 BOUNDS = Bounds(max_data=1 << 20, max_refs=16, max_file=16 << 20)
@@ -76,11 +77,15 @@ def opened(tmp_path):
         os.close(fd)
 
 
+def new_writer(tmp_path: Path, name: str) -> PackWriter:
+    return PackWriter(Dir.open_root(tmp_path), name)
+
+
 def written_by_writer(tmp_path: Path, blobs=BLOBS) -> tuple[Path, pack.Trailer]:
-    w = PackWriter(tmp_path / "w.tmp")
+    w = new_writer(tmp_path, "w.tmp")
     for id, type, data, refs in blobs:
         w.add(id, type, data, b"".join(refs))
-    return w.path, w.seal()
+    return tmp_path / "w.tmp", w.seal()
 
 
 # --- round trip ----------------------------------------------------------------
@@ -108,7 +113,7 @@ def test_round_trip(tmp_path):
 
 
 def test_writer_reads_back_before_seal(tmp_path):
-    w = PackWriter(tmp_path / "w.tmp")
+    w = new_writer(tmp_path, "w.tmp")
     try:
         for id, type, data, refs in BLOBS:
             w.add(id, type, data, b"".join(refs))
@@ -123,14 +128,14 @@ def test_writer_reads_back_before_seal(tmp_path):
 
 
 def test_empty_pack_is_valid(tmp_path, opened):
-    w = PackWriter(tmp_path / "e.tmp")
+    w = new_writer(tmp_path, "e.tmp")
     assert w.seal().entries == []
     assert verify_pack(opened((tmp_path / "e.tmp").read_bytes()), BOUNDS).entries == []
 
 
 def test_failed_append_leaves_writer_consistent(tmp_path, monkeypatch, opened):
     """A write that fails half way (disk full) stores nothing; later blobs are fine."""
-    w = PackWriter(tmp_path / "w.tmp")
+    w = new_writer(tmp_path, "w.tmp")
     w.add(*BLOBS[0][:3], b"")
     real_pwrite = os.pwrite
 

@@ -18,7 +18,7 @@ import tracemalloc
 import msgpack
 import pytest
 
-from qbackup.errors import ProtocolError, RemoteError
+from qbackup.errors import ProtocolError, QbackupError, RemoteError
 from qbackup.proto import MAX_OBJECTS, Session, decode_payload
 from qbackup.transport import SocketTransport
 from hangguard import within
@@ -108,7 +108,8 @@ BAD_HELLOS = [
     (raw(msgpack.packb({"rid": 0})), "without a string 'op'"),
     (raw(msgpack.packb({"op": 1, "rid": 0})), "without a string 'op'"),
     (raw(msgpack.packb({"op": "hello"})), "without a string 'op' and a 'rid'"),
-    (frame(**{**HELLO, "version": 2}), "protocol version 2"),
+    (frame(**{**HELLO, "version": 3}), "protocol version 3"),
+    (frame(**{**HELLO, "version": 0}), "protocol version 0"),
     (frame(**{**HELLO, "max_frame": 1 << 40}), "max_frame' value 1099511627776 outside"),
     (frame(**{**HELLO, "max_frame": 1024}), "max_frame' value 1024 outside"),
     (frame(**{**HELLO, "max_frame": "8M"}), "max_frame' is str, not int"),
@@ -160,9 +161,9 @@ def test_silent_hello_is_given_up(evil, sent):
 
 
 def test_error_instead_of_hello_is_remote_error(evil):
-    d = evil(frame(op="error", rid=None, code="unsupported_version", message="v2 only",
-                   versions=[2]))
-    with pytest.raises(RemoteError, match="unsupported_version: v2 only"):
+    d = evil(frame(op="error", rid=None, code="unsupported_version", message="v3 only",
+                   versions=[3]))
+    with pytest.raises(RemoteError, match="unsupported_version: v3 only"):
         d.session()
 
 
@@ -292,9 +293,86 @@ BAD_ANSWERS = [
 ]
 
 
-@pytest.mark.parametrize("call, bad, match", BAD_ANSWERS)
-def test_bad_answer_kills_the_session(evil, call, bad, match):
-    d = evil(script=lambda d: d.sock.sendall(bad(d.recv())))
+HELLO2 = {**HELLO, "version": 2}
+GC = {"dry_run": False, "snapshots": 1, "live_blobs": 2, "packs_deleted": 0, "packs_repacked": 0,
+      "packs_written": 0, "packs_kept": 1, "bytes_copied": 0, "bytes_freed": -5}
+CHECK = {"problems": [], "problems_total": 0, "damaged": [], "damaged_total": 0,
+         "bad_snapshots": [], "affected": [], "affected_total": 0, "complete": True}
+USAGE = {"snapshots": [[ID[1], 2, 300]], "shared_blobs": 0, "shared_bytes": 0,
+         "unreferenced_blobs": 0, "unreferenced_bytes": 0, "missing": 0, "unreadable": 0}
+
+
+def progress(**over):
+    return answer(**{"op": "progress", "phase": "mark", "done": 1, "total": 0, **over})
+
+
+def gc(s):
+    return s.gc()
+
+
+def check(s):
+    return s.check(read_data=True)
+
+
+def usage(s):
+    return s.usage()
+
+
+BAD_V2_ANSWERS = [
+    (lambda s: s.delete_snapshots(ID[:2]), answer(op="ok", stored=True), "unknown fields: stored"),
+    (lambda s: s.delete_snapshots(ID[:2]), answer(op="gc", **GC), "expected 'ok', got 'gc'"),
+    (gc, answer(op="gc", **{**GC, "packs_deleted": -1}), "'gc.packs_deleted' value -1 outside"),
+    (gc, answer(op="gc", **{**GC, "dry_run": 0}), "'gc.dry_run' is int, not bool"),
+    (gc, answer(op="gc", **{**GC, "bytes_freed": -(1 << 63)}), "'gc.bytes_freed' value -9223372036854775808 outside"),
+    (gc, answer(op="gc", **GC, extra=1), "unknown fields: extra"),
+    (gc, stream(progress(phase="x" * 33)), "'progress.phase' has 33 characters, over 32"),
+    (gc, stream(progress(done=-1)), "'progress.done' value -1 outside"),
+    (gc, stream(progress(total="all")), "'progress.total' is str, not int"),
+    (gc, lambda req: frame(op="progress", rid=9, phase="mark", done=1, total=0), "rid 9 while awaiting gc"),
+    (gc, stream(progress(extra=True)), "unknown fields: extra"),
+    (gc, stream(progress(), answer(op="usage", **USAGE)), "expected 'gc', got 'usage'"),
+    (usage, stream(progress(), progress(), answer(op="usage", **{**USAGE, "snapshots": [[ID[1], 2]]})),
+     "usage.snapshots\\[0\\] is not \\[id, blobs, bytes\\]"),
+    (usage, answer(op="usage", **{**USAGE, "snapshots": [{"id": ID[1]}]}), "is not \\[id, blobs"),
+    (usage, answer(op="usage", **{**USAGE, "snapshots": [[ID[1][:31], 2, 3]]}),
+     "'usage.snapshots\\[0\\].id' is not a 32-byte id"),
+    (usage, answer(op="usage", **{**USAGE, "snapshots": [[ID[1], -2, 3]]}),
+     "'usage.snapshots\\[0\\].blobs' value -2 outside"),
+    (usage, answer(op="usage", **{**USAGE, "snapshots": [[ID[1], 2, 3]] * 2}), "names a snapshot twice"),
+    (usage, answer(op="usage", **{**USAGE, "snapshots": {}}), "'usage.snapshots' is dict, not array"),
+    (usage, answer(op="usage", **{**USAGE, "missing": True}), "'usage.missing' is bool"),
+    (check, answer(op="check", **{**CHECK, "problems": ["x"] * 101, "problems_total": 101}),
+     "check answer lists more than it may"),
+    (check, answer(op="check", **{**CHECK, "problems": ["x" * 301], "problems_total": 1}),
+     "'check.problems\\[0\\]' has 301 characters, over 300"),
+    (check, answer(op="check", **{**CHECK, "problems": [b"x"], "problems_total": 1}),
+     "'check.problems\\[0\\]' is bytes, not str"),
+    (check, answer(op="check", **{**CHECK, "problems": ["x"]}), "counts fewer than it lists"),
+    (check, answer(op="check", **{**CHECK, "damaged": [ID[1]]}), "counts fewer than it lists"),
+    (check, answer(op="check", **{**CHECK, "damaged": [ID[1]] * 4097, "damaged_total": 4097}),
+     "'check.damaged' has 4097 ids, over 4096"),
+    (check, answer(op="check", **{**CHECK, "damaged": [b"short"], "damaged_total": 1}),
+     "'check.damaged\\[0\\]' is not a 32-byte id"),
+    (check, answer(op="check", **{**CHECK, "bad_snapshots": [1]}),
+     "'check.bad_snapshots\\[0\\]' is not a 32-byte id"),
+    (check, answer(op="check", **{**CHECK, "affected": [[ID[1], []]], "affected_total": 1}),
+     "check.affected\\[0\\] is not a map"),
+    (check, answer(op="check", **{**CHECK, "affected": [{"id": ID[1]}], "affected_total": 1}),
+     "'check.affected\\[0\\]' with missing or unknown fields: roots"),
+    (check, answer(op="check", **{**CHECK, "affected": [{"id": ID[1], "roots": [ID[2]] * 1025}],
+                                  "affected_total": 1}), "'check.affected\\[0\\].roots' has 1025 ids"),
+    (check, answer(op="check", **{**CHECK, "affected": [{"id": ID[1], "roots": []}]}),
+     "counts fewer than it lists"),
+    (check, answer(op="check", **{**CHECK, "complete": 1}), "'check.complete' is int, not bool"),
+]
+
+
+@pytest.mark.parametrize("hello, call, bad, match",
+                         [(HELLO, *case) for case in BAD_ANSWERS] + [(HELLO2, *case) for case in BAD_V2_ANSWERS])
+def test_bad_answer_kills_the_session(evil, hello, call, bad, match):
+    """Version 1's answers, then version 2's (gc, check, usage, delete_snapshots,
+    progress frames) from a daemon that negotiated it."""
+    d = evil(hello=frame(**hello), script=lambda d: d.sock.sendall(bad(d.recv())))
     s = d.session()
     with pytest.raises(ProtocolError, match=match) as first:
         within(call, s)
@@ -478,3 +556,54 @@ def test_closing_or_connection_level_error_kills_the_session(evil, rid):
             f.result(TIMEOUT)
     with pytest.raises(RemoteError):
         within(s.stats)
+
+
+# --- version 2: delete_snapshots, gc, check, usage and their progress frames ----------
+
+def test_version_2_answers_and_progress_pass_checked_and_sanitised(evil):
+    answers = iter([stream(progress(phase="m\x1bark", done=5, total=9), answer(op="gc", **GC)),
+                    answer(op="check", **{**CHECK, "problems": ["bad\ncrc"], "problems_total": 3,
+                                          "affected": [{"id": ID[1], "roots": [ID[2]]}],
+                                          "affected_total": 1}),
+                    answer(op="usage", **USAGE), answer(op="ok")])
+
+    def script(d):
+        for reply in answers:
+            d.sock.sendall(reply(d.recv()))
+    d = evil(hello=frame(**HELLO2), script=script)
+    s = d.session()
+    seen = []
+    assert within(s.gc, progress=lambda *a: seen.append(a)) == GC
+    assert seen == [("m?ark", 5, 9)]
+    report = within(s.check)
+    assert report["problems"] == ["bad?crc"] and report["affected"] == [(ID[1], [ID[2]])]
+    assert within(s.usage)["snapshots"] == [(ID[1], 2, 300)]
+    within(s.delete_snapshots, ID[:3])
+
+
+def test_a_progress_callback_that_fails_does_not_kill_the_session(evil):
+    d = evil(hello=frame(**HELLO2), script=lambda d: d.sock.sendall(
+        stream(progress(), answer(op="usage", **USAGE))(d.recv())))
+    s = d.session()
+    assert within(s.usage, progress=lambda *a: 1 / 0)["missing"] == 0
+
+
+def test_a_version_1_daemon_is_not_asked_version_2_operations(evil):
+    """dom0 offers 1 and 2; a daemon answering 1 is never sent delete_snapshots,
+    gc, check or usage (it would answer unknown_op): one clear error, no frame."""
+    sent = []
+    d = evil(script=lambda d: (sent.append(d.recv()), d.sock.sendall(answer(op="stats", **STATS)(sent[0]))))
+    s = d.session()
+    assert s.version == 1
+    for call in (lambda s: s.delete_snapshots(ID[:1]), gc, check, usage):
+        with pytest.raises(QbackupError, match="speaks protocol version 1; '.*' needs version 2"):
+            within(call, s)
+    assert within(s.stats) == STATS
+    assert sent == [{"op": "stats", "rid": 1}]     # the first request that reached it
+
+
+@pytest.mark.parametrize("ids", [[], [ID[1], ID[1]]])
+def test_delete_snapshots_refuses_an_empty_or_repeated_batch(evil, ids):
+    d = evil(hello=frame(**HELLO2))
+    with pytest.raises(ValueError, match="at least one id, none twice"):
+        d.session().delete_snapshots(ids)

@@ -145,10 +145,18 @@ class Daemon:
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + 15
-        while not self.sock.exists():
+        while not self._accepts():  # the socket file exists a moment before it listens
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"qbackupd did not start (see {tmp / 'daemon.log'})")
             time.sleep(0.02)
+
+    def _accepts(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.sock))
+            except OSError:
+                return False
+        return True
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -110,7 +110,7 @@ def test_backup_list_verify_restore_round_trip(sim, tmp_path):
     assert not (tmp_path / "out" / "backup").exists()
 
     stats = sim.json("stats")
-    assert stats["snapshots"] == 1 and stats["packs"] >= 1
+    assert stats["snapshots"] == 1 and stats["backup_qube"]["packs"] >= 1
     assert "as reported by the backup qube" in sim.run("stats").stdout
 
 
@@ -325,7 +325,7 @@ def test_repository_errors(sim):
 def test_every_command_has_help(capsys):
     for command in (["init"], ["backup"], ["list"], ["verify"], ["restore"], ["delete"],
                     ["prune"], ["protect"], ["unprotect"], ["repo", "list"], ["repo", "trust"],
-                    ["stats"], ["key", "change-passphrase"]):
+                    ["stats"], ["gc"], ["check-storage"], ["key", "change-passphrase"]):
         code, out, _ = run_here([*command, "--help"], capsys)
         assert code == 0 and out.startswith("usage: qbackup ") and "--backup-vm VM" in out
     proc = subprocess.run([sys.executable, "-m", "qbackup", "--help"],

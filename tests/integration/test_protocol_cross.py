@@ -231,3 +231,60 @@ def test_disconnect_without_bye_keeps_what_was_put(daemon):
             time.sleep(0.05)
     assert s.have([ident(1)]).result(TIMEOUT) == []
     within(s.close)
+
+
+def test_version_2_operations(daemon):
+    """delete_snapshots, usage, check (with bit rot) and gc, through the dom0
+    client against the real daemon, with their progress frames."""
+    sock, storage = daemon
+    s = connect(sock)
+    assert s.version == 2
+    s.init(b"config", PACK)
+    chunks = {n: os.urandom(300_000) for n in range(40)}
+    for n, data in chunks.items():
+        s.put(ident(n), 1, data)
+    s.put(ident(100), 2, b"root a", refs=[ident(n) for n in range(20)])
+    s.put(ident(101), 2, b"root b", refs=[ident(n) for n in range(20, 40)])
+    s.put(ident(102), 2, b"root c", refs=[ident(0)])
+    for snap, roots in ((200, [100]), (201, [101, 102]), (202, [102])):
+        s.commit(ident(snap), b"manifest", [ident(r) for r in roots])
+    assert remote_code(s.delete_snapshots, [ident(200), ident(999)]) == "not_found"
+    assert len(s.list()) == 3                       # all or nothing
+    assert remote_code(s.gc) == "read_write"         # gc wants a read-only session
+    s.delete_snapshots([ident(200), ident(202)])
+    assert [x[0] for x in s.list()] == [ident(201)]
+    within(s.close)
+
+    s = connect(sock)
+    s.open(False)
+    phases = []
+    used = s.usage(progress=lambda phase, done, total: phases.append(phase))
+    # root b, root c, chunks 20..39 and chunk 0; chunks 1..19 and root a are garbage
+    assert used["snapshots"] == [(ident(201), 23, 21 * 300_000 + len(b"root b") + len(b"root c"))]
+    assert used["unreferenced_blobs"] == 19 + 1 and used["missing"] == 0
+    dry = s.gc(dry_run=True, repack_below=100)
+    assert dry["dry_run"] and dry["bytes_freed"] > 0
+    summary = s.gc(repack_below=100, progress=lambda phase, done, total: phases.append(phase))
+    assert not summary["dry_run"] and summary["packs_deleted"] + summary["packs_repacked"] > 0
+    assert {"mark", "repack", "sweep"} <= set(phases)
+    assert s.usage()["unreferenced_blobs"] == 0
+    clean = s.check(read_data=True)
+    assert clean["problems"] == [] and clean["affected"] == [] and clean["complete"]
+
+    pack = sorted(storage.glob("repo/packs/*/*.pack"))[0]
+    raw = bytearray(pack.read_bytes())
+    raw[100] ^= 0x01                                 # inside the first record's data
+    pack.write_bytes(bytes(raw))
+    assert s.check()["problems"] == []               # only reading the data finds it
+    report = s.check(read_data=True, progress=lambda *a: phases.append(a[0]))
+    assert report["problems_total"] == 1 and "CRC-32" in report["problems"][0]
+    assert report["damaged_total"] == len(report["damaged"]) == 1
+    assert report["affected"][0][0] == ident(201) and report["affected_total"] == 1
+    assert set(report["affected"][0][1]) <= {ident(101), ident(102)}
+    within(s.close)
+
+    s = connect(sock)
+    s.version = 1                                    # as against a daemon of protocol 1
+    with pytest.raises(QbackupError, match="needs version 2"):
+        s.usage()
+    within(s.close)

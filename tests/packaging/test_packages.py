@@ -110,6 +110,8 @@ VM_FILES = {
     "/usr/bin/qbackupd": "-rwxr-xr-x",
     "{UNITDIR}/qbackupd.socket": "-rw-r--r--",
     "{UNITDIR}/qbackupd.service": "-rw-r--r--",
+    "{UNITDIR}/qbackupd-gc.service": "-rw-r--r--",
+    "{UNITDIR}/qbackupd-gc.timer": "-rw-r--r--",
     "{PRESETDIR}/70-qbackupd.preset": "-rw-r--r--",
     "/usr/lib/sysusers.d/qbackupd.conf": "-rw-r--r--",
     "/usr/share/man/man8/qbackupd.8.gz": "-rw-r--r--",
@@ -256,8 +258,9 @@ def test_every_lint_filter_is_explained():
 def test_deb_installs_enables_the_socket_and_creates_the_user(deb_root):
     wants = deb_root / "etc/systemd/system/sockets.target.wants/qbackupd.socket"
     assert wants.is_symlink() and str(wants.readlink()) == "/lib/systemd/system/qbackupd.socket"
-    enabled = run(["systemctl", f"--root={deb_root}", "is-enabled", "qbackupd.socket", "qbackupd.service"], check=False)
-    assert enabled.stdout.split() == ["enabled", "static"], enabled.stdout + enabled.stderr
+    enabled = run(["systemctl", f"--root={deb_root}", "is-enabled", "qbackupd.socket", "qbackupd.service",
+                   "qbackupd-gc.timer", "qbackupd-gc.service"], check=False)
+    assert enabled.stdout.split() == ["enabled", "static", "enabled", "static"], enabled.stdout + enabled.stderr
     passwd = (deb_root / "etc/passwd").read_text()
     assert re.search(r"^qbackupd:x:\d+:\d+:qbackup storage daemon:/:/usr/sbin/nologin$", passwd, re.M), passwd
     assert (deb_root / "etc/qubes-rpc/qubes.BackupChunk").readlink() == Path(SOCKET)
@@ -279,26 +282,29 @@ def test_deb_removal_and_purge_leave_no_units_behind(built, dpkg_in_root, new_dp
 
 def test_rpms_install_and_the_preset_beats_fedoras_default(rpm_root, tmp_path):
     """What %systemd_post does on Fedora: `systemctl preset`. Fedora's default
-    preset disables every unit it does not name; ours enables the socket."""
+    preset disables every unit it does not name; ours enables the socket
+    and the garbage collection timer."""
     root = tmp_path / "root"
     shutil.copytree(rpm_root, root, symlinks=True)
     presets = root / "usr/lib/systemd/system-preset"
     (presets / "99-default-disable.preset").write_text("disable *\n")
 
-    def preset_states() -> list[str]:
-        run(["systemctl", f"--root={root}", "preset", "qbackupd.socket", "qbackupd.service"])
-        return run(["systemctl", f"--root={root}", "is-enabled", "qbackupd.socket", "qbackupd.service"],
-                   check=False).stdout.split()
+    units = ["qbackupd.socket", "qbackupd.service", "qbackupd-gc.timer", "qbackupd-gc.service"]
 
-    assert preset_states() == ["enabled", "static"]
+    def preset_states() -> list[str]:
+        run(["systemctl", f"--root={root}", "preset", *units])
+        return run(["systemctl", f"--root={root}", "is-enabled", *units], check=False).stdout.split()
+
+    assert preset_states() == ["enabled", "static", "enabled", "static"]
     (presets / "70-qbackupd.preset").unlink()  # without our preset file, Fedora's default wins
-    assert preset_states() == ["disabled", "static"]
+    assert preset_states() == ["disabled", "static", "disabled", "static"]
     policy = root / "etc/qubes/policy.d/50-qbackup.policy"
     assert policy.read_text() == (REPO / "policy/50-qbackup.policy").read_text()
 
 
-UNITS = {"deb": ["qbackupd.socket", "qbackupd.service"],
-         "rpm": ["qbackupd.socket", "qbackupd.service", "qbackup-job@daily.service", "qbackup-job@daily.timer"]}
+UNITS = {"deb": ["qbackupd.socket", "qbackupd.service", "qbackupd-gc.timer", "qbackupd-gc.service"],
+         "rpm": ["qbackupd.socket", "qbackupd.service", "qbackupd-gc.timer", "qbackupd-gc.service",
+                 "qbackup-job@daily.service", "qbackup-job@daily.timer"]}
 
 
 @pytest.mark.parametrize("package", ["deb", "rpm"])
@@ -343,7 +349,8 @@ def test_socket_unit_is_root_only_and_up_before_qrexec():
     for unit in (socket_unit, unit_settings("qbackupd.service")):
         assert unit["ConditionPathExists"] == ["/var/run/qubes-service/qbackup-storage"]
     preset = (REPO / "vm-service/systemd/70-qbackupd.preset").read_text()
-    assert [line for line in preset.splitlines() if not line.startswith("#")] == ["enable qbackupd.socket"]
+    assert [line for line in preset.splitlines() if not line.startswith("#")] == [
+        "enable qbackupd.socket", "enable qbackupd-gc.timer"]
 
 
 def test_service_unit_is_hardened():
@@ -370,3 +377,22 @@ def test_service_unit_is_hardened():
     for key in ("Environment", "EnvironmentFile"):
         assert socket_unit[key] == service[key], key
     assert service["Environment"] == ["QBACKUPD_STORAGE=/rw/qbackupd"]
+
+
+def test_scheduled_gc_runs_only_where_asked_with_the_daemons_sandbox():
+    """The timer is enabled by the preset but runs only in a qube given the
+    qbackup-gc service; its oneshot runs `qbackupd gc --all` as qbackupd on
+    the daemon's storage, in the daemon's sandbox (every setting from
+    ReadWritePaths= on, the same values)."""
+    timer, gc = unit_settings("qbackupd-gc.timer"), unit_settings("qbackupd-gc.service")
+    assert timer["ConditionPathExists"] == ["/var/run/qubes-service/qbackup-gc"]
+    assert timer["WantedBy"] == ["timers.target"] and timer["OnCalendar"]
+    assert gc["ConditionPathExists"] == ["/var/run/qubes-service/qbackup-gc",
+                                         "/var/run/qubes-service/qbackup-storage"]
+    assert gc["Type"] == ["oneshot"] and gc["User"] == ["qbackupd"]
+    assert gc["ExecStart"] == ["/usr/bin/qbackupd gc --all --storage ${QBACKUPD_STORAGE}"]
+    service = unit_settings("qbackupd.service")
+    for key in ("Environment", "EnvironmentFile"):
+        assert gc[key] == service[key], key
+    sandbox = list(service)[list(service).index("ReadWritePaths"):]
+    assert {key: gc.get(key) for key in sandbox} == {key: service[key] for key in sandbox}

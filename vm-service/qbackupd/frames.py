@@ -1,6 +1,6 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 """Daemon-side wire codec: qrexec header, length-prefixed msgpack frames and
-per-operation request validation (docs/PROTOCOL.md, version 1).
+per-operation request validation (docs/PROTOCOL.md, versions 1 and 2).
 
 Everything here parses bytes from the client, which the daemon treats as
 hostile. Parsing is sans-IO (the server feeds bytes in) and every failure is
@@ -17,8 +17,8 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (PROTOCOL_VERSION,)
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (1, PROTOCOL_VERSION)
 SERVICE = "qubes.BackupChunk"
 ALLOWED_SOURCE = "dom0"
 
@@ -284,9 +284,16 @@ _SCHEMAS: dict[str, dict[str, str]] = {
     "delete_snapshot": {"id": "id"},
     "stats": {},
     "bye": {},
+    # version 2
+    "delete_snapshots": {"ids": "ids"},
+    "gc": {"repack_below": "percent", "dry_run": "bool"},
+    "check": {"read_data": "bool"},
+    "usage": {},
 }
 _OPTIONAL = {"put": frozenset({"refs"})}
-WRITE_OPS = frozenset({"set_config", "put", "flush", "commit", "delete_snapshot"})
+WRITE_OPS = frozenset({"set_config", "put", "flush", "commit", "delete_snapshot", "delete_snapshots"})
+# Operations a version-1 session does not have (answered unknown_op there).
+V2_OPS = frozenset({"delete_snapshots", "gc", "check", "usage"})
 _SIZE_LIMITS = {"blob": MAX_BLOB, "snapshot": MAX_SNAPSHOT, "config": MAX_CONFIG}
 _ID_LIMITS = {"ids": MAX_BATCH, "commit_refs": MAX_COMMIT_REFS}
 
@@ -325,14 +332,26 @@ def _type_problem(kind: str, untrusted: Any) -> str | None:
     if kind == "versions":
         ok = type(untrusted) is list and all(type(v) is int for v in untrusted)
         return None if ok else "must be an array of ints"
+    if kind == "percent":
+        return None if type(untrusted) is int and 0 <= untrusted <= 100 else "must be an int 0..100"
     if kind == "pack_size":
         ok = type(untrusted) is int and MIN_PACK_SIZE <= untrusted <= MAX_PACK_SIZE
         return None if ok else f"must be an int {MIN_PACK_SIZE}..{MAX_PACK_SIZE}"
     raise AssertionError(f"unknown field kind {kind}")
 
 
-def validate_request(untrusted_msg: dict[str, Any]) -> Request:
-    """Check a decoded frame against its operation's schema (exact keys, types, bounds)."""
+def negotiate(versions: list[int]) -> int | None:
+    """The protocol version a session speaks: the highest one both sides support."""
+    common = set(versions) & set(SUPPORTED_VERSIONS)
+    return max(common) if common else None
+
+
+def validate_request(untrusted_msg: dict[str, Any], version: int = PROTOCOL_VERSION) -> Request:
+    """Check a decoded frame against its operation's schema (exact keys, types, bounds).
+
+    ``version`` is the session's protocol version: an operation it does not
+    have is an unknown op, whatever its fields.
+    """
     untrusted_rid = untrusted_msg.get("rid")
     if type(untrusted_rid) is not int or not 0 <= untrusted_rid < MAX_RID:
         raise ProtocolError("bad_request", "rid must be an int 0 <= rid < 2^63")
@@ -341,7 +360,7 @@ def validate_request(untrusted_msg: dict[str, Any]) -> Request:
     if type(untrusted_op) is not str:
         raise ProtocolError("bad_request", "op must be a str", rid)
     schema = _SCHEMAS.get(untrusted_op)
-    if schema is None:
+    if schema is None or (untrusted_op in V2_OPS and version < 2):
         raise ProtocolError("unknown_op", f"unknown op \"{describe(untrusted_op)}\"", rid)
     op = untrusted_op
     fields = set(untrusted_msg) - {"op", "rid"}

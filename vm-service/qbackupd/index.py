@@ -13,6 +13,8 @@ index is reported as ``IndexUnusable`` so the caller can rebuild it; the
 incomplete, never half-trusted.  Schema: docs/FORMAT.md.
 """
 
+import os
+import secrets
 import sqlite3
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -20,7 +22,14 @@ from pathlib import Path
 
 from .pack import Entry
 
-INDEX_FORMAT = 1
+INDEX_FORMAT = 2
+# Format 1 kept the refs in a WITHOUT ROWID table: its rows (a node's refs, up to
+# 128 KiB) live in the B-tree itself, and looking an id up there costs ~20 times
+# a lookup in `blobs` — the garbage collector's mark does one per blob reached.
+# Format 2 is the same table with a rowid (the id in its own small index). A
+# writer's open migrates format 1 in place (one transaction, the size of the
+# nodes); readers use either, the queries being the same.
+READABLE_FORMATS = (1, INDEX_FORMAT)
 _QUERY_CHUNK = 500  # ids per "IN (...)" query
 _CACHE_KIB = 32768  # SQLite page cache per connection (an upper bound, filled lazily)
 
@@ -33,9 +42,28 @@ CREATE TABLE blobs (
     length INTEGER NOT NULL, type INTEGER NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX blobs_by_pack ON blobs (pack);
-CREATE TABLE refs (id BLOB PRIMARY KEY, refs BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE refs (id BLOB PRIMARY KEY, refs BLOB NOT NULL);
 COMMIT;
 """
+
+
+def _new_build() -> int:
+    return secrets.randbits(62)
+
+
+@contextmanager
+def transaction(conn: sqlite3.Connection, begin: str = "BEGIN") -> Iterator[None]:
+    """One transaction on a connection in autocommit mode: committed, or rolled back on any error."""
+    conn.execute(begin)
+    try:
+        yield
+    except BaseException:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass  # the original error says more; SQLite rolls back on close anyway
+        raise
+    conn.execute("COMMIT")
 
 
 class IndexUnusable(Exception):
@@ -49,7 +77,9 @@ def is_corruption(e: sqlite3.Error) -> bool:
 
 
 def _connect(path: Path, create: bool) -> sqlite3.Connection:
-    uri = path.resolve().as_uri() + ("?mode=rwc" if create else "?mode=rw")
+    # abspath, not resolve(): the caller checked that no component below the
+    # storage root is a symlink, and the index file itself must not be followed
+    uri = Path(os.path.abspath(path)).as_uri() + ("?mode=rwc" if create else "?mode=rw")
     conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None, check_same_thread=False)
     try:
         conn.execute("PRAGMA journal_mode=WAL")
@@ -64,8 +94,9 @@ def _connect(path: Path, create: bool) -> sqlite3.Connection:
 class Index:
     """One connection to a repository's index (used by one thread at a time)."""
 
-    def __init__(self, conn: sqlite3.Connection):
+    def __init__(self, conn: sqlite3.Connection, format: int = INDEX_FORMAT):
         self._conn = conn
+        self.format = format
 
     @classmethod
     def open(cls, path: Path) -> "Index":
@@ -87,10 +118,23 @@ class Index:
             if is_corruption(e):
                 raise IndexUnusable(f"unreadable ({e})") from e
             raise
-        if row is None or row[0] != INDEX_FORMAT:
+        if row is None or row[0] not in READABLE_FORMATS:
             conn.close()
             raise IndexUnusable("incomplete" if row is None else f"unknown index format {row[0]!a}")
-        return cls(conn)
+        return cls(conn, row[0])
+
+    def upgrade(self) -> None:
+        """Migrate a format-1 index to the current format, in one transaction (writers only)."""
+        if self.format == INDEX_FORMAT:
+            return
+        with self._transaction():
+            self._conn.execute("CREATE TABLE refs_new (id BLOB PRIMARY KEY, refs BLOB NOT NULL)")
+            self._conn.execute("INSERT INTO refs_new (id, refs) SELECT id, refs FROM refs ORDER BY id")
+            self._conn.execute("DROP TABLE refs")
+            self._conn.execute("ALTER TABLE refs_new RENAME TO refs")
+            self._conn.execute("UPDATE meta SET value = ? WHERE key = 'format'", (INDEX_FORMAT,))
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('build', ?)", (_new_build(),))
+        self.format = INDEX_FORMAT
 
     @classmethod
     def create(cls, path: Path) -> "Index":
@@ -114,7 +158,15 @@ class Index:
         This commit is synchronous=FULL again: its WAL fsync makes the whole
         build durable before anything relies on it."""
         self._conn.execute("PRAGMA synchronous=FULL")
+        self._conn.execute("BEGIN")
+        self._conn.execute("INSERT INTO meta (key, value) VALUES ('build', ?)", (_new_build(),))
         self._conn.execute("INSERT INTO meta (key, value) VALUES ('format', ?)", (INDEX_FORMAT,))
+        self._conn.execute("COMMIT")
+
+    def build(self) -> int | None:
+        """This index file's build id: a new one each time an index is built (or migrated)."""
+        row = self._conn.execute("SELECT value FROM meta WHERE key = 'build'").fetchone()
+        return row[0] if row else None
 
     def quick_check(self) -> str | None:
         """SQLite's own consistency check: None if fine, else what is wrong."""
@@ -127,18 +179,8 @@ class Index:
         result = "; ".join(str(r[0]) for r in rows)
         return None if result == "ok" else result
 
-    @contextmanager
     def _transaction(self) -> Iterator[None]:
-        self._conn.execute("BEGIN IMMEDIATE")
-        try:
-            yield
-        except BaseException:
-            try:
-                self._conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass  # the original error says more; SQLite rolls back on close anyway
-            raise
-        self._conn.execute("COMMIT")
+        return transaction(self._conn, "BEGIN IMMEDIATE")
 
     def add_pack(self, name: str, size: int, entries: Sequence[Entry]) -> int:
         """Insert a sealed pack and its blobs in one transaction.
@@ -161,6 +203,93 @@ class Index:
                 ((e.id, e.refs) for e in entries if e.refs),
             )
         return added
+
+    def pack_nodes(self, name: str) -> list[tuple[bytes, bytes]]:
+        """(id, refs) of the blobs with refs that the index places in pack ``name``."""
+        return self._conn.execute(
+            "SELECT r.id, r.refs FROM refs AS r JOIN blobs AS b ON b.id = r.id"
+            " JOIN packs AS p ON p.id = b.pack WHERE p.name = ?",
+            (name,),
+        ).fetchall()
+
+    def remove_blobs(self, ids: Sequence[bytes]) -> None:
+        """Unindex blobs (their rows and refs; the pack files are not touched), in one transaction."""
+        with self._transaction():
+            self._remove(ids)
+
+    def _remove(self, ids: Sequence[bytes], refs: bool = True) -> None:
+        for start in range(0, len(ids), _QUERY_CHUNK):
+            chunk = ids[start : start + _QUERY_CHUNK]
+            marks = ",".join("?" * len(chunk))
+            self._conn.execute(f"DELETE FROM blobs WHERE id IN ({marks})", chunk)
+            if refs:
+                self._conn.execute(f"DELETE FROM refs WHERE id IN ({marks})", chunk)
+
+    def purge_orphan_refs(self, limit: int) -> int:
+        """Delete up to ``limit`` refs rows whose blob is not indexed; how many went.
+
+        The garbage collector unindexes a node by its `blobs` row alone (a refs
+        row may be 128 KiB: deleting thousands under the writer lock is slow),
+        then purges the orphans without the lock: a row is deleted only if, in
+        the same statement, no `blobs` row names its id — a writer indexing
+        that node again meanwhile keeps it (FORMAT.md §6).
+        """
+        with self._transaction():
+            before = self._conn.total_changes
+            self._conn.execute(
+                "DELETE FROM refs WHERE id IN (SELECT r.id FROM refs AS r"
+                " WHERE NOT EXISTS (SELECT 1 FROM blobs AS b WHERE b.id = r.id) LIMIT ?)",
+                (limit,),
+            )
+            return self._conn.total_changes - before
+
+    def move_blobs(self, name: str, size: int, entries: Sequence[Entry]) -> None:
+        """Index pack ``name`` (a copy made by the garbage collector) and point its blobs' rows at it.
+
+        The pack row is added if missing (a writer may have indexed the pack
+        as an orphan, which adds no blob row: its ids were indexed already);
+        each id is then found in this pack, whatever pack held it before.
+        One transaction.
+        """
+        with self._transaction():
+            row = self._conn.execute("SELECT id FROM packs WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                pack = self._conn.execute("INSERT INTO packs (name, size) VALUES (?, ?)", (name, size)).lastrowid
+            else:
+                pack = row[0]
+            self._conn.executemany(
+                "INSERT INTO blobs (id, pack, pos, length, type) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (id) DO UPDATE SET pack = excluded.pack, pos = excluded.pos,"
+                " length = excluded.length, type = excluded.type",
+                ((e.id, pack, e.offset, e.length, e.type) for e in sorted(entries, key=lambda e: e.id)),
+            )
+            self._conn.executemany(
+                "INSERT OR REPLACE INTO refs (id, refs) VALUES (?, ?)", ((e.id, e.refs) for e in entries if e.refs)
+            )
+
+    def count_rows(self, name: str) -> int:
+        """How many blob rows place a blob in pack ``name``."""
+        return self._conn.execute(
+            "SELECT count(*) FROM blobs WHERE pack = (SELECT id FROM packs WHERE name = ?)", (name,)
+        ).fetchone()[0]
+
+    def drop_rows(self, ids: Sequence[bytes], nodes: Sequence[bytes], packs: Sequence[str]) -> list[str]:
+        """The garbage collector's deletion, in one transaction: unindex blobs ``nodes``
+        (every indexed node no snapshot reaches) and ``ids`` (dead rows of the packs
+        being deleted); each of ``packs`` left without rows is unindexed too. Returns
+        those packs, whose files may go once this has committed."""
+        gone = []
+        with self._transaction():
+            self._remove(nodes, refs=False)  # their refs rows are purged later, without the lock
+            self._remove(ids)
+            for name in packs:
+                row = self._conn.execute("SELECT id FROM packs WHERE name = ?", (name,)).fetchone()
+                if row is not None:
+                    if self._conn.execute("SELECT 1 FROM blobs WHERE pack = ? LIMIT 1", row).fetchone():
+                        continue
+                    self._conn.execute("DELETE FROM packs WHERE id = ?", row)
+                gone.append(name)
+        return gone
 
     def lookup(self, id: bytes) -> tuple[str, int, int, int] | None:
         """(pack name, record offset, data length, type) of a blob, or None."""
@@ -196,8 +325,8 @@ class Index:
         return {row[0]: tuple(row[1:]) for row in rows}
 
     def iter_refs(self) -> Iterator[tuple[bytes, bytes]]:
-        """(id, concatenated refs) of every indexed blob that has refs."""
-        return iter(self._conn.execute("SELECT id, refs FROM refs"))
+        """(id, concatenated refs) of every indexed blob that has refs (orphan refs rows left out)."""
+        return iter(self._conn.execute("SELECT r.id, r.refs FROM refs AS r JOIN blobs AS b ON b.id = r.id"))
 
     def stats(self) -> dict:
         packs, pack_bytes = self._conn.execute("SELECT count(*), total(size) FROM packs").fetchone()

@@ -13,7 +13,8 @@ import fcntl
 import json
 import os
 import time
-from pathlib import Path
+
+from .fsdir import Dir
 
 MAX_HOLDER = 256  # characters of the holder string kept
 _MAX_INFO = 4096  # bytes of holder info read back
@@ -34,9 +35,15 @@ class WriterLock:
         self._fd = fd
 
     @classmethod
-    def acquire(cls, path: Path, holder: str) -> "WriterLock":
-        """Take the lock without waiting, or raise ``LockBusy``."""
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def acquire(cls, directory: Dir, name: str, holder: str) -> "WriterLock":
+        """Take the lock (file ``name`` of ``directory``) without waiting, or raise ``LockBusy``.
+
+        The lock
+        file is opened without following a symlink and must be a regular file
+        of one link (``fsdir.UnsafeEntry`` otherwise): it is truncated and
+        written, so it must never be another name's file.
+        """
+        fd = directory.open_file(name, os.O_RDWR | os.O_CREAT)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

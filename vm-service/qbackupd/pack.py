@@ -18,7 +18,8 @@ import os
 import struct
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
+
+from .fsdir import Dir
 
 FORMAT_VERSION = 1
 ID_SIZE = 32
@@ -86,9 +87,10 @@ class PackWriter:
     partial bytes and ``seal`` truncates to the exact length).
     """
 
-    def __init__(self, path: Path):
-        self.path = path
-        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    def __init__(self, directory: Dir, name: str):
+        self.directory = directory
+        self.name = name
+        self._fd = directory.open_file(name, os.O_RDWR | os.O_CREAT | os.O_EXCL)
         self._hash = hashlib.sha256()
         self._entries: dict[bytes, Entry] = {}
         self._end = 0
@@ -152,7 +154,7 @@ class PackWriter:
             os.close(self._fd)
             self._fd = -1
         try:
-            self.path.unlink()
+            self.directory.unlink(self.name)
         except OSError:
             pass
 
@@ -172,18 +174,55 @@ def read_trailer(fd: int, bounds: Bounds) -> Trailer:
     return _load(fd, bounds)[0]
 
 
-def verify_pack(fd: int, bounds: Bounds) -> Trailer:
-    """Read the whole pack: trailer, every record's CRC and the SHA-256."""
+@dataclass(frozen=True)
+class Scan:
+    """What reading every byte of a pack found."""
+
+    trailer: Trailer
+    bad: list[tuple[Entry, str]]  # records that fail their CRC-32 (or header), with the reason
+    digest_ok: bool  # the SHA-256 of the whole pack matches its footer
+
+
+_SCAN_READ = 1 << 20  # bytes read at a time when scanning records
+
+
+def scan_pack(fd: int, bounds: Bounds) -> Scan:
+    """Read the whole pack: every record's CRC-32, then the SHA-256.
+
+    A pack whose footer or trailer is unusable raises ``PackError`` (its
+    records cannot be told apart); otherwise every damaged record is listed,
+    so a caller knows exactly which blobs are lost.  Records are read in
+    order, about a MiB at a time (memory: that, or one record).
+    """
     trailer, raw_trailer, digest = _load(fd, bounds)
     hasher = hashlib.sha256(_pread_exact(fd, HEADER_SIZE, 0))
+    bad = []
+    last = trailer.entries[-1] if trailer.entries else None
+    records_end = last.offset + RECORD_HEADER_SIZE + last.length if last else 0
+    buf, buf_at = memoryview(b""), 0
     for e in trailer.entries:
-        record = _pread_exact(fd, RECORD_HEADER_SIZE + e.length, e.offset)
-        _check_record(record, e.id, e.type, e.length)
+        size = RECORD_HEADER_SIZE + e.length
+        if e.offset + size > buf_at + len(buf):
+            buf_at = e.offset
+            buf = memoryview(_pread_exact(fd, max(size, min(_SCAN_READ, records_end - e.offset)), e.offset))
+        record = buf[e.offset - buf_at : e.offset - buf_at + size]
+        try:
+            _check_record(record, e.id, e.type, e.length)
+        except PackError as err:
+            bad.append((e, str(err)))
         hasher.update(record)
     hasher.update(raw_trailer)
-    if hasher.digest() != digest:
+    return Scan(trailer, bad, hasher.digest() == digest)
+
+
+def verify_pack(fd: int, bounds: Bounds) -> Trailer:
+    """Read the whole pack: trailer, every record's CRC and the SHA-256; PackError on the first problem."""
+    scan = scan_pack(fd, bounds)
+    if scan.bad:
+        raise PackError(scan.bad[0][1])
+    if not scan.digest_ok:
         raise PackError("pack checksum mismatch (SHA-256)")
-    return trailer
+    return scan.trailer
 
 
 def _load(fd: int, bounds: Bounds) -> tuple[Trailer, bytes, bytes]:

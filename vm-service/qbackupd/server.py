@@ -27,6 +27,7 @@ import signal
 import socket
 import stat
 import struct
+import threading
 from dataclasses import dataclass
 from functools import partial
 from importlib.metadata import version
@@ -36,8 +37,12 @@ from typing import Any, Awaitable, Callable
 import trio
 
 from . import frames
+from .check import check_repository
 from .frames import ProtocolError, Request
+from .gc import collect_garbage
+from .monitor import Cancelled
 from .storage import Locked, MissingRefs, Repository, Storage, StorageError
+from .usage import usage
 
 log = logging.getLogger("qbackupd")
 
@@ -49,6 +54,13 @@ WRITE_COALESCE = 1 << 20  # small frames are joined into one send up to this siz
 MAX_LISTED_REFS = 64  # ids named in a missing_refs error
 GET_CHUNK = 4 << 20  # a get reads blobs in a worker thread until this many bytes, then sends them
 STAT_KEYS = ("packs", "blobs", "bytes", "snapshots", "pack_bytes", "fs_size", "fs_free")
+# Bounds of a `check` answer (PROTOCOL.md §5): it must fit one frame.
+MAX_PROBLEMS = 100
+MAX_PROBLEM_CHARS = 300
+MAX_DAMAGED = 4096
+MAX_AFFECTED = 4096
+MAX_AFFECTED_ROOTS = 1024  # per snapshot
+LONG_OPS = frozenset({"gc", "check", "usage"})  # run in a thread, with progress frames
 
 
 SD_LISTEN_FDS_START = 3  # sd_listen_fds(3): the first passed fd
@@ -88,6 +100,7 @@ class Connection:
         self.repo: Repository | None = None
         self.writable = False
         self.hello_done = False
+        self.version = frames.PROTOCOL_VERSION  # until hello says otherwise
         self.ops = 0
         self.bytes_in = 0
         self.bytes_out = 0
@@ -212,7 +225,11 @@ class Connection:
                 if self.decoder.pending:
                     raise ProtocolError("bad_frame", "stream ended inside a frame")
                 return None
-        return frames.validate_request(untrusted_msg)
+        request = frames.validate_request(untrusted_msg, self.version)
+        if request.op == "hello" and not self.hello_done:
+            # the reader runs ahead of the worker: the next frames are validated for this version
+            self.version = frames.negotiate(request.args["versions"]) or self.version
+        return request
 
     async def _reader(self, requests: trio.MemorySendChannel[Request | ProtocolError]) -> None:
         async with requests:
@@ -340,6 +357,10 @@ class Connection:
             raise ProtocolError("no_repository", "no repository is open", req.rid)
         if req.op in frames.WRITE_OPS and not self.writable:
             raise ProtocolError("read_only", f"{req.op} needs the repository opened for writing", req.rid)
+        if req.op in LONG_OPS:
+            answer = await self._long(req, reply)
+            await reply({**answer, "rid": req.rid})
+            return False
         if req.op == "get":
             ids = req.args["ids"]
             while ids:
@@ -359,8 +380,8 @@ class Connection:
     def _hello(self, req: Request) -> dict[str, Any]:
         if self.hello_done:
             raise ProtocolError("bad_request", "hello sent twice", req.rid)
-        common = set(req.args["versions"]) & set(frames.SUPPORTED_VERSIONS)
-        if not common:
+        version = frames.negotiate(req.args["versions"])
+        if version is None:
             raise ProtocolError(
                 "unsupported_version",
                 "no common protocol version",
@@ -368,12 +389,13 @@ class Connection:
                 versions=list(frames.SUPPORTED_VERSIONS),
             )
         self.hello_done = True
+        self.version = version
         log.debug("conn %d: hello from %s", self.number, frames.describe(req.args["client"]))
         assert self.header is not None
         return {
             "op": "hello",
             "rid": req.rid,
-            "version": max(common),
+            "version": version,
             "server": SERVER_NAME,
             "max_frame": frames.MAX_FRAME,
             "max_batch": frames.MAX_BATCH,
@@ -438,6 +460,8 @@ class Connection:
             repo.set_config(args["config"], args["expect"])
         elif req.op == "delete_snapshot":
             repo.delete_snapshot(args["id"])
+        elif req.op == "delete_snapshots":
+            repo.delete_snapshots(args["ids"])
         elif req.op == "list":
             snapshots = [{"id": id_, "size": size, "time": stime} for id_, size, stime in repo.list_snapshots()]
             return {"op": "list", "snapshots": snapshots}
@@ -450,6 +474,96 @@ class Connection:
         else:
             raise AssertionError(f"unhandled op {req.op}")
         return {"op": "ok"}
+
+
+    # --- long operations: garbage collection, check, usage ---------------------------
+
+    async def _long(self, req: Request, reply: Callable[[dict[str, Any]], Awaitable[None]]) -> dict[str, Any]:
+        """Run a long operation in a thread, sending its progress; stop it if the
+        client goes away or the daemon stops (it is resumable or repeatable)."""
+        if req.op == "gc" and self.writable:
+            raise ProtocolError(
+                "read_write",
+                "gc needs the repository opened read-only: it takes the writer lock itself, for its last phase",
+                req.rid,
+            )
+        stop = threading.Event()
+
+        def stopped() -> bool:
+            return stop.is_set() or self.peer_gone
+
+        def progress(phase: str, done: int, total: int) -> None:
+            message = {"op": "progress", "rid": req.rid, "phase": phase, "done": done, "total": total}
+            try:
+                trio.from_thread.run(reply, message)
+            except BaseException:  # cancelled, or nobody reads any more
+                stop.set()
+                raise Cancelled("the connection is closing") from None
+
+        async def stop_when_cancelled() -> None:
+            try:
+                await trio.sleep_forever()
+            finally:
+                stop.set()
+
+        outcome: list[Any] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_when_cancelled)
+            try:
+                outcome.append(await trio.to_thread.run_sync(self._run_long, req, progress, stopped))
+            except Exception as exc:  # carried out of the nursery as it is, not in an exception group
+                outcome.append(exc)
+            finally:
+                nursery.cancel_scope.cancel()
+        if isinstance(outcome[0], Cancelled):
+            raise StorageError(f"{req.op} stopped: {outcome[0]}")
+        if isinstance(outcome[0], Exception):
+            raise outcome[0]
+        return outcome[0]
+
+    def _run_long(self, req: Request, progress, stop) -> dict[str, Any]:
+        """The long operation itself; in a thread."""
+        name = self.header.repo
+        if req.op == "gc":
+            summary = collect_garbage(
+                self.storage,
+                name,
+                repack_below=req.args["repack_below"],
+                dry_run=req.args["dry_run"],
+                progress=progress,
+                stop=stop,
+                holder=f"qbackupd connection {self.number} from dom0 (gc)",
+            )
+            return {"op": "gc", **summary.as_dict()}
+        if req.op == "check":
+            report = check_repository(
+                self.storage, name, read_data=req.args["read_data"], progress=progress, stop=stop
+            )
+            affected = [
+                {"id": id, "roots": roots[:MAX_AFFECTED_ROOTS]} for id, roots in report.affected[:MAX_AFFECTED]
+            ]
+            return {
+                "op": "check",
+                "problems": [p[:MAX_PROBLEM_CHARS] for p in report.problems[:MAX_PROBLEMS]],
+                "problems_total": len(report.problems),
+                "damaged": sorted(report.damaged)[:MAX_DAMAGED],
+                "damaged_total": report.damaged_total,
+                "bad_snapshots": report.bad_snapshots[:MAX_AFFECTED],
+                "affected": affected,
+                "affected_total": len(report.affected),
+                "complete": report.complete,
+            }
+        result = usage(self.storage, name, progress=progress, stop=stop)
+        return {
+            "op": "usage",
+            "snapshots": [[id, blobs, size] for id, blobs, size in result.snapshots],
+            "shared_blobs": result.shared_blobs,
+            "shared_bytes": result.shared_bytes,
+            "unreferenced_blobs": result.unreferenced_blobs,
+            "unreferenced_bytes": result.unreferenced_bytes,
+            "missing": result.missing,
+            "unreadable": result.unreadable,
+        }
 
 
 # --- listening socket and process lifecycle ---------------------------------------

@@ -29,11 +29,12 @@ import struct
 import tempfile
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import pack
+from .fsdir import Dir, UnsafeEntry
 from .index import Index, IndexUnusable, is_corruption
 from .lock import LockBusy, WriterLock
 
@@ -169,42 +170,63 @@ def _check_pack_size(value: object) -> None:
 
 # --- files ---------------------------------------------------------------------
 
+CONFIG = "config"
+LOCK = "lock"
+INDEX = "index.sqlite"
+INDEX_FILES = (INDEX, INDEX + "-wal", INDEX + "-shm", INDEX + "-journal")
 
-@dataclass(frozen=True)
-class _Paths:
-    """Where the parts of one repository live."""
 
-    dir: Path
+class _Tree:
+    """The opened directories of one repository (docs/FORMAT.md §1).
 
-    @property
-    def config(self) -> Path:
-        return self.dir / "config"
+    Every file below them is opened relative to these descriptors and never
+    through a symbolic link (``fsdir``): a link, FIFO or hard link planted in
+    the tree is refused, not followed.
+    """
 
-    @property
-    def lock(self) -> Path:
-        return self.dir / "lock"
+    def __init__(self, dir: Dir):
+        self.dir = dir
+        self.packs = self.staging = self.snapshots = None
+        try:
+            self.packs = dir.sub("packs")
+            self.staging = dir.sub("staging")
+            self.snapshots = dir.sub("snapshots")
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        for d in (self.packs, self.staging, self.snapshots, self.dir):
+            if d is not None:
+                d.close()
 
     @property
     def index(self) -> Path:
-        return self.dir / "index.sqlite"
+        """The index's path: SQLite opens its files by name (checked first, ``check_index_files``)."""
+        return Path(self.dir.join(INDEX))
 
-    @property
-    def packs(self) -> Path:
-        return self.dir / "packs"
+    def check_index_files(self) -> None:
+        """Refuse a symlink, special file or hard link among SQLite's files."""
+        for name in INDEX_FILES:
+            self.dir.check_file(name)
 
-    @property
-    def staging(self) -> Path:
-        return self.dir / "staging"
+    def shard(self, pack_name: str, create: bool = False) -> Dir:
+        """The directory ``packs/XX`` of a pack (made, and packs/ fsynced, if ``create``)."""
+        shard = pack_name[:2]
+        if create and not self.packs.exists(shard):
+            with contextlib.suppress(FileExistsError):
+                self.packs.mkdir(shard)
+            _fsync_dir(self.packs)
+        return self.packs.sub(shard)
 
-    @property
-    def snapshots(self) -> Path:
-        return self.dir / "snapshots"
+    def open_pack(self, name: str) -> int:
+        """A read-only fd of a sealed pack (``FileNotFoundError`` if it is gone)."""
+        with self.shard(name) as shard:
+            return shard.open_file(f"{name}.pack")
 
-    def pack(self, name: str) -> Path:
-        return self.packs / name[:2] / f"{name}.pack"
 
-    def snapshot(self, id: bytes) -> Path:
-        return self.snapshots / id.hex()
+def snapshot_name(id: bytes) -> str:
+    return id.hex()
 
 
 @dataclass(frozen=True)
@@ -214,45 +236,27 @@ class _Config:
     client: bytes  # the opaque client config
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def _fsync_dir(directory: Dir) -> None:
+    directory.fsync()
+
+
+def _replace_atomically(staging: Dir, final: Dir, name: str, data: bytes) -> None:
+    """Temp file in staging, fsync, rename over ``final/name``, fsync ``final``."""
+    tmp = f"{secrets.token_hex(8)}.tmp"
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_new_file(path: Path, data: bytes) -> None:
-    """Create ``path`` (it must not exist), write ``data``, fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _replace_atomically(staging: Path, final: Path, data: bytes) -> None:
-    """Temp file in staging, fsync, rename over ``final``, fsync its directory."""
-    tmp = staging / f"{secrets.token_hex(8)}.tmp"
-    try:
-        _write_new_file(tmp, data)
-        os.replace(tmp, final)
+        staging.write_new(tmp, data)
+        staging.replace(tmp, final, name)
     except BaseException:
         with contextlib.suppress(OSError):
-            tmp.unlink()
+            staging.unlink(tmp)
         raise
-    _fsync_dir(final.parent)
+    _fsync_dir(final)
 
 
-def _read_bounded(path: Path, limit: int, what: str) -> bytes:
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size > limit:
-            raise Corrupt(f"{what}: {size} bytes, over the limit of {limit}")
-        data = f.read(limit + 1)
+def _read_bounded(directory: Dir, name: str, limit: int, what: str) -> bytes:
+    data, size = directory.read_bounded(name, limit)
+    if size > limit:
+        raise Corrupt(f"{what}: {size} bytes, over the limit of {limit}")
     if len(data) > limit:
         raise Corrupt(f"{what}: grew over the limit of {limit} bytes")
     return data
@@ -290,8 +294,8 @@ def _decode_config(raw: bytes) -> _Config:
     return _Config(fmt, pack_size, body[_CONFIG_HEAD.size :])
 
 
-def _read_config(paths: _Paths) -> _Config:
-    return _decode_config(_read_bounded(paths.config, _MAX_CONFIG_FILE, "config file"))
+def _read_config(tree: _Tree) -> _Config:
+    return _decode_config(_read_bounded(tree.dir, CONFIG, _MAX_CONFIG_FILE, "config file"))
 
 
 def _encode_snapshot(id: bytes, when: int, data: bytes, refs: Sequence[bytes]) -> bytes:
@@ -323,9 +327,29 @@ def _decode_snapshot(raw: bytes, id: bytes) -> tuple[bytes, list[bytes]]:
     return body[_SNAPSHOT_HEAD.size : start], _split_ids(body[start:])
 
 
-def _read_snapshot_head(path: Path, id: bytes) -> tuple[int, int, int]:
-    with open(path, "rb") as f:
-        return _snapshot_head(f.read(_SNAPSHOT_HEAD.size), id, os.fstat(f.fileno()).st_size)
+def _read_snapshot_head(tree: _Tree, id: bytes) -> tuple[int, int, int]:
+    fd = tree.snapshots.open_file(snapshot_name(id))
+    try:
+        return _snapshot_head(os.pread(fd, _SNAPSHOT_HEAD.size, 0), id, os.fstat(fd).st_size)
+    finally:
+        os.close(fd)
+
+
+def read_snapshot(tree: _Tree, id: bytes) -> tuple[bytes, list[bytes]]:
+    """(data, refs) of a snapshot file; ``FileNotFoundError`` if absent, ``Corrupt`` if damaged."""
+    name = snapshot_name(id)
+    return _decode_snapshot(_read_bounded(tree.snapshots, name, _MAX_SNAPSHOT_FILE, f"snapshot {name}"), id)
+
+
+def snapshot_ids(tree: _Tree) -> tuple[list[bytes], list[str]]:
+    """Ids of the snapshot files (sorted), and the names of anything else in snapshots/."""
+    ids, unexpected = [], []
+    for name, _ in sorted(tree.snapshots.names()):
+        if _SNAPSHOT_NAME_RE.fullmatch(name):
+            ids.append(bytes.fromhex(name))
+        else:
+            unexpected.append(name)
+    return ids, unexpected
 
 
 def _split_ids(raw: bytes) -> list[bytes]:
@@ -343,39 +367,31 @@ def _bounds(pack_size: int) -> pack.Bounds:
     return pack.Bounds(max_data=MAX_BLOB, max_refs=MAX_BATCH, max_file=pack_size + last_blob)
 
 
-def _scan_packs(paths: _Paths) -> tuple[dict[str, Path], list[str]]:
-    """Pack files on disk (name -> path) and anything else found under packs/."""
-    found: dict[str, Path] = {}
+def scan_packs(tree: _Tree) -> tuple[list[str], list[str]]:
+    """Names of the pack files on disk (sorted), and anything else found under packs/."""
+    found: list[str] = []
     unexpected: list[str] = []
-    with os.scandir(paths.packs) as shards:
-        for shard in sorted(shards, key=lambda e: e.name):
-            if not (_SHARD_RE.fullmatch(shard.name) and shard.is_dir(follow_symlinks=False)):
-                unexpected.append(f"packs/{shard.name!a}")
-                continue
-            with os.scandir(shard.path) as files:
-                for f in files:
-                    name = f.name.removesuffix(".pack")
-                    if (
-                        f.name.endswith(".pack")
-                        and _PACK_NAME_RE.fullmatch(name)
-                        and name.startswith(shard.name)
-                        and f.is_file(follow_symlinks=False)
-                    ):
-                        found[name] = Path(f.path)
-                    else:
-                        unexpected.append(f"packs/{shard.name}/{f.name!a}")
+    for shard, is_dir in sorted(tree.packs.names()):
+        if not (_SHARD_RE.fullmatch(shard) and is_dir):
+            unexpected.append(f"packs/{shard!a}")
+            continue
+        try:
+            entries = tree.packs.sub(shard)
+        except UnsafeEntry:  # replaced by a link since it was listed
+            unexpected.append(f"packs/{shard!a}")
+            continue
+        with entries:
+            for file, is_dir in sorted(entries.names()):
+                name = file.removesuffix(".pack")
+                well_named = file.endswith(".pack") and _PACK_NAME_RE.fullmatch(name) and name.startswith(shard)
+                if well_named and not is_dir:
+                    found.append(name)
+                else:
+                    unexpected.append(f"packs/{shard}/{file!a}")
     return found, unexpected
 
 
-def _verify_pack(path: Path, bounds: pack.Bounds) -> pack.Trailer:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        return pack.verify_pack(fd, bounds)
-    finally:
-        os.close(fd)
-
-
-def _pack_to_index(paths: _Paths, path: Path, bounds: pack.Bounds, synced: set[Path]) -> pack.Trailer:
+def _pack_to_index(tree: _Tree, name: str, bounds: pack.Bounds, synced: set[str]) -> pack.Trailer:
     """Read a pack found under packs/ for indexing, and make it durable first.
 
     A writer killed between its rename and the fsync of the shard directory
@@ -383,26 +399,54 @@ def _pack_to_index(paths: _Paths, path: Path, bounds: pack.Bounds, synced: set[P
     name such a pack.  So fsync the file (cheap: a pack this daemon sealed is
     clean already), its shard directory and packs/ (each once per ``synced``).
     """
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        trailer = pack.read_trailer(fd, bounds)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    for directory in (path.parent, paths.packs):
-        if directory not in synced:
-            _fsync_dir(directory)
-            synced.add(directory)
+    with tree.shard(name) as shard:
+        fd = shard.open_file(f"{name}.pack")
+        try:
+            trailer = pack.read_trailer(fd, bounds)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if shard.path not in synced:
+            _fsync_dir(shard)
+            synced.add(shard.path)
+    if tree.packs.path not in synced:
+        _fsync_dir(tree.packs)
+        synced.add(tree.packs.path)
     return trailer
 
 
-def _clear_staging(paths: _Paths) -> None:
+def install_pack(tree: _Tree, writer: pack.PackWriter) -> pack.Trailer:
+    """Seal a pack written in a staging directory and move it into place, durably.
+
+    Trailer and footer, fsync, rename into ``packs/XX/``, fsync that
+    directory (FORMAT.md §8 steps 1-5).  The caller indexes it.  A failure
+    before the rename removes the staging file.
+    """
+    name = writer.name.removesuffix(".tmp")
+    try:
+        trailer = writer.seal()
+        shard = tree.shard(name, create=True)
+    except BaseException:
+        writer.abort()
+        raise
+    with shard:
+        try:
+            writer.directory.rename(writer.name, shard, f"{name}.pack")
+        except BaseException:
+            writer.abort()
+            raise
+        # From here the pack is in place; if what follows fails, the next
+        # writer to open the repository indexes it from its trailer.
+        _fsync_dir(shard)
+    return trailer
+
+
+def _clear_staging(tree: _Tree) -> None:
     """Remove what a dead writer left in staging (caller holds the writer lock)."""
-    with os.scandir(paths.staging) as entries:
-        for entry in entries:
-            if not entry.is_dir(follow_symlinks=False):
-                os.unlink(entry.path)
-                log.info("removed leftover staging file %s", entry.path)
+    for name, is_dir in tree.staging.names():
+        if not is_dir:
+            tree.staging.unlink(name)  # a link is removed itself, never followed
+            log.info("removed leftover staging file %s", tree.staging.join(name))
 
 
 @contextlib.contextmanager
@@ -424,22 +468,27 @@ def _io(what: str) -> Iterator[None]:
 # --- index maintenance ---------------------------------------------------------
 
 
-def _rebuild(name: str, paths: _Paths, bounds: pack.Bounds) -> tuple[Index, dict]:
+def _rebuild(name: str, tree: _Tree, bounds: pack.Bounds) -> tuple[Index, dict]:
     """Build a new index from the pack trailers alone (caller holds the writer lock)."""
-    index = Index.create(paths.index)
+    tree.check_index_files()
+    index = Index.create(tree.index)
     try:
-        files, _ = _scan_packs(paths)
+        names, _ = scan_packs(tree)
         packs = blobs = bad = 0
-        synced: set[Path] = set()
-        for pack_name, path in sorted(files.items()):
+        synced: set[str] = set()
+        for pack_name in names:
             try:
-                trailer = _pack_to_index(paths, path, bounds, synced)
+                trailer = _pack_to_index(tree, pack_name, bounds, synced)
             except (pack.PackError, OSError) as e:
                 bad += 1
                 log.warning("repository %s: skipping pack %s: %s", name, pack_name, e)
                 continue
             blobs += index.add_pack(pack_name, trailer.file_size, trailer.entries)
             packs += 1
+        dropped = drop_incomplete(index, index.iter_refs)
+        if dropped:
+            log.warning("repository %s: %d blobs left out of the index: they reference ids no pack holds",
+                        name, dropped)
         index.mark_complete()
     except BaseException:
         index.close()
@@ -447,145 +496,69 @@ def _rebuild(name: str, paths: _Paths, bounds: pack.Bounds) -> tuple[Index, dict
     return index, {"packs": packs, "blobs": blobs, "bad_packs": bad}
 
 
-def _recover_orphans(name: str, paths: _Paths, index: Index, bounds: pack.Bounds) -> None:
+def drop_incomplete(index: Index, candidates: Callable[[], Iterable[tuple[bytes, bytes]]]) -> int:
+    """Unindex the blobs among ``candidates()`` (id, refs) whose refs are not all indexed.
+
+    The index never names a blob whose refs it does not all name (FORMAT.md
+    §6): a client that is told such a blob exists would build a new
+    snapshot on an incomplete tree.  Unindexing one may leave another
+    incomplete, so this repeats until nothing changes.  Returns how many.
+    """
+    dropped = 0
+    while True:
+        bad = [id for id, refs in candidates() if index.missing(_split_ids(refs))]
+        if not bad:
+            return dropped
+        index.remove_blobs(bad)
+        dropped += len(bad)
+
+
+def recover_orphans(name: str, tree: _Tree, index: Index, bounds: pack.Bounds) -> None:
     """Index sealed packs that a dead writer renamed into place but never indexed."""
-    files, _ = _scan_packs(paths)
-    synced: set[Path] = set()
-    for pack_name in sorted(files.keys() - index.packs().keys()):
+    names, _ = scan_packs(tree)
+    indexed = index.packs()
+    synced: set[str] = set()
+    for pack_name in names:
+        if pack_name in indexed:
+            continue
         try:
-            trailer = _pack_to_index(paths, files[pack_name], bounds, synced)
+            trailer = _pack_to_index(tree, pack_name, bounds, synced)
         except (pack.PackError, OSError) as e:
             log.warning("repository %s: pack %s is not indexed and cannot be: %s", name, pack_name, e)
             continue
         index.add_pack(pack_name, trailer.file_size, trailer.entries)
+        dropped = drop_incomplete(index, lambda: index.pack_nodes(pack_name))
         log.info("repository %s: re-indexed pack %s from its trailer", name, pack_name)
+        if dropped:
+            log.warning("repository %s: %d blobs of pack %s reference ids no pack holds: not indexed",
+                        name, dropped, pack_name)
 
 
-def _writer_index(name: str, paths: _Paths, bounds: pack.Bounds) -> Index:
+def open_index(tree: _Tree) -> Index:
+    """Open the existing index (``IndexUnusable`` if it cannot be used)."""
+    tree.check_index_files()
+    return Index.open(tree.index)
+
+
+def _writer_index(name: str, tree: _Tree, bounds: pack.Bounds) -> Index:
     """Open the index for a writer: rebuild it if unusable, else add orphan packs."""
     try:
-        index = Index.open(paths.index)
+        index = open_index(tree)
     except IndexUnusable as e:
         problem = str(e)
     else:
         try:
             problem = index.quick_check()
             if problem is None:
-                _recover_orphans(name, paths, index, bounds)
+                index.upgrade()
+                recover_orphans(name, tree, index, bounds)
                 return index
         except BaseException:
             index.close()
             raise
         index.close()
     log.warning("repository %s: index %s; rebuilding it from the packs", name, problem)
-    return _rebuild(name, paths, bounds)[0]
-
-
-# --- check ---------------------------------------------------------------------
-
-
-def _check_repository(paths: _Paths) -> list[str]:
-    problems = []
-    try:
-        pack_size = _read_config(paths).pack_size
-    except (StorageError, OSError) as e:
-        problems.append(f"config: {e}")
-        pack_size = MAX_PACK_SIZE
-    index = None
-    try:
-        index = Index.open(paths.index)
-        if (problem := index.quick_check()) is not None:
-            index.close()
-            index = None
-            raise IndexUnusable(f"damaged ({problem})")
-    except IndexUnusable as e:
-        problems.append(f"index: {e} (run reindex); index entries and refs not checked")
-    try:
-        problems += _check_packs(paths, index, _bounds(pack_size))
-        problems += _check_snapshots(paths, index)
-        if index is not None:
-            problems += _check_blob_refs(index)
-    finally:
-        if index is not None:
-            index.close()
-    return problems
-
-
-def _check_packs(paths: _Paths, index: Index | None, bounds: pack.Bounds) -> list[str]:
-    files, unexpected = _scan_packs(paths)
-    problems = [f"unexpected file {u}" for u in unexpected]
-    indexed = index.packs() if index is not None else {}
-    for name, path in sorted(files.items()):
-        try:
-            trailer = _verify_pack(path, bounds)
-        except (pack.PackError, OSError) as e:
-            problems.append(f"pack {name}: {e}")
-            continue
-        if index is not None:
-            problems += _check_pack_index(index, name, trailer, indexed.get(name))
-    for name in sorted(indexed.keys() - files.keys(), key=ascii):  # a damaged index may hold non-text names
-        if not (isinstance(name, str) and _PACK_NAME_RE.fullmatch(name)):
-            problems.append(f"index names an invalid pack {name!a}")
-        elif not paths.pack(name).exists():  # else sealed by a writer meanwhile
-            problems.append(f"index names pack {name!a}, which is missing")
-    return problems
-
-
-def _check_pack_index(index: Index, name: str, trailer: pack.Trailer, indexed_size: int | None) -> list[str]:
-    if indexed_size is None and not index.has_pack(name):
-        return [f"pack {name} is not in the index (open the repository for writing, or reindex)"]
-    problems = []
-    if indexed_size is not None and indexed_size != trailer.file_size:
-        problems.append(f"pack {name}: index says {indexed_size!a} bytes, the file has {trailer.file_size}")
-    listed = {e.id: (e.offset, e.length, e.type) for e in trailer.entries}
-    rows = index.pack_entries(name)
-    wrong = [id for id, place in rows.items() if listed.get(id) != place]
-    if wrong:
-        problems.append(f"pack {name}: {len(wrong)} index entries point nowhere (first {_show(wrong[0])})")
-    unindexed = [id for id in listed if id not in rows]
-    lost = [unindexed[i] for i in index.missing(unindexed)]
-    if lost:
-        problems.append(f"pack {name}: {len(lost)} blobs are not in the index (first {lost[0].hex()})")
-    return problems
-
-
-def _check_snapshots(paths: _Paths, index: Index | None) -> list[str]:
-    problems = []
-    with os.scandir(paths.snapshots) as entries:
-        names = sorted(e.name for e in entries)
-    for name in names:
-        if not _SNAPSHOT_NAME_RE.fullmatch(name):
-            problems.append(f"unexpected file snapshots/{name!a}")
-            continue
-        id = bytes.fromhex(name)
-        try:
-            raw = _read_bounded(paths.snapshot(id), _MAX_SNAPSHOT_FILE, f"snapshot {name}")
-            _, refs = _decode_snapshot(raw, id)
-        except FileNotFoundError:
-            continue  # deleted meanwhile
-        except (StorageError, OSError) as e:
-            problems.append(str(e) if isinstance(e, Corrupt) else f"snapshot {name}: {e}")
-            continue
-        missing = index.missing(refs) if index is not None else []
-        if missing:
-            first = refs[missing[0]].hex()
-            problems.append(f"snapshot {name} references {len(missing)} missing ids (first {first})")
-    return problems
-
-
-def _check_blob_refs(index: Index) -> list[str]:
-    problems = []
-    for id, untrusted_refs in index.iter_refs():
-        size = len(untrusted_refs) if type(untrusted_refs) is bytes else -1
-        if size < 0 or size % ID_SIZE or size > MAX_BATCH * ID_SIZE:
-            problems.append(f"index: bad ref list of blob {_show(id)}")
-            continue
-        refs = _split_ids(untrusted_refs)
-        missing = index.missing(refs)
-        if missing:
-            first = refs[missing[0]].hex()
-            problems.append(f"blob {_show(id)} references {len(missing)} missing ids (first {first})")
-    return problems
+    return _rebuild(name, tree, bounds)[0]
 
 
 # --- public API ----------------------------------------------------------------
@@ -597,16 +570,48 @@ class Storage:
     def __init__(self, root: Path):
         self.root = Path(root)
 
-    def _paths(self, name: str) -> _Paths:
+    @staticmethod
+    def _check_name(name: str) -> None:
         if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name:
             raise BadRepoName(f"invalid repository name {name!a}")
-        return _Paths(self.root / name)
 
-    def _existing(self, name: str) -> _Paths:
-        paths = self._paths(name)
-        if not paths.dir.is_dir():
-            raise NotFound(f"no repository {name!a}", "no_repository")
-        return paths
+    def open_tree(self, name: str) -> _Tree:
+        """Open an existing repository's directories (``NotFound`` if there is none)."""
+        self._check_name(name)
+        try:
+            root = Dir.open_root(self.root)
+        except FileNotFoundError:
+            raise NotFound(f"no repository {name!a}", "no_repository") from None
+        with root:
+            try:
+                directory = root.sub(name)
+            except (FileNotFoundError, NotADirectoryError):
+                raise NotFound(f"no repository {name!a}", "no_repository") from None
+        try:
+            return _Tree(directory)
+        except BaseException:
+            directory.close()
+            raise
+
+    def names(self) -> list[str]:
+        """The repositories stored here, sorted: subdirectories of a valid name
+        holding a config file (a symlink, or anything else, is left out)."""
+        found = []
+        with _io("listing the repositories"), Dir.open_root(self.root) as root:
+            for name in sorted(os.listdir(root.fd)):
+                if not _NAME_RE.fullmatch(name) or ".." in name:
+                    continue
+                try:
+                    with root.sub(name) as directory:
+                        if directory.check_file(CONFIG):
+                            found.append(name)
+                except (UnsafeEntry, FileNotFoundError):
+                    continue
+        return found
+
+    def _tree(self, name: str, what: str) -> _Tree:
+        with _io(f"{what} repository {name!a}"):
+            return self.open_tree(name)
 
     def create(self, name: str, config: bytes, pack_size: int, holder: str) -> "Repository":
         """Create a repository and return it opened for writing.
@@ -614,79 +619,97 @@ class Storage:
         Built in a temporary directory (writer lock already held) and renamed
         into place, so a repository either exists complete or not at all.
         """
-        paths = self._paths(name)
+        self._check_name(name)
         _check_data(config, MAX_CONFIG, "config")
         _check_pack_size(pack_size)
-        if paths.dir.exists():
-            raise Exists(f"repository {name!a} already exists")
         with _io(f"cannot create repository {name!a}"):
             self.root.mkdir(parents=True, exist_ok=True)
-            tmp = _Paths(Path(tempfile.mkdtemp(prefix=f".create-{name}.", dir=self.root)))
-            lock = None
-            try:
-                lock = WriterLock.acquire(tmp.lock, holder)
-                for directory in (tmp.packs, tmp.staging, tmp.snapshots):
-                    directory.mkdir(mode=0o700)
-                _write_new_file(tmp.config, _encode_config(pack_size, config))
-                index = Index.create(tmp.index)
-                index.mark_complete()
-                index.close()
-                _fsync_dir(tmp.dir)
+            with Dir.open_root(self.root) as root:
+                if root.exists(name):
+                    raise Exists(f"repository {name!a} already exists")
+                tmp_name = os.path.basename(tempfile.mkdtemp(prefix=f".create-{name}.", dir=root.path))
+                lock = None
                 try:
-                    os.rename(tmp.dir, paths.dir)
-                except OSError as e:
-                    if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise Exists(f"repository {name!a} already exists") from None
+                    with root.sub(tmp_name) as tmp:
+                        lock = WriterLock.acquire(tmp, LOCK, holder)
+                        for directory in ("packs", "staging", "snapshots"):
+                            tmp.mkdir(directory)
+                        tmp.write_new(CONFIG, _encode_config(pack_size, config))
+                        index = Index.create(Path(tmp.join(INDEX)))
+                        index.mark_complete()
+                        index.close()
+                        _fsync_dir(tmp)
+                    try:
+                        root.rename(tmp_name, root, name)
+                    except OSError as e:
+                        if e.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                            raise Exists(f"repository {name!a} already exists") from None
+                        raise
+                    _fsync_dir(root)
+                except BaseException:
+                    if lock is not None:
+                        lock.release()
+                    shutil.rmtree(os.path.join(root.path, tmp_name), ignore_errors=True)
                     raise
-                _fsync_dir(self.root)
-            except BaseException:
-                if lock is not None:
-                    lock.release()
-                shutil.rmtree(tmp.dir, ignore_errors=True)
-                raise
-        return self._open_writer(name, paths, lock)
+        try:
+            tree = self._tree(name, "cannot open")
+        except BaseException:
+            lock.release()
+            raise
+        return self._open_writer(name, tree, lock)
 
     def open(self, name: str, write: bool, holder: str) -> "Repository":
         """Open a repository: for writing (takes the writer lock) or for reading (no lock)."""
         if type(write) is not bool:
             raise BadRequest("write must be a boolean")
-        paths = self._existing(name)
+        tree = self._tree(name, "cannot open")
         if write:
-            return self._open_writer(name, paths, _lock(name, paths, holder))
-        with _io(f"cannot open repository {name!a}"):
-            config = _read_config(paths)
-            index = self._reader_index(name, paths, config, holder)
-        return Repository(name, paths, config, index, None)
-
-    def _open_writer(self, name: str, paths: _Paths, lock: WriterLock) -> "Repository":
+            try:
+                lock = _lock(name, tree, holder)
+            except BaseException:
+                tree.close()
+                raise
+            return self._open_writer(name, tree, lock)
         try:
             with _io(f"cannot open repository {name!a}"):
-                config = _read_config(paths)
-                _clear_staging(paths)
-                index = _writer_index(name, paths, _bounds(config.pack_size))
+                config = _read_config(tree)
+                index = self._reader_index(name, tree, config, holder)
         except BaseException:
+            tree.close()
+            raise
+        return Repository(name, tree, config, index, None)
+
+    def _open_writer(self, name: str, tree: _Tree, lock: WriterLock) -> "Repository":
+        """Finish opening for writing: the Repository owns ``tree`` and ``lock`` (both released on failure)."""
+        try:
+            with _io(f"cannot open repository {name!a}"):
+                config = _read_config(tree)
+                _clear_staging(tree)
+                index = _writer_index(name, tree, _bounds(config.pack_size))
+        except BaseException:
+            tree.close()
             lock.release()
             raise
-        return Repository(name, paths, config, index, lock)
+        return Repository(name, tree, config, index, lock)
 
-    def _reader_index(self, name: str, paths: _Paths, config: _Config, holder: str) -> Index:
+    def _reader_index(self, name: str, tree: _Tree, config: _Config, holder: str) -> Index:
         """A reader's index; an unusable one is rebuilt if no writer is at work."""
         try:
-            return Index.open(paths.index)
+            return open_index(tree)
         except IndexUnusable as e:
             problem = str(e)
         try:
-            lock = WriterLock.acquire(paths.lock, f"{holder} (index rebuild)")
+            lock = WriterLock.acquire(tree.dir, LOCK, f"{holder} (index rebuild)")
         except LockBusy:
             raise StorageError(
                 f"index of repository {name!a} is unusable ({problem}) while a writer is at work; try again"
             ) from None
         try:
             try:
-                return Index.open(paths.index)  # a writer may have rebuilt it meanwhile
+                return open_index(tree)  # a writer may have rebuilt it meanwhile
             except IndexUnusable:
                 log.warning("repository %s: index %s; rebuilding it from the packs", name, problem)
-                return _rebuild(name, paths, _bounds(config.pack_size))[0]
+                return _rebuild(name, tree, _bounds(config.pack_size))[0]
         finally:
             lock.release()
 
@@ -697,34 +720,36 @@ class Storage:
         {"packs": int, "blobs": int, "bad_packs": int}; each unreadable pack
         is skipped with a logged warning (``check`` lists them too).
         """
-        paths = self._existing(name)
-        lock = _lock(name, paths, f"qbackupd reindex (pid {os.getpid()})")
+        tree = self._tree(name, "cannot reindex")
         try:
-            with _io(f"cannot reindex repository {name!a}"):
-                config = _read_config(paths)
-                _clear_staging(paths)
-                index, report = _rebuild(name, paths, _bounds(config.pack_size))
-                index.close()
+            lock = _lock(name, tree, f"qbackupd reindex (pid {os.getpid()})")
+            try:
+                with _io(f"cannot reindex repository {name!a}"):
+                    config = _read_config(tree)
+                    _clear_staging(tree)
+                    index, report = _rebuild(name, tree, _bounds(config.pack_size))
+                    index.close()
+            finally:
+                lock.release()
         finally:
-            lock.release()
+            tree.close()
         return report
 
-    def check(self, name: str) -> list[str]:
-        """Read everything and list the problems found (one line each; [] = healthy).
+    def check(self, name: str, read_data: bool = False, progress=None) -> list[str]:
+        """List the problems found in a repository (one line each; [] = healthy); takes no lock.
 
-        Finds bad or truncated packs (every byte is checked against the pack's
-        SHA-256 and each record's CRC), index entries pointing nowhere, packs
-        or blobs missing from the index, damaged snapshot files, and snapshots
-        or blobs referencing ids the repository does not hold.  Takes no lock.
+        ``read_data`` also reads every byte of every pack (each record's
+        CRC-32 and the pack's SHA-256).  ``check.check_repository`` gives the
+        full report (damaged blobs and the snapshots they affect).
         """
-        paths = self._existing(name)
-        with _io(f"cannot check repository {name!a}"):
-            return _check_repository(paths)
+        from .check import check_repository  # check builds on this module
+
+        return check_repository(self, name, read_data=read_data, progress=progress).problems
 
 
-def _lock(name: str, paths: _Paths, holder: str) -> WriterLock:
+def _lock(name: str, tree: _Tree, holder: str) -> WriterLock:
     try:
-        return WriterLock.acquire(paths.lock, holder)
+        return WriterLock.acquire(tree.dir, LOCK, holder)
     except LockBusy as e:
         raise Locked(f"repository {name!a} is {e}", e.holder) from None
     except OSError as e:
@@ -734,13 +759,13 @@ def _lock(name: str, paths: _Paths, holder: str) -> WriterLock:
 class Repository:
     """An opened repository; ``write`` says whether it holds the writer lock."""
 
-    def __init__(self, name: str, paths: _Paths, config: _Config, index: Index, lock: WriterLock | None):
+    def __init__(self, name: str, tree: _Tree, config: _Config, index: Index, lock: WriterLock | None):
         self.name = name
         self.config = config.client
         self.pack_size = config.pack_size
         self.format = config.format
         self.write = lock is not None
-        self._paths = paths
+        self._tree = tree
         self._index = index
         self._lock = lock
         self._writer: pack.PackWriter | None = None
@@ -789,7 +814,7 @@ class Repository:
             if missing:
                 raise MissingRefs([refs[i] for i in missing])
             if self._writer is None:
-                self._writer = pack.PackWriter(self._paths.staging / f"{secrets.token_hex(16)}.tmp")
+                self._writer = pack.PackWriter(self._tree.staging, f"{secrets.token_hex(16)}.tmp")
             self._writer.add(id, type, data, b"".join(refs))
             if self._writer.size >= self.pack_size or len(self._writer) >= pack.MAX_ENTRIES:
                 try:
@@ -802,21 +827,8 @@ class Repository:
     def _seal(self) -> None:
         """Seal the open pack: trailer, fsync, rename into its shard, fsync dir, index."""
         writer, self._writer = self._writer, None
-        name = writer.path.stem
-        dest = self._paths.pack(name)
-        try:
-            trailer = writer.seal()
-            if not dest.parent.is_dir():
-                dest.parent.mkdir(mode=0o700, exist_ok=True)
-                _fsync_dir(self._paths.packs)
-            os.rename(writer.path, dest)
-        except BaseException:
-            writer.abort()
-            raise
-        # From here the pack is in place; if what follows fails, the next
-        # writer to open the repository indexes it from its trailer.
-        _fsync_dir(dest.parent)
-        self._index.add_pack(name, trailer.file_size, trailer.entries)
+        trailer = install_pack(self._tree, writer)
+        self._index.add_pack(writer.name.removesuffix(".tmp"), trailer.file_size, trailer.entries)
 
     def flush(self) -> None:
         """Seal the open pack now (no-op if empty): every blob put so far is durable and indexed."""
@@ -836,29 +848,28 @@ class Repository:
         _check_ids(refs, MAX_COMMIT_REFS, "refs")
         self.flush()
         with _io("commit"):
-            path = self._paths.snapshot(id)
-            if path.exists():
-                raise Exists(f"snapshot {id.hex()} already exists")
+            name = snapshot_name(id)
+            if self._tree.snapshots.exists(name):
+                raise Exists(f"snapshot {name} already exists")
             missing = self._index.missing(refs)
             if missing:
                 raise MissingRefs([refs[i] for i in missing])
-            _replace_atomically(self._paths.staging, path, _encode_snapshot(id, int(time.time()), data, refs))
+            raw = _encode_snapshot(id, int(time.time()), data, refs)
+            _replace_atomically(self._tree.staging, self._tree.snapshots, name, raw)
 
     def list_snapshots(self) -> list[tuple[bytes, int, int]]:
         """(id, data size, store time) of every readable snapshot, oldest first."""
         self._check_open()
         found = []
         with _io("list"):
-            with os.scandir(self._paths.snapshots) as entries:
-                names = [e.name for e in entries if _SNAPSHOT_NAME_RE.fullmatch(e.name)]
-            for name in names:
-                id = bytes.fromhex(name)
+            ids, _ = snapshot_ids(self._tree)
+            for id in ids:
                 try:
-                    when, size, _ = _read_snapshot_head(self._paths.snapshot(id), id)
+                    when, size, _ = _read_snapshot_head(self._tree, id)
                 except FileNotFoundError:
                     continue  # deleted meanwhile
                 except (Corrupt, OSError) as e:  # one unreadable file must not hide the others
-                    log.warning("repository %s: not listing snapshot %s: %s", self.name, name, e)
+                    log.warning("repository %s: not listing snapshot %s: %s", self.name, id.hex(), e)
                     continue
                 found.append((id, size, when))
         found.sort(key=lambda s: (s[2], s[0]))
@@ -870,10 +881,9 @@ class Repository:
         _check_id(id, "snapshot id")
         with _io("get_snapshot"):
             try:
-                raw = _read_bounded(self._paths.snapshot(id), _MAX_SNAPSHOT_FILE, f"snapshot {id.hex()}")
+                return read_snapshot(self._tree, id)
             except FileNotFoundError:
                 raise NotFound(f"no snapshot {id.hex()}") from None
-            return _decode_snapshot(raw, id)
 
     def get(self, id: bytes) -> tuple[int, bytes] | None:
         """(type, data) of a blob, None if not held; ``Corrupt`` if it fails its checks."""
@@ -882,30 +892,37 @@ class Repository:
         with _io(f"get {id.hex()}"):
             if self._writer is not None and (entry := self._writer.find(id)) is not None:
                 return entry.type, self._writer.read(entry)
-            found = self._index.lookup(id)
-            if found is None:
-                return None
-            untrusted_name, offset, length, blob_type = found
-            if not (
-                isinstance(untrusted_name, str)
-                and _PACK_NAME_RE.fullmatch(untrusted_name)
-                and all(type(v) is int for v in (offset, length, blob_type))
-                and offset >= pack.HEADER_SIZE
-                and 0 <= length <= MAX_BLOB
-                and 0 <= blob_type <= 255
-            ):
-                raise Corrupt(f"index entry of blob {id.hex()} is out of bounds (run `qbackupd reindex`)")
-            return blob_type, pack.read_blob(self._pack_fd(untrusted_name), id, blob_type, offset, length)
+            # A garbage collector may move the blob to a new pack and delete the
+            # old one between the lookup and the open: look it up once more then.
+            for attempt in (1, 2):
+                found = self._index.lookup(id)
+                if found is None:
+                    return None
+                untrusted_name, offset, length, blob_type = found
+                if not (
+                    isinstance(untrusted_name, str)
+                    and _PACK_NAME_RE.fullmatch(untrusted_name)
+                    and all(type(v) is int for v in (offset, length, blob_type))
+                    and offset >= pack.HEADER_SIZE
+                    and 0 <= length <= MAX_BLOB
+                    and 0 <= blob_type <= 255
+                ):
+                    raise Corrupt(f"index entry of blob {id.hex()} is out of bounds (run `qbackupd reindex`)")
+                try:
+                    fd = self._pack_fd(untrusted_name)
+                except FileNotFoundError:
+                    if attempt == 1:
+                        continue
+                    raise Corrupt(f"pack {untrusted_name} named by the index is missing") from None
+                return blob_type, pack.read_blob(fd, id, blob_type, offset, length)
+            raise AssertionError("unreachable")
 
     def _pack_fd(self, name: str) -> int:
         fd = self._fds.get(name)
         if fd is not None:
             self._fds.move_to_end(name)
             return fd
-        try:
-            fd = os.open(self._paths.pack(name), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise Corrupt(f"pack {name} named by the index is missing") from None
+        fd = self._tree.open_pack(name)
         self._fds[name] = fd
         if len(self._fds) > _OPEN_PACKS:
             os.close(self._fds.popitem(last=False)[1])
@@ -913,14 +930,30 @@ class Repository:
 
     def delete_snapshot(self, id: bytes) -> None:
         """Remove a snapshot (its blobs stay until a garbage collector runs)."""
+        self.delete_snapshots([id])
+
+    def delete_snapshots(self, ids: list[bytes]) -> None:
+        """Remove several snapshots: all of them, or (``NotFound``) none if one is unknown.
+
+        The blobs stay until a garbage collection (gc.py) removes those no
+        snapshot reaches any more.  Each file is unlinked, then the directory
+        fsynced once; a crash in between leaves some of them deleted.
+        """
         self._check_open(write=True)
-        _check_id(id, "snapshot id")
-        with _io("delete_snapshot"):
-            try:
-                self._paths.snapshot(id).unlink()
-            except FileNotFoundError:
-                raise NotFound(f"no snapshot {id.hex()}") from None
-            _fsync_dir(self._paths.snapshots)
+        _check_ids(ids, MAX_BATCH, "snapshot ids")
+        if not ids:
+            raise BadRequest("no snapshot ids given")
+        if len(set(ids)) != len(ids):
+            raise BadRequest("a snapshot id is listed twice")
+        with _io("delete_snapshots"):
+            names = [snapshot_name(id) for id in ids]
+            unknown = [id for id, name in zip(ids, names) if not self._tree.snapshots.exists(name)]
+            if unknown:
+                more = f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else ""
+                raise NotFound(f"no snapshot {unknown[0].hex()}{more}")
+            for name in names:
+                self._tree.snapshots.unlink(name)
+            _fsync_dir(self._tree.snapshots)
 
     def set_config(self, config: bytes, expect: bytes) -> None:
         """Replace the client config atomically, only if the stored one equals ``expect``."""
@@ -928,11 +961,11 @@ class Repository:
         _check_data(config, MAX_CONFIG, "config")
         _check_data(expect, MAX_CONFIG, "expected config")
         with _io("set_config"):
-            current = _read_config(self._paths)
+            current = _read_config(self._tree)
             if current.client != expect:
                 raise Conflict("the stored config is not the expected one")
             raw = _encode_config(current.pack_size, config)
-            _replace_atomically(self._paths.staging, self._paths.config, raw)
+            _replace_atomically(self._tree.staging, self._tree.dir, CONFIG, raw)
         self.config = config
 
     def stats(self) -> dict:
@@ -942,9 +975,8 @@ class Repository:
         self._check_open()
         with _io("stats"):
             stats = self._index.stats()
-            with os.scandir(self._paths.snapshots) as entries:
-                stats["snapshots"] = sum(1 for e in entries if _SNAPSHOT_NAME_RE.fullmatch(e.name))
-            fs = os.statvfs(self._paths.snapshots)
+            stats["snapshots"] = len(snapshot_ids(self._tree)[0])
+            fs = os.fstatvfs(self._tree.snapshots.fd)
             stats["fs_size"], stats["fs_free"] = fs.f_frsize * fs.f_blocks, fs.f_frsize * fs.f_bavail
         return stats
 
@@ -962,5 +994,6 @@ class Repository:
                 os.close(fd)
             self._fds.clear()
             self._index.close()
+            self._tree.close()
             if self._lock is not None:
                 self._lock.release()

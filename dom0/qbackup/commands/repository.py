@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Repository commands: init, list, delete, stats, key change-passphrase."""
+"""Repository commands: init, list, delete, key change-passphrase."""
 
 from __future__ import annotations
 
@@ -99,20 +99,6 @@ def cmd_delete(ctx: Context, args: argparse.Namespace) -> int:
         restore_mod.delete_snapshots(session, keys, ctx.state(), [snap], history)
     print(f"deleted snapshot {snap.id.hex()}")
     print(DELETE_FREES_NOTHING)
-    return EXIT_OK
-
-
-def cmd_stats(ctx: Context, args: argparse.Namespace) -> int:
-    with ctx.session() as session:
-        session.open(write=False)
-        untrusted_stats = session.stats()
-    if args.json:
-        print_json(untrusted_stats)
-        return EXIT_OK
-    print(f"repository {ctx.repo} in {ctx.backup_vm} (as reported by the backup qube):")
-    for key, value in sorted(untrusted_stats.items()):
-        shown = human_bytes(value) if "bytes" in key else value
-        print(f"  {clean(str(key))}: {clean(str(shown))}")
     return EXIT_OK
 
 
