@@ -2,13 +2,16 @@
 """Reading snapshots back: history, verify, restore, delete.
 
 load_history authenticates every manifest and applies the rollback rules
-(qbackup.state). verify and restore stream each volume's chunk map and
-chunks through Session.get with bounded memory and no scratch files: every
-chunk is authenticated, decrypted, decompressed (bounded), re-identified and
-length-checked before anything is done with it. restore writes a regular
-file target as PATH.qbackup-partial (zero chunks stay holes) and renames it
-into place only once the whole volume is verified; a block device target is
-written in place, zeros included. VolumeStream gives a volume's plaintext
+(qbackup.state). verify and restore stream chunk maps and chunks through
+Session.get with bounded memory and no scratch files: every chunk is
+authenticated, decrypted, decompressed (bounded), re-identified and
+length-checked (on a pool of threads) before anything is done with it.
+verify_snapshots walks the maps of all the snapshots it checks and reads
+each distinct chunk once. restore writes a regular file target as
+PATH.qbackup-partial from a writer thread (zero chunks and zero 4 KiB
+blocks stay holes) and renames it into place only once the whole volume is
+verified; a block device target is written in place, zeros included.
+VolumeStream gives a volume's plaintext
 in order, as a file to read, for admin.vm.volume.ImportWithSize: it stops
 short at the first bad chunk, so qubesd never commits a volume that was not
 wholly authenticated (docs/RESTORE.md).
