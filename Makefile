@@ -1,7 +1,9 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
 # qbackup developer entry points (fresh Debian 12 with Python 3.11):
 #   make demo   set up the venvs, then run the end-to-end demo in demo-out/
-#   make test   set up the venvs, then run test-current and test-floor:
+#   make test   set up the venvs, then run test-current and test-floor side by
+#               side (one per core; each one's output is printed whole when it
+#               ends, and make fails if either fails):
 #     test-current  pyflakes, every suite on current library releases and
 #                   the mutation check of dom0's trust modules
 #                   (docs/INVARIANTS.md)
@@ -39,7 +41,8 @@ setup:
 demo: setup
 	$(VENV_PYTHON) -m qbackup_sim.demo demo-out
 
-test: test-current test-floor
+test: setup
+	$(MAKE) --no-print-directory -j2 --output-sync=target test-current test-floor
 
 test-current: setup
 	$(VENV_PYTHON) -m pyflakes dom0/qbackup vm-service/qbackupd sim/qbackup_sim bench tests scripts
