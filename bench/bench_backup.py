@@ -22,100 +22,30 @@ restic and borg come from `QBACKUP_BENCH=1 scripts/setup.sh`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import day_of_use, du, machine, make_image, timed  # noqa: E402
+from workload import (Borg, QbackupCli, Restic, day_of_use, machine, make_image,  # noqa: E402
+                      timed)
 
 from qbackup.commands.common import parse_size  # noqa: E402
-from qbackup_sim.daemon import stop_daemon  # noqa: E402
 from qbackup_sim.inventory import create_sim  # noqa: E402
 
-PASSWORD = "bench-passphrase"
 DEVNULL = subprocess.DEVNULL
 
 
-class Qbackup:
-    name = "qbackup"
-
+class Qbackup(QbackupCli):
     def __init__(self, work: Path, image: Path, chunk_size: str) -> None:
-        self.sim = work / "sim"
-        size = image.stat().st_size
-        create_sim(self.sim, {"bench": {"class": "AppVM", "volumes": {"private": size}}})
-        self.image = self.sim / "volumes/bench/private.img"
-        self.pw = work / "qbackup.pw"
-        self.pw.write_text(PASSWORD)
+        sim = work / "sim"
+        create_sim(sim, {"bench": {"class": "AppVM", "volumes": {"private": image.stat().st_size}}})
+        super().__init__(sim, work, chunk_size)
+        self.image = sim / "volumes/bench/private.img"
         os.replace(image, self.image)
-        self.chunk_size = chunk_size
-        self.last: dict = {}
-
-    def cli(self, *args: str, json_out: bool = False) -> float:
-        argv = [sys.executable, "-m", "qbackup_sim", "run", str(self.sim),
-                "--passphrase-file", str(self.pw), *args]
-        t = time.perf_counter()
-        out = subprocess.run(argv, check=True, stdout=subprocess.PIPE).stdout
-        elapsed = time.perf_counter() - t
-        if json_out:
-            self.last = json.loads(out)
-        return elapsed
-
-    def init(self) -> None:
-        self.cli("init", "--chunk-size", self.chunk_size, "--scrypt-n", "16384")
-
-    def backup(self, tag: str) -> float:
-        return self.cli("backup", "--all", "--json", json_out=True)
-
-    def repo_bytes(self) -> int:
-        return du(self.sim / "storage")
-
-    def close(self) -> None:
-        stop_daemon(self.sim)
-
-
-class Restic:
-    name = "restic"
-
-    def __init__(self, work: Path, image: Path) -> None:
-        self.repo, self.image = work / "restic", image
-        self.env = dict(os.environ, RESTIC_PASSWORD=PASSWORD, RESTIC_REPOSITORY=str(self.repo))
-
-    def init(self) -> None:
-        subprocess.run(["restic", "init", "--repository-version", "2"], env=self.env,
-                       check=True, stdout=DEVNULL)
-
-    def backup(self, tag: str) -> float:
-        return timed(["restic", "backup", "--quiet", "--tag", tag, str(self.image)],
-                     env=self.env, stdout=DEVNULL)
-
-    def repo_bytes(self) -> int:
-        return du(self.repo)
-
-
-class Borg:
-    name = "borg"
-
-    def __init__(self, work: Path, image: Path) -> None:
-        self.repo, self.image = work / "borg", image
-        self.env = dict(os.environ, BORG_PASSPHRASE=PASSWORD,
-                        BORG_BASE_DIR=str(work / "borg-base"))
-
-    def init(self) -> None:
-        subprocess.run(["borg", "init", "-e", "repokey-blake2", str(self.repo)],
-                       env=self.env, check=True, stdout=DEVNULL, stderr=DEVNULL)
-
-    def backup(self, tag: str) -> float:
-        return timed(["borg", "create", "--compression", "zstd,3",
-                      f"{self.repo}::{tag}", str(self.image)], env=self.env, stdout=DEVNULL)
-
-    def repo_bytes(self) -> int:
-        return du(self.repo)
 
 
 def main() -> int:

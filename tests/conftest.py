@@ -10,12 +10,18 @@ loudly instead, so a CI machine that lost its loop devices, the R4.2
 sources or its tools cannot go green by running fewer tests.
 
 Fixture `qubesd`: a real R4.2 qubesd in this process (`qubes_r42.Testbed`).
+Fixture `reflink_fs` (mark the test `root`): a directory on a real btrfs or
+xfs file system (a loop device, one of each per test session), for
+file-reflink pools; parametrize it with `indirect=True`, or use `btrfs_dir`.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 from typing import Iterator
 
 import pytest
@@ -79,3 +85,76 @@ def qubesd(tmp_path_factory) -> Iterator[qubes_r42.Testbed]:
     testbed = qubes_r42.Testbed(tmp_path_factory.mktemp("qubesd"))
     yield testbed
     testbed.close()
+
+
+# -- real reflink file systems on loop devices ------------------------------------
+
+LOOP_FS_SIZE = 512 << 20  # sparse; xfs with reflink needs 300 MiB at least
+_MKFS = {"btrfs": ["mkfs.btrfs", "-q", "-f"], "xfs": ["mkfs.xfs", "-q", "-f", "-m", "reflink=1"]}
+
+
+class _LoopFs:
+    def __init__(self, kind: str):
+        self.kind = kind
+        self.base = Path(tempfile.mkdtemp(prefix=f"qbackup-{kind}-"))
+        self.image = self.base / "fs.img"
+        self.mount = self.base / "mnt"
+        self.mounted = False
+
+    def start(self) -> Path:
+        with open(self.image, "wb") as f:
+            f.truncate(LOOP_FS_SIZE)
+        subprocess.run([*_MKFS[self.kind], str(self.image)], check=True, capture_output=True)
+        self.mount.mkdir()
+        subprocess.run(["mount", "-o", "loop", str(self.image), str(self.mount)], check=True,
+                       capture_output=True)
+        self.mounted = True
+        return self.mount
+
+    def stop(self) -> None:
+        if self.mounted:
+            subprocess.run(["umount", "-l", str(self.mount)], check=False, capture_output=True)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def _loop_filesystems() -> Iterator[dict]:
+    started: dict[str, _LoopFs] = {}
+    yield started
+    for fs in started.values():
+        fs.stop()
+
+
+def _fs_dir(kind: str, filesystems: dict, request) -> Path:
+    missing = _missing_root_facilities()
+    if missing is not None:  # the `root` marker decides: skip, or fail in CI
+        pytest.skip(missing)
+    if kind not in filesystems:
+        fs = _LoopFs(kind)
+        filesystems[kind] = fs
+        fs.start()
+    # one directory per test, removed after it
+    path = Path(tempfile.mkdtemp(prefix="t-", dir=filesystems[kind].mount))
+    request.addfinalizer(lambda: shutil.rmtree(path, ignore_errors=True))
+    return path
+
+
+@pytest.fixture(params=["btrfs", "xfs"])
+def reflink_fs(request, _loop_filesystems) -> Path:
+    """An empty directory on a real btrfs or xfs (reflink) file system."""
+    return _fs_dir(request.param, _loop_filesystems, request)
+
+
+@pytest.fixture
+def no_reflink_dir() -> Iterator[Path]:
+    """An empty directory on tmpfs, which cannot make reflink copies
+    (unlike /tmp on a btrfs or xfs root)."""
+    path = Path(tempfile.mkdtemp(prefix="qbackup-noreflink-", dir="/dev/shm"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def btrfs_dir(request, _loop_filesystems) -> Path:
+    """An empty directory on a real btrfs file system."""
+    return _fs_dir("btrfs", _loop_filesystems, request)

@@ -37,10 +37,13 @@ tests marked `qubesd` skip with that reason, and fail in CI (tests/conftest.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import types
 import unittest.mock
@@ -71,6 +74,8 @@ IMPORT_METHODS = ("admin.vm.volume.Import", "admin.vm.volume.ImportWithSize")
 PCI_SYSFS = "/sys/bus/pci/devices/"
 LVM_STATE_ENV = "QBACKUP_FAKE_LVM_STATE"
 LVM_LOG_ENV = "QBACKUP_FAKE_LVM_LOG"
+LVM_DEV_ENV = "QBACKUP_FAKE_LVM_DEV"
+THIN_BLOCK = 64 << 10  # the stand-in thin pools' block size (thin_delta: 128 sectors)
 
 
 def sources_dir() -> Path:
@@ -104,9 +109,15 @@ _FAKE_LVM = '''\
 #!{python}
 # Stand-in for lvm(8), for qubesd's lvm_thin driver and qbackup's own calls.
 # Volumes live in the JSON file ${state}: {{"VG/LV": {{"size": B, "attr": ..,
-# "pool_lv": .., "origin": ..}}}}; every command line is appended to ${log}.
-import fcntl, json, os, sys
+# "pool_lv": .., "origin": .., "thin_id": N, "uuid": .., "map": {{vblock:
+# data block}}}}}}; every command line is appended to ${log}. With ${dev}
+# set, each thin LV's data is the sparse file ${dev}/VG/LV: a snapshot gets
+# the mapped blocks of its origin (thin pools share them), a new thin LV is
+# unmapped (zeros). Thin pool blocks are BLOCK bytes.
+import fcntl, json, os, sys, uuid
+BLOCK = {block}
 state_path, log_path = os.environ["{state}"], os.environ["{log}"]
+dev_dir = os.environ.get("{dev}")
 argv = sys.argv[1:]
 lock = open(state_path + ".lock", "a")
 fcntl.flock(lock, fcntl.LOCK_EX)  # qubesd runs several at once
@@ -131,46 +142,99 @@ def vg_lv(ref):
         fail("Failed to find logical volume " + ref)
     return ref
 
-command, args = argv[0], [a for a in argv[1:] if not a.startswith("-")]
+def data_file(name):
+    return os.path.join(dev_dir, name) if dev_dir else None
+
+def make_file(name, size, mapping_from=None):
+    path = data_file(name)
+    if path is None:
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.truncate(size)
+        if mapping_from is not None:  # the blocks the snapshot shares with its origin
+            with open(data_file(mapping_from), "rb") as src:
+                for vblock in lvs[mapping_from].get("map", {{}}):
+                    src.seek(int(vblock) * BLOCK)
+                    f.seek(int(vblock) * BLOCK)
+                    f.write(src.read(BLOCK))
+
+def next_thin_id():
+    return 1 + max([lv.get("thin_id", 0) for lv in lvs.values()] + [0])
+
+def named(args):
+    return [a.removeprefix("/dev/") for a in args]
+
+def positional(args):  # what is neither an option nor an option's value
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in ("-o", "--options", "--units", "-O", "--sort"):
+            skip = True
+        elif not a.startswith("-"):
+            out.append(a)
+    return out
+
+command, args = argv[0], positional(argv[1:])
 if command == "lvs":
+    wanted = named(args)
     rows = []
     for name, lv in sorted(lvs.items()):
         vg, lv_name = name.split("/", 1)
+        if wanted and name not in wanted and vg not in wanted:
+            continue
         rows.append({{"vg_name": vg, "pool_lv": lv.get("pool_lv", ""), "lv_name": lv_name,
                      "lv_size": str(lv["size"]) + "B", "data_percent": "0.00",
                      "lv_attr": lv["attr"], "origin": lv.get("origin", ""),
+                     "lv_uuid": lv.get("uuid", ""), "thin_id": str(lv.get("thin_id", "")),
                      "lv_metadata_size": str(lv.get("metadata_size", "")) and
                      str(lv.get("metadata_size")) + "B",
                      "metadata_percent": "1.00" if lv.get("metadata_size") else ""}})
     print(json.dumps({{"report": [{{"lv": rows}}]}}))
     sys.exit(0)
 if command == "lvcreate":
-    name = opt("--name")
+    name = opt("--name").split("/")[-1]  # qubesd gives VG/LV, lvm takes either
     (source,) = args
     vg = source.split("/")[0]
     if vg + "/" + name in lvs:
         fail("Logical Volume " + name + " already exists")
+    perm = "r" if opt("--permission") == "r" else "w"
     if "--thin" in argv:  # new thin volume in pool `source`
         pool = vg_lv(source).split("/")[1]
         size = int(opt("--virtualsize").removesuffix("B"))
         lvs[vg + "/" + name] = {{"size": size, "attr": "Vwi-a-tz--", "pool_lv": pool,
-                                "origin": ""}}
+                                "origin": "", "thin_id": next_thin_id(),
+                                "uuid": uuid.uuid4().hex, "map": {{}}}}
+        make_file(vg + "/" + name, size)
     else:  # thin snapshot of `source`
-        origin = lvs[vg_lv(source)]
+        origin_name = vg_lv(source)
+        origin = lvs[origin_name]
         lvs[vg + "/" + name] = dict(origin, origin=source.split("/")[1],
-                                   attr="Vwi-a-tz--")
+                                   attr="V" + perm + "i-a-tz--", thin_id=next_thin_id(),
+                                   uuid=uuid.uuid4().hex, map=dict(origin.get("map", {{}})))
+        make_file(vg + "/" + name, origin["size"], origin_name)
 elif command == "lvremove":
     (target,) = args
     del lvs[vg_lv(target)]
+    if data_file(target.removeprefix("/dev/")) and os.path.exists(data_file(target.removeprefix("/dev/"))):
+        os.unlink(data_file(target.removeprefix("/dev/")))
 elif command == "lvrename":
-    old, new = args
-    lvs[new.removeprefix("/dev/")] = lvs.pop(vg_lv(old))
+    old, new = named(args)
+    lvs[new] = lvs.pop(vg_lv(old))
+    if data_file(old) and os.path.exists(data_file(old)):
+        os.rename(data_file(old), data_file(new))
 elif command == "lvextend":
     (target,) = args
     lvs[vg_lv(target)]["size"] = int(opt("--size").removesuffix("B"))
+    if data_file(vg_lv(target)):
+        os.truncate(data_file(vg_lv(target)), lvs[vg_lv(target)]["size"])
 elif command == "lvchange":
     (target,) = args
-    vg_lv(target)
+    lv = lvs[vg_lv(target)]
+    active = opt("--activate")
+    if active in ("y", "n"):
+        lv["attr"] = lv["attr"][:4] + ("a" if active == "y" else "-") + lv["attr"][5:]
 else:
     fail("stand-in lvm: unsupported command " + command)
 with open(state_path + ".tmp", "w") as f:
@@ -179,23 +243,108 @@ os.replace(state_path + ".tmp", state_path)
 '''
 
 
+_FAKE_BLKDISCARD = '''\
+#!{python}
+# Stand-in for blkdiscard(8) on the stand-in lvm's volumes: /dev/VG/LV then
+# reads zeros and maps no block (qubesd runs it before removing a revision).
+import fcntl, json, os, sys
+state_path, dev_dir = os.environ["{state}"], os.environ["{dev}"]
+name = sys.argv[-1].removeprefix("/dev/")
+with open(state_path + ".lock", "a") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    with open(state_path) as f:
+        lvs = json.load(f)
+    if name not in lvs:
+        sys.exit(1)
+    with open(os.path.join(dev_dir, name), "r+b") as f:
+        f.truncate(0)
+        f.truncate(lvs[name]["size"])
+    lvs[name]["map"] = {{}}
+    with open(state_path + ".tmp", "w") as f:
+        json.dump(lvs, f)
+    os.replace(state_path + ".tmp", state_path)
+with open(os.environ["{log}"], "a") as log:
+    log.write(json.dumps(["blkdiscard"] + sys.argv[1:]) + "\\n")
+'''
+
+
 class FakeLvm:
-    """The stand-in `lvm` and its state: volumes and the commands it ran."""
+    """The stand-in `lvm` and its state: volumes and the commands it ran.
+
+    Thin LVs have data in sparse files under `dev` (`dev/VG/LV`, as
+    /dev/VG/LV) and a block map (virtual block -> pool data block, blocks of
+    THIN_BLOCK bytes), so snapshots share blocks with their origin as in a
+    real thin pool; `write` changes an LV as a qube would (new data blocks
+    for the blocks it touches), `discard` as blkdiscard does, and
+    `metadata_xml` describes the pool for `thin_restore`."""
 
     def __init__(self, bin_dir: Path, state_dir: Path):
         self.state = state_dir / "lvm.json"
         self.log = state_dir / "lvm.log"
+        self.dev = state_dir / "dev"
+        self.dev.mkdir()
         self.state.write_text("{}")
         self.log.write_text("")
         script = bin_dir / "lvm"
         script.write_text(_FAKE_LVM.format(python=sys.executable, state=LVM_STATE_ENV,
-                                           log=LVM_LOG_ENV))
+                                           log=LVM_LOG_ENV, dev=LVM_DEV_ENV,
+                                           block=THIN_BLOCK))
         script.chmod(0o755)
+        self.script = script
+        blkdiscard = bin_dir / "blkdiscard"
+        blkdiscard.write_text(_FAKE_BLKDISCARD.format(python=sys.executable, state=LVM_STATE_ENV,
+                                                      dev=LVM_DEV_ENV, log=LVM_LOG_ENV))
+        blkdiscard.chmod(0o755)
         os.environ[LVM_STATE_ENV] = str(self.state)
         os.environ[LVM_LOG_ENV] = str(self.log)
+        os.environ[LVM_DEV_ENV] = str(self.dev)
 
     def volumes(self) -> dict[str, dict[str, Any]]:
         return json.loads(self.state.read_text())
+
+    def _update(self, change) -> None:
+        import fcntl
+        with open(str(self.state) + ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            lvs = self.volumes()
+            change(lvs)
+            self.state.write_text(json.dumps(lvs))
+
+    def write(self, lv: str, offset: int, data: bytes) -> None:
+        """Write to thin LV `VG/LV` as its user would: every block touched
+        gets a new data block (copy-on-write away from any snapshot)."""
+        def change(lvs):
+            entry = lvs[lv]
+            pool = entry["pool_lv"]
+            with open(self.dev / lv, "r+b") as f:
+                f.seek(offset)
+                f.write(data)
+            first, last = offset // THIN_BLOCK, (offset + len(data) - 1) // THIN_BLOCK
+            used = [int(d) for v in lvs.values() if v.get("pool_lv") == pool
+                    for d in v.get("map", {}).values()]
+            fresh = max(used, default=-1) + 1
+            for vblock in range(first, last + 1):
+                entry["map"][str(vblock)] = fresh
+                fresh += 1
+        self._update(change)
+
+    def metadata_xml(self) -> str:
+        """The thin pools' metadata as thin_dump writes it (thin_restore's input)."""
+        lvs = self.volumes()
+        devices = [(lv["thin_id"], lv.get("map", {})) for lv in lvs.values()
+                   if "thin_id" in lv]
+        top = max([int(d) for _, m in devices for d in m.values()], default=0) + 1
+        lines = [f'<superblock uuid="" time="1" transaction="1" flags="0" version="2" '
+                 f'data_block_size="{THIN_BLOCK // 512}" nr_data_blocks="{top + 1024}">']
+        for thin_id, mapping in sorted(devices):
+            lines.append(f'  <device dev_id="{thin_id}" mapped_blocks="{len(mapping)}" '
+                         f'transaction="0" creation_time="0" snap_time="0">')
+            for vblock, dblock in sorted((int(v), int(d)) for v, d in mapping.items()):
+                lines.append(f'    <single_mapping origin_block="{vblock}" '
+                             f'data_block="{dblock}" time="0"/>')
+            lines.append("  </device>")
+        lines.append("</superblock>")
+        return "\n".join(lines) + "\n"
 
     def add_thin_pool(self, vg: str, pool: str, size: int = 1 << 40) -> None:
         lvs = self.volumes()
@@ -272,6 +421,9 @@ class Testbed:
         # xenstore: a start time for running qubes, nothing else
         self.app.vmm.xs.read.side_effect = (
             lambda _tx, path: "1764500000.5" if path.endswith("/start_time") else None)
+        self._patches.append(unittest.mock.patch("qubes.storage.lvm.os",
+                                                 _DevView(self.lvm.dev)))
+        self._patches[-1].start()
         self.app.load_initial_values()
         self.app.default_kernel = None  # no kernels in vm-kernels/
         self.run(self.app.setup_pools())
@@ -510,6 +662,101 @@ class Testbed:
         qubes.config.system_path.update(system_path)
         qubes.config.defaults["pool_configs"] = json.loads(pool_configs)
         os.environ["PATH"] = self._saved_path
+
+
+class _DevView:
+    """`os` for qubesd's lvm driver, whose /dev/VG/LV are the stand-in's
+    data files (it checks them with os.path.exists before committing,
+    removing or discarding a volume)."""
+
+    def __init__(self, dev: Path):
+        self._dev = dev
+        outer = self
+
+        class _Path:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(os.path, name)
+
+            def exists(self, path: str) -> bool:
+                if path.startswith("/dev/") and not path.startswith("/dev/mapper/"):
+                    return os.path.exists(outer._dev / path[len("/dev/"):])
+                return os.path.exists(path)
+        self.path = _Path()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(os, name)
+
+
+class ToolStandIn:
+    """qbackup's tool runner (qbackup.tools.current) for tests: `lvm` runs
+    the stand-in lvm; `dmsetup message ... reserve_metadata_snap` /
+    `release_metadata_snap` are answered as the kernel answers them (one
+    reservation per pool, EEXIST / EINVAL otherwise); `thin_delta -m` runs
+    the real thin_delta on metadata built with the real thin_restore from
+    the stand-in's pools. Every command line is kept in `calls`; `fail`
+    maps a word of a command line to the error that command then gives."""
+
+    def __init__(self, lvm: FakeLvm, work: Path):
+        self.lvm = lvm
+        self.work = work
+        self.calls: list[list[str]] = []
+        self.reserved: set[str] = set()
+        self.fail: dict[str, str] = {}
+
+    def run(self, argv: list[str], *, timeout: float) -> str:
+        from qbackup import tools
+        self.calls.append(list(argv))
+        for word, error in self.fail.items():
+            if word in argv:
+                raise tools.ToolError(f"{tools.describe(argv)} failed: {error}")
+        if argv[0] == "lvm":
+            return tools.Runner().run(argv, timeout=timeout)
+        if argv[:2] == ["dmsetup", "message"]:
+            device, action = argv[2], argv[4]
+            if action == "reserve_metadata_snap":
+                if device in self.reserved:
+                    raise tools.ToolError("dmsetup message failed: device-mapper: message "
+                                          "ioctl on " + device + " failed: File exists")
+                self.reserved.add(device)
+            elif action == "release_metadata_snap":
+                if device not in self.reserved:
+                    raise tools.ToolError("dmsetup message failed: device-mapper: message "
+                                          "ioctl on " + device + " failed: Invalid argument")
+                self.reserved.discard(device)
+            return ""
+        if argv[0] == "thin_delta":
+            device = argv[-1]
+            assert argv[1] == "-m" and device.endswith("_tmeta"), argv
+            tpool = device.removeprefix("/dev/mapper/").removesuffix("_tmeta") + "-tpool"
+            assert tpool in self.reserved, "thin_delta -m without a reserved metadata snapshot"
+            xml, meta = self.work / "metadata.xml", self.work / "metadata.bin"
+            xml.write_text(self.lvm.metadata_xml())
+            with open(meta, "wb") as f:
+                f.truncate(16 << 20)
+            subprocess.run(["thin_restore", "-i", str(xml), "-o", str(meta)], check=True,
+                           capture_output=True)
+            return tools.Runner().run(["thin_delta", *argv[2:-1], str(meta)], timeout=timeout)
+        raise AssertionError(f"unexpected tool call {argv}")
+
+
+@contextlib.contextmanager
+def reachable_daemon(monkeypatch: Any, tmp_path: Path):
+    """A real daemon as the backup qube's qubes.BackupChunk, behind the
+    stand-in qrexec-client that qubesadmin's run_service runs; yields the
+    qrexec-client log."""
+    import qubesadmin.config
+    from qbackup_sim import start_daemon, stop_daemon
+    root = Path(tempfile.mkdtemp(prefix="qbq-"))  # short: a Unix socket lives there
+    try:
+        start_daemon(root)
+        log = tmp_path / "qrexec.log"
+        client = fake_qrexec_client(tmp_path / "qrexec-client", log)
+        monkeypatch.setattr(qubesadmin.config, "QREXEC_CLIENT", str(client))
+        monkeypatch.setenv("QBACKUP_FAKE_QREXEC_SOCKET", str(root / "daemon.sock"))
+        yield log
+    finally:
+        stop_daemon(root)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 class _Input:

@@ -88,6 +88,16 @@ class TreeWriter:
                 self.add(ZERO_ID)
                 count -= 1
 
+    def add_leaf(self, leaf_id: bytes, count: int) -> None:
+        """Append a whole leaf of `count` chunks whose id is known (from a
+        previous tree of the same chunk positions): it is not rebuilt, and
+        not passed to put_node. Only at a leaf boundary; `count` is FANOUT
+        except for the volume's last leaf."""
+        if self._pending[0] or self.chunks % FANOUT or not 0 < count <= FANOUT:
+            raise ValueError("add_leaf needs a leaf boundary and 1..FANOUT chunks")
+        self.chunks += count
+        self._push(1, leaf_id)
+
     def finish(self) -> tuple[bytes, int]:
         """(root id, depth) of the tree of every id added."""
         depth = depth_for(self.chunks)
@@ -176,6 +186,53 @@ def _fetch_nodes(session, keys, level: int, node_ids: list[bytes], first: int, c
                 result.append((node_start, decode_node(plain, level, count), None))
             except IntegrityError as e:
                 result.append((node_start, None, str(e)))
+    return result
+
+
+@dataclass(frozen=True)
+class LeafRef:
+    """Leaf `index` of a stored tree: chunks [start, start + count) and its id."""
+    index: int
+    start: int
+    count: int
+    id: bytes
+
+
+def leaf_refs(session, keys: crypto.Keys, root: bytes, depth: int, chunks: int) -> list[LeafRef]:
+    """The leaves of a stored tree, in order, found by walking only its
+    interior nodes (levels >= 1: one id per FANOUT chunks). IntegrityError
+    if an interior node is missing, forged or malformed."""
+    if depth != depth_for(chunks) or len(root) != ID_SIZE:
+        raise IntegrityError(f"chunk map of {chunks} chunks cannot have depth {depth}")
+    ids = [root]
+    for level in range(depth - 1, 0, -1):
+        nodes = _fetch_nodes(session, keys, level, ids, 0, chunks)
+        errors = [error for _, _, error in nodes if error is not None]
+        if errors:
+            raise IntegrityError(errors[0])
+        ids = [child for _, children, _ in nodes for child in children]
+    return [LeafRef(k, k * FANOUT, min(FANOUT, chunks - k * FANOUT), leaf_id)
+            for k, leaf_id in enumerate(ids)]
+
+
+def fetch_leaves(session, keys: crypto.Keys, leaves: list[LeafRef]) -> list[list[bytes] | str]:
+    """For each leaf, in order (they may belong to several trees): its chunk
+    ids, or why they cannot be had; authenticated and checked like every
+    node (an all-zero leaf is not fetched)."""
+    fetched = _fetch(session, keys, [n for n in dict.fromkeys(leaf.id for leaf in leaves)
+                                     if n != ZERO_ID])
+    result: list[list[bytes] | str] = []
+    for leaf in leaves:
+        plain = None if leaf.id == ZERO_ID else fetched[leaf.id]
+        if plain is None:
+            result.append([ZERO_ID] * leaf.count)
+        elif isinstance(plain, str):
+            result.append(plain)
+        else:
+            try:
+                result.append(decode_node(plain, 0, leaf.count))
+            except IntegrityError as e:
+                result.append(str(e))
     return result
 
 

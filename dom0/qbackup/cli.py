@@ -44,7 +44,7 @@ def _later(module: str, name: str) -> Callable:
     return call
 
 
-cmd_backup = _later("backup", "cmd_backup")
+cmd_backup, cmd_cleanup = _later("backup", "cmd_backup"), _later("backup", "cmd_cleanup")
 cmd_browse = _later("browse", "cmd_browse")
 cmd_repo_list, cmd_repo_trust = _later("pins", "cmd_repo_list"), _later("pins", "cmd_repo_trust")
 cmd_protect, cmd_prune = _later("prune", "cmd_protect"), _later("prune", "cmd_prune")
@@ -151,17 +151,44 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
     p = _add_command(sub, "backup", cmd_backup, "back up qubes",
                      "Back up the listed qubes (or --all: every qube but the backup qube): "
                      "their settings, the private volume of each, and the root volume of "
-                     "templates and standalone qubes. Only chunks the repository lacks "
-                     "are sent; an interrupted backup resumes when run again.", rollback=True)
+                     "templates and standalone qubes. First a read-only copy of every "
+                     "volume is taken (reflink copy or LVM thin snapshot; of a running "
+                     "qube, its state at its last shutdown), so the backup is one point in "
+                     "time; then only what changed since the last backup to this "
+                     "repository is read, and only chunks the repository lacks are sent. "
+                     "An interrupted backup resumes from the same copies when run again "
+                     "with the same qubes. See docs/CHANGES.md.", rollback=True)
     p.add_argument("qubes", nargs="*", metavar="QUBE", help="qubes to back up")
     p.add_argument("--all", action="store_true",
                    help="back up every qube except the backup qube")
     p.add_argument("--exclude", action="append", default=[], metavar="QUBE",
                    help="leave this qube out (repeatable)")
+    p.add_argument("--live", action="store_true",
+                   help="for running qubes, copy what they have written so far (a "
+                   "crash-consistent state, as after a power cut) instead of their state "
+                   "at their last shutdown; the snapshot records which one each volume is")
+    p.add_argument("--full", action="store_true",
+                   help="read every volume in full instead of only what changed (chunks "
+                   "the repository holds are still not sent)")
     p.add_argument("--job", metavar="JOB",
                    help="run the job JOB of the jobs file: its backup qube, repository, "
                    "qubes and passphrase file; refused if `qbackup check JOB` finds errors; "
                    "its outcome is kept for `qbackup status`")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+    p = _add_command(sub, "cleanup", cmd_cleanup, "remove copies no backup needs",
+                     "List and remove the copies of volumes (reflink copies, LVM thin "
+                     "snapshots) that dom0 made for this repository and no longer needs: "
+                     "left by interrupted or killed backups, of qubes that are gone, or "
+                     "replaced by newer ones. Every successful backup does this too. Kept: "
+                     "the base copy of each volume (what the next incremental compares "
+                     "with) and the copies an interrupted backup resumes from.",
+                     rollback=True)
+    p.add_argument("--dry-run", action="store_true",
+                   help="only list what would be removed and what is kept")
+    p.add_argument("--all", action="store_true",
+                   help="also remove the base copies and the copies kept for resuming "
+                   "(the next backup of each volume then reads it in full)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
     p = _add_command(sub, "check", cmd_check, "say what a job will and will not back up",

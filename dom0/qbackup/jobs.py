@@ -36,7 +36,8 @@ CLASSES = ("AppVM", "TemplateVM", "StandaloneVM", "DispVM", "AdminVM")
 DEPENDENCY_PROPERTIES = ("template", "netvm", "default_dispvm", "audiovm", "guivm",
                          "management_dispvm")
 JOB_KEYS = {"backup_vm": str, "repo": str, "include": list, "exclude": list,
-            "passphrase_file": str}
+            "passphrase_file": str, "live": bool}
+TYPE_NAMES = {str: "string", list: "list", bool: "boolean (true or false)"}
 MAX_FILE = 1 << 20
 
 
@@ -52,6 +53,7 @@ class Job:
     include: tuple[str, ...]
     exclude: tuple[str, ...] = ()
     passphrase_file: str | None = None
+    live: bool = False  # running qubes: a crash-consistent copy of what they wrote (--live)
 
 
 def _line_of(text: str, table: str, key: str | None = None) -> int:
@@ -131,7 +133,7 @@ def parse_jobs(text: str, path: str = JOBS_FILE) -> dict[str, Job]:
                            f"{', '.join(sorted(JOB_KEYS))})")
             if not isinstance(value, JOB_KEYS[key]):
                 raise fail(line, f"job {name!r}: {key} must be a "
-                           f"{JOB_KEYS[key].__name__.replace('str', 'string')}")
+                           f"{TYPE_NAMES[JOB_KEYS[key]]}")
         line = lambda key: _line_of(text, f"jobs.{name}", key) or where  # noqa: E731
         if "backup_vm" not in table:
             raise fail(where, f"job {name!r} has no backup_vm")
@@ -159,7 +161,7 @@ def parse_jobs(text: str, path: str = JOBS_FILE) -> dict[str, Job]:
         jobs[name] = Job(name=name, backup_vm=table["backup_vm"], repo=repo,
                          include=tuple(table["include"]),
                          exclude=tuple(table.get("exclude", [])),
-                         passphrase_file=passphrase_file)
+                         passphrase_file=passphrase_file, live=table.get("live", False))
     return jobs
 
 
@@ -280,8 +282,7 @@ def review(job: Job, qubes: list[QubeInfo]) -> Review:
                 result.warnings.append(f"{name} uses {dep} as its {prop}, which the job "
                                        "does not include")
         if qube.running:
-            result.warnings.append(f"{name} is running: it is backed up as it was at its "
-                                   "last shutdown")
+            result.warnings.append(_running(job, qube))
         for vol in volumes_to_backup(qube):
             if vol.path is None:
                 result.errors.append(f"{name}: volume {vol.name} cannot be read: "
@@ -295,6 +296,28 @@ def review(job: Job, qubes: list[QubeInfo]) -> Review:
         except JobError as e:
             result.errors.append(str(e))
     return result
+
+
+def _running(job: Job, qube: QubeInfo) -> str:
+    """What a backup takes of a running qube (docs/CHANGES.md §2): without
+    `live`, its volumes as they were at its last shutdown; with it, a
+    crash-consistent copy of what it has written so far, for each volume
+    whose pool has one (the others: as at the last shutdown)."""
+    volumes = [v for v in volumes_to_backup(qube) if v.path is not None]
+    live = [v.name for v in volumes if job.live and v.live_path is not None]
+    shutdown = [v.name for v in volumes if v.name not in live]
+    if not job.live:
+        return (f"{qube.name} is running: it is backed up as it was at its last shutdown, "
+                "without what it wrote since (live = true backs up a crash-consistent copy "
+                "of that)")
+    parts = []
+    if live:
+        parts.append(f"{', '.join(live)} backed up live: a crash-consistent copy of what it "
+                     "has written so far, as after a power cut")
+    if shutdown:
+        parts.append(f"{', '.join(shutdown)} as it was at its last shutdown (its pool has "
+                     "no live copy)")
+    return f"{qube.name} is running: {'; '.join(parts)}"
 
 
 def state_path(state_dir: str, job: str) -> Path:

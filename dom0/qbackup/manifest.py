@@ -1,14 +1,17 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Snapshot manifest: what one backup holds, as a msgpack map (format 2).
+"""Snapshot manifest: what one backup holds, as a msgpack map (format 3).
 
 The manifest names its repository, its own id, time, host and predecessor,
 the chunk size, and per qube its settings (class, properties, features,
 tags, the configuration of its volumes, firewall rules, device assignments
-and the qubes it depends on) and per volume its size and chunk map root. It
-is sealed with crypto.seal_snapshot; decode() runs on authenticated
-plaintext only and still checks every type and bound. Format 1 manifests
-(no firewall, devices or dependencies) still decode, into the same shape
-with those marked as not recorded. See docs/SNAPSHOTS.md.
+and the qubes it depends on) and per volume its size and chunk map root
+and where its data came from (`source`: the last-shutdown or live state,
+when dom0's copy was taken, and which copy). It is sealed with
+crypto.seal_snapshot; decode() runs on authenticated plaintext only and
+still checks every type and bound. Format 2 manifests (no `source`) and
+format 1 manifests (no firewall, devices or dependencies either) still
+decode, format 1 into the same shape with those marked as not recorded.
+See docs/SNAPSHOTS.md.
 """
 
 import math
@@ -22,8 +25,8 @@ from qbackup.chunkmap import ID_SIZE, MAX_DEPTH, depth_for
 from qbackup.errors import IntegrityError, QbackupError, RollbackError
 
 FORMAT = "qbackup-manifest"
-VERSION = 2
-VERSIONS = (1, 2)  # what decode() accepts
+VERSION = 3
+VERSIONS = (1, 2, 3)  # what decode() accepts
 MAX_VALUE_DEPTH = 8
 MAX_SIZE = 1 << 62
 # A sealed manifest must fit the 4 MiB a snapshot may take (PROTOCOL §7),
@@ -33,7 +36,7 @@ QUBE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 VOLUME_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 EXTRA_KEY = re.compile(r"[a-z][a-z0-9_]{0,31}")
 QUBE_KEYS = {"class", "properties", "features", "tags", "volumes"}
-# Format 2: every qube entry has exactly these keys (firewall and devices
+# Formats 2 and 3: every qube entry has exactly these keys (firewall and devices
 # may be nil: not recorded).
 QUBE_KEYS_2 = QUBE_KEYS | {"volume_config", "firewall", "devices", "dependencies"}
 PROPERTY_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
@@ -56,6 +59,10 @@ VOLUME_CONFIG = {"pool": str, "size": int, "rw": bool, "save_on_stop": bool,
                  "snap_on_start": bool, "revisions_to_keep": int, "ephemeral": bool}
 DEVICE_KEYS = {"class", "backend", "ident", "options", "persistent"}
 VOLUME_KEYS = {"size", "chunks", "root", "depth", "settings"}
+SOURCE_KEY = "source"  # format 3: optional in a volume entry
+SOURCE_KEYS = {"state", "taken", "copy"}
+SOURCE_STATES = ("shutdown", "live")
+COPY_ID_SIZE = 16
 TOP_KEYS = {"format", "version", "repo_id", "snapshot_id", "time", "host", "predecessor",
             "chunk_size", "qubes"}
 
@@ -115,8 +122,25 @@ def _check_id(value, where: str) -> None:
     _check(isinstance(value, bytes) and len(value) == ID_SIZE, f"{where} is not a {ID_SIZE}-byte id")
 
 
-def _check_volume(vol: dict, where: str, chunk_size: int) -> None:
-    _check(isinstance(vol, dict) and set(vol) == VOLUME_KEYS, f"{where} does not have exactly {sorted(VOLUME_KEYS)}")
+def _check_source(source, where: str) -> None:
+    _check(isinstance(source, dict) and set(source) == SOURCE_KEYS,
+           f"{where} does not have exactly {sorted(SOURCE_KEYS)}")
+    _check(source["state"] in SOURCE_STATES, f"{where}.state is not one of {SOURCE_STATES}")
+    _check(isinstance(source["taken"], float) and math.isfinite(source["taken"])
+           and source["taken"] >= 0, f"{where}.taken is invalid")
+    _check(source["copy"] is None or (isinstance(source["copy"], bytes)
+                                      and len(source["copy"]) == COPY_ID_SIZE),
+           f"{where}.copy is not nil or a {COPY_ID_SIZE}-byte id")
+
+
+def _check_volume(vol: dict, where: str, chunk_size: int, version: int) -> None:
+    keys = set(vol) if isinstance(vol, dict) else set()
+    allowed = VOLUME_KEYS | ({SOURCE_KEY} if version >= 3 else set())
+    _check(isinstance(vol, dict) and VOLUME_KEYS <= keys <= allowed,
+           f"{where} does not have exactly {sorted(VOLUME_KEYS)}"
+           + (f" and optionally {SOURCE_KEY!r}" if version >= 3 else ""))
+    if SOURCE_KEY in vol:
+        _check_source(vol[SOURCE_KEY], f"{where}.{SOURCE_KEY}")
     _check_int(vol["size"], 0, MAX_SIZE, f"{where}.size")
     _check(vol["chunks"] == -(-vol["size"] // chunk_size), f"{where}.chunks does not match its size")
     _check_int(vol["depth"], 1, MAX_DEPTH, f"{where}.depth")
@@ -135,7 +159,7 @@ def _check_qube(qube: dict, where: str, chunk_size: int, version: int) -> None:
     _check(isinstance(qube["volumes"], dict), f"{where}.volumes is not a map")
     for name, vol in qube["volumes"].items():
         _check(isinstance(name, str) and VOLUME_NAME.fullmatch(name) is not None, f"{where} has a bad volume name")
-        _check_volume(vol, f"{where}.volumes.{name}", chunk_size)
+        _check_volume(vol, f"{where}.volumes.{name}", chunk_size, version)
     if version == 1:
         _check_map(qube["properties"], f"{where}.properties")
         _check_map(qube["features"], f"{where}.features")

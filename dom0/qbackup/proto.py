@@ -26,6 +26,7 @@ from typing import Any
 
 import msgpack
 
+from . import threads
 from .errors import ProtocolError, QbackupError, RemoteError, sanitize
 from .transport import Transport
 
@@ -391,7 +392,7 @@ class Session:
         # The watchdog covers the hello exchange too: a backup qube that
         # never answers it cannot keep dom0 waiting.
         self._in_hello = True
-        threading.Thread(target=self._watch, name="qbackup-proto-watchdog", daemon=True).start()
+        threads.start(self._watch, "qbackup-proto-watchdog")
         try:
             self._hello()
         except BaseException as exc:
@@ -407,9 +408,7 @@ class Session:
         with self._cond:
             self._in_hello = False
             self._heard = time.monotonic()
-        self._reader = threading.Thread(target=self._read_loop, name="qbackup-proto-reader",
-                                        daemon=True)
-        self._reader.start()
+        self._reader = threads.start(self._read_loop, "qbackup-proto-reader")
 
     def __enter__(self) -> "Session":
         return self

@@ -45,8 +45,16 @@ DERIVED_PROPERTIES = frozenset({
 @dataclass(frozen=True)
 class VolumeInfo:
     """One volume of a qube. `path` is the committed image or device qbackup
-    reads; when qbackup cannot read this volume consistently, `path` is None
-    and `unreadable` says why, in words fit for the user."""
+    copies (docs/CHANGES.md); when qbackup cannot read this volume
+    consistently, `path` is None and `unreadable` says why, in words fit for
+    the user.
+
+    Where it lives, for the volume sources: `driver` is its pool's driver
+    (`file-reflink`, `lvm_thin`, `file`; "" for a plain file or block device,
+    as in the simulation), `vid` its id in the pool (lvm_thin: `VG/LV`),
+    `thin_pool` the lvm_thin pool's thin pool LV, and `live_path` what the
+    running qube writes (file-reflink: `-dirty.img`; lvm_thin: the `-snap`
+    LV), None when it is halted or there is none."""
     name: str
     pool: str
     size: int
@@ -58,6 +66,10 @@ class VolumeInfo:
     unreadable: str = ""
     usage: int = 0    # bytes the volume holds (allocated), as Qubes reports it
     ephemeral: bool = False
+    driver: str = ""
+    vid: str = ""
+    thin_pool: str = ""
+    live_path: str | None = None
 
     def settings(self) -> dict[str, Any]:
         """The volume's configuration as recorded in a snapshot (no path:
@@ -286,6 +298,21 @@ def volume_path(driver: str, pool: dict[str, str], info: dict[str, str],
     return None, f"its pool uses the {driver!r} driver, which qbackup cannot read"
 
 
+def live_path(driver: str, pool: dict[str, str], info: dict[str, str], running: bool) -> str | None:
+    """What a running qube writes for a volume that keeps its changes (the
+    source of a `--live` copy): file-reflink `{dir_path}/{vid}-dirty.img`,
+    lvm_thin `/dev/{vid}-snap`; None when halted, for other drivers, or for
+    a volume whose changes are discarded."""
+    vid = info.get("vid", "")
+    if not running or not vid or not _flag(info, "save_on_stop"):
+        return None
+    if driver == "file-reflink":
+        return os.path.join(os.path.normpath(pool.get("dir_path", "")), vid + "-dirty.img")
+    if driver == "lvm_thin":
+        return "/dev/" + vid + "-snap"
+    return None
+
+
 class QubesAdminBackend:
     """The backend for a real dom0, through qubesadmin (Admin API).
 
@@ -344,14 +371,17 @@ class QubesAdminBackend:
             self._pools[pool_name] = parse_info(self._app.qubesd_call(
                 "dom0", "admin.pool.Info", pool_name).decode("ascii"))
         pool = self._pools[pool_name]
-        path, unreadable = volume_path(pool.get("driver", ""), pool, info, running)
+        driver = pool.get("driver", "")
+        path, unreadable = volume_path(driver, pool, info, running)
         return VolumeInfo(
             name=name, pool=pool_name, size=int(info["size"]), path=path,
             rw=_flag(info, "rw"), save_on_stop=_flag(info, "save_on_stop"),
             snap_on_start=_flag(info, "snap_on_start"),
             revisions_to_keep=int(info["revisions_to_keep"]), unreadable=unreadable,
-            usage=int(info.get("usage") or 0),
-            ephemeral=_flag(info, "ephemeral"))
+            usage=int(info.get("usage") or 0), ephemeral=_flag(info, "ephemeral"),
+            driver=driver, vid=info.get("vid", ""),
+            thin_pool=pool.get("thin_pool", "") if driver == "lvm_thin" else "",
+            live_path=live_path(driver, pool, info, running) if path else None)
 
     def qube_details(self, name: str) -> QubeDetails:
         """One admin.vm.firewall.Get and one admin.vm.device.CLASS.List per

@@ -27,10 +27,10 @@ import re
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass
 
-from qbackup import chunkmap, crypto, manifest
+from qbackup import chunkmap, crypto, manifest, threads
 from qbackup.chunkmap import Leaf
 from qbackup.crypto import ZERO_ID
 from qbackup.errors import IntegrityError, QbackupError, RemoteError, RollbackError
@@ -281,9 +281,9 @@ def _opened(session, keys: crypto.Keys, ids: Iterable[bytes], pool: Executor
         yield want, opened.result()
 
 
-def _open_pool() -> ThreadPoolExecutor:
+def _open_pool() -> Executor:
     """Threads that open chunks: cryptography and zstandard release the GIL."""
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="qbackup-open")
+    return threads.pool(os.cpu_count() or 1, "qbackup-open")
 
 
 def _wrong_length(actual: int, expected: int) -> str | None:
@@ -479,10 +479,8 @@ class _Writer:
         self._zeros = b""
         self._unflushed = 0
         self._flush = threading.Event()
-        self._threads = [threading.Thread(target=self._run, name="qbackup-write", daemon=True),
-                         threading.Thread(target=self._flusher, name="qbackup-flush", daemon=True)]
-        for thread in self._threads:
-            thread.start()
+        self._threads = [threads.start(self._run, "qbackup-write"),
+                         threads.start(self._flusher, "qbackup-flush")]
 
     def chunk(self, offset: int, data: bytes) -> None:
         if self._error is not None:

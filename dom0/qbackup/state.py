@@ -220,6 +220,17 @@ class State:
         except OSError as e:
             raise QbackupError(f"cannot write state file {path}: {e.strerror}") from None
 
+    # -- other records kept here (qbackup.copies)
+
+    def read_record(self, name: str) -> Any:
+        """The JSON document `name`.json of this directory, None if there is none."""
+        return self._read(name)
+
+    def write_record(self, name: str, doc: dict) -> None:
+        """Write `name`.json atomically, under its own lock."""
+        with self._locked(name):
+            self._write(name, doc)
+
     # -- per-repository records
 
     def load(self, repo_id: bytes) -> Record:

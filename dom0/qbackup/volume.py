@@ -2,10 +2,13 @@
 """Sparse-aware reader that cuts a volume into fixed-size chunks.
 
 A volume is a regular file (file-reflink pools, sim images) or a block device
-(lvm_thin). Chunks are offset-aligned and `chunk_size` long; the last one is
-short when the size is not a multiple (never padded). Holes, found with
-SEEK_DATA/SEEK_HOLE, are not read at all; a chunk that is entirely hole, or
-that reads as all zero bytes, is reported as `None`.
+(lvm_thin). `VolumeFile` opens it once and sizes it on that same descriptor
+(`fstat`, or BLKGETSIZE64 for a block device), so a rename of the path
+between sizing and reading cannot make it read another file; everything is
+read through that descriptor. Chunks are offset-aligned and `chunk_size`
+long; the last one is short when the size is not a multiple (never padded).
+Holes, found with SEEK_DATA/SEEK_HOLE, are not read at all; a chunk that is
+entirely hole, or that reads as all zero bytes, is reported as `None`.
 """
 
 import errno
@@ -13,23 +16,11 @@ import fcntl
 import os
 import stat
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 from qbackup.errors import QbackupError
 
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
-
-
-def volume_size(path: str) -> int:
-    """Size in bytes of a regular file or block device."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise QbackupError(f"cannot open volume {path}: {e.strerror}") from None
-    try:
-        return fd_size(fd, path)
-    finally:
-        os.close(fd)
 
 
 def fd_size(fd: int, path: str) -> int:
@@ -45,24 +36,30 @@ def fd_size(fd: int, path: str) -> int:
         return os.lseek(fd, 0, os.SEEK_END)
 
 
-def _data_extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    """Yield the (start, end) data extents of `fd` below `size`, in order."""
-    pos = 0
-    while pos < size:
+def volume_size(path: str) -> int:
+    """Size in bytes of a regular file or block device."""
+    with VolumeFile(path) as vf:
+        return vf.size
+
+
+def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """Yield the (start, end) data extents of `fd` within [start, end), in order."""
+    pos = start
+    while pos < end:
         try:
-            start = os.lseek(fd, pos, os.SEEK_DATA)
+            data = os.lseek(fd, pos, os.SEEK_DATA)
         except OSError as e:
             if e.errno == errno.ENXIO:  # no data after pos
                 return
             if e.errno in (errno.EINVAL, errno.EOPNOTSUPP):  # no hole support: all data
-                yield pos, size
+                yield pos, end
                 return
             raise
-        if start >= size:
+        if data >= end:
             return
-        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
-        yield start, end
-        pos = end
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        yield data, hole
+        pos = hole
 
 
 def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
@@ -75,12 +72,107 @@ def _pread_into(fd: int, buf: memoryview, offset: int) -> None:
         done += n
 
 
-class ChunkReader:
-    """Iterator of (index, data | None) over every chunk of a volume.
+class VolumeFile:
+    """A volume opened once for reading: its size, a stamp of its inode,
+    and its chunks. `bytes_read` counts the bytes actually read (holes are
+    never read)."""
 
-    `bytes_read` counts the bytes actually read from the volume (holes are
-    never read), for statistics and tests.
-    """
+    def __init__(self, path: str, fd: int | None = None, *, nofollow: bool = False):
+        """Open `path`, or adopt `fd` (already open on it; closed with this)."""
+        self.path = path
+        if fd is None:
+            flags = os.O_RDONLY | os.O_CLOEXEC | (os.O_NOFOLLOW if nofollow else 0)
+            try:
+                fd = os.open(path, flags)
+            except OSError as e:
+                raise QbackupError(f"cannot open volume {path}: {e.strerror}") from None
+        self.fd = fd
+        try:
+            st = os.fstat(self.fd)
+            self.size = fd_size(self.fd, path)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.regular = stat.S_ISREG(st.st_mode)
+        self.stamp = self._stamp(st)
+        self.bytes_read = 0
+
+    @staticmethod
+    def _stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+        return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+    def changed_since_open(self) -> bool:
+        """Whether the file was written, truncated or had holes punched
+        since it was opened (regular files: size, mtime or ctime moved)."""
+        return self.regular and self._stamp(os.fstat(self.fd)) != self.stamp
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "VolumeFile":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def chunks(self, chunk_size: int, runs: Iterable[tuple[int, int]] | None = None,
+               size: int | None = None) -> Iterator[tuple[int, bytes | None]]:
+        """(index, data | None) for the chunks of `runs` ([first, end) index
+        ranges, ascending; default: every chunk), in order. `size` (default:
+        the size found at open) is how much of the volume to cut."""
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        size = self.size if size is None else size
+        count = (size + chunk_size - 1) // chunk_size
+        if self.regular and os.fstat(self.fd).st_size < size:
+            raise QbackupError(f"volume {self.path} is {os.fstat(self.fd).st_size} bytes, "
+                               f"expected {size}")
+        if runs is None:
+            runs = [(0, count)]
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        zero = bytes(chunk_size)
+        try:
+            for first, end in runs:
+                yield from self._run(chunk_size, size, first, min(end, count), zero)
+        except OSError as e:
+            raise QbackupError(f"cannot read volume {self.path}: {e.strerror}") from None
+
+    def _run(self, chunk_size: int, size: int, first: int, end_chunk: int, zero: bytes
+             ) -> Iterator[tuple[int, bytes | None]]:
+        if first >= end_chunk:
+            return
+        extents = _data_extents(self.fd, first * chunk_size, min(end_chunk * chunk_size, size))
+        current = next(extents, None)
+        for index in range(first, end_chunk):
+            start = index * chunk_size
+            end = min(start + chunk_size, size)
+            parts = []
+            while current is not None and current[0] < end:
+                parts.append((max(current[0], start), min(current[1], end)))
+                if current[1] > end:
+                    break
+                current = next(extents, None)
+            yield index, self._read(start, end, parts, zero)
+
+    def _read(self, start: int, end: int, parts: list[tuple[int, int]], zero: bytes) -> bytes | None:
+        """Read the data parts of chunk [start, end); None if it is all zero."""
+        if not parts:
+            return None
+        buf = bytearray(end - start)
+        view = memoryview(buf)
+        for part_start, part_end in parts:
+            _pread_into(self.fd, view[part_start - start:part_end - start], part_start)
+            self.bytes_read += part_end - part_start
+        view.release()
+        expected = zero if len(buf) == len(zero) else bytes(len(buf))
+        return None if buf == expected else bytes(buf)
+
+
+class ChunkReader:
+    """Iterator of (index, data | None) over every chunk of a volume at `path`
+    (opened when iteration starts); see VolumeFile."""
 
     def __init__(self, path: str, size: int, chunk_size: int):
         if chunk_size <= 0 or size < 0:
@@ -89,7 +181,6 @@ class ChunkReader:
         self.size = size
         self.chunk_size = chunk_size
         self.bytes_read = 0
-        self._zero = bytes(chunk_size)
         self._chunks = self._generate()
 
     def __iter__(self) -> "ChunkReader":
@@ -102,48 +193,11 @@ class ChunkReader:
         self._chunks.close()
 
     def _generate(self) -> Iterator[tuple[int, bytes | None]]:
-        try:
-            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise QbackupError(f"cannot open volume {self.path}: {e.strerror}") from None
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISREG(st.st_mode) and st.st_size < self.size:
-                raise QbackupError(f"volume {self.path} is {st.st_size} bytes, expected {self.size}")
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        with VolumeFile(self.path) as vf:
             try:
-                yield from self._chunks_of(fd)
-            except OSError as e:
-                raise QbackupError(f"cannot read volume {self.path}: {e.strerror}") from None
-        finally:
-            os.close(fd)
-
-    def _chunks_of(self, fd: int) -> Iterator[tuple[int, bytes | None]]:
-        extents = _data_extents(fd, self.size)
-        current = next(extents, None)
-        for index in range((self.size + self.chunk_size - 1) // self.chunk_size):
-            start = index * self.chunk_size
-            end = min(start + self.chunk_size, self.size)
-            parts = []
-            while current is not None and current[0] < end:
-                parts.append((max(current[0], start), min(current[1], end)))
-                if current[1] > end:
-                    break
-                current = next(extents, None)
-            yield index, self._read(fd, start, end, parts)
-
-    def _read(self, fd: int, start: int, end: int, parts: list[tuple[int, int]]) -> bytes | None:
-        """Read the data parts of chunk [start, end); None if it is all zero."""
-        if not parts:
-            return None
-        buf = bytearray(end - start)
-        view = memoryview(buf)
-        for part_start, part_end in parts:
-            _pread_into(fd, view[part_start - start:part_end - start], part_start)
-            self.bytes_read += part_end - part_start
-        view.release()
-        zero = self._zero if len(buf) == self.chunk_size else bytes(len(buf))
-        return None if buf == zero else bytes(buf)
+                yield from vf.chunks(self.chunk_size, size=self.size)
+            finally:
+                self.bytes_read = vf.bytes_read
 
 
 def iter_chunks(path: str, size: int, chunk_size: int) -> ChunkReader:

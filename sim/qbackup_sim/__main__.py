@@ -42,7 +42,7 @@ def _create(args: argparse.Namespace) -> int:
     for qube in qubes.values():
         if qube["class"] in ("AppVM", "DispVM") and templates:
             qube["template"] = templates[0]
-    root = create_sim(args.dir, qubes, backup_vm=args.backup_vm)
+    root = create_sim(args.dir, qubes, backup_vm=args.backup_vm, pool_dir=args.pool_dir)
     print(f"created sim in {root} with qubes: {', '.join(sorted(load_inventory(root)['qubes']))}")
     return 0
 
@@ -94,6 +94,12 @@ def main(argv: list[str] | None = None) -> int:
                         metavar="NAME:CLASS[:VOL=SIZE,...]", help="add a qube (repeatable)")
     create.add_argument("--backup-vm", default="backup",
                         help="name of the backup qube (added as an AppVM; default backup)")
+    create.add_argument("--pool-dir", metavar="PATH",
+                        help="put the qubes' volumes in a Qubes file-reflink pool at PATH "
+                        "(a directory on btrfs or xfs for reflinks), laid out as qubesd does: "
+                        "PATH/appvms/NAME/VOL.img, PATH/vm-templates/NAME/VOL.img; qbackup "
+                        "then takes reflink copies and tracks changes (default: plain image "
+                        "files in DIR/volumes/, read in full)")
     create.set_defaults(func=_create)
     sub.add_parser("run", help="run qbackup against a sim: run DIR [--] QBACKUP-ARGS...",
                    description="Run the qbackup command line against the sim in DIR, "

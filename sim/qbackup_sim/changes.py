@@ -15,6 +15,7 @@ import file is removed and the volume is unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -24,7 +25,8 @@ from typing import Any
 
 from qbackup.qubes import (DEPENDENCIES, FILE_MANAGER_COMMAND, QUBE_VOLUMES, RESTORE_IN_PROGRESS,
                            Device, SystemInfo, VolumeInfo)
-from qbackup_sim.inventory import (SimError, save_inventory, system_settings, volume_defaults)
+from qbackup_sim.inventory import (SimError, image_path, save_inventory, system_settings,
+                                   volume_defaults)
 
 LABELS = ("red", "orange", "yellow", "green", "gray", "blue", "purple", "black")
 DEFAULT_SIZES = {"root": 10 << 30, "private": 2 << 30, "volatile": 10 << 30}
@@ -123,7 +125,7 @@ class SimChanges:
             else:
                 settings.update(pool=pools.get(vol, system["default_pool"]),
                                 size=DEFAULT_SIZES[vol])
-            settings["path"] = f"volumes/{name}/{vol}.img"
+            settings["path"] = image_path(self.inventory, name, klass, vol, settings["pool"])
             volumes[vol] = settings
         entry: dict[str, Any] = {"class": klass, "label": label,
                                  "tags": ["created-by-dom0"], "volumes": volumes}
@@ -149,8 +151,13 @@ class SimChanges:
                 raise SimError(f"{what}: Domain is in use: {name!r} ({other}: {uses[0]})")
         if name in system_settings(self.inventory).values():
             raise SimError(f"{what}: Domain is in use: {name!r} (a system default)")
-        del self.inventory["qubes"][name]
+        volumes = self.inventory["qubes"].pop(name)["volumes"]
         self._save()
+        for settings in volumes.values():  # as qubesd: its images, then their directory if empty
+            image = self.directory / settings["path"]
+            image.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                image.parent.rmdir()
         shutil.rmtree(self.directory / "volumes" / name, ignore_errors=True)
 
     def kill_qube(self, name: str) -> None:

@@ -20,9 +20,17 @@ Optional per qube: `"firewall": [RULE, ...]` (admin.vm.firewall.Get lines;
 default `["action=accept"]`, as qubesd) and `"devices": [{"class", "backend",
 "ident", "options", "persistent"}]`. Optional at the top: `"system":
 {"pools": [...], "default_pool", "default_template", "default_netvm",
-"default_dispvm", "management_dispvm"}` (SYSTEM_DEFAULTS). `create_sim`
-writes a new sim directory with sparse (all-zero) image files of the given
-sizes.
+"default_dispvm", "management_dispvm"}` (SYSTEM_DEFAULTS). Such volumes
+are plain image files.
+
+An optional top-level `"pools": {"varlibqubes": {"driver": "file-reflink",
+"dir_path": "/abs/path"}}` makes the volumes of those pools live in a Qubes
+file-reflink pool (on btrfs or xfs for reflinks), laid out as qubesd lays
+them out: `DIR_PATH/appvms/NAME/VOL.img` (TemplateVMs: `vm-templates/`),
+volume id `appvms/NAME/VOL`; a running qube's changes are in
+`VOL-dirty.img` beside it. `create_sim(..., pool_dir=PATH)` makes one.
+`create_sim` writes a new sim directory with sparse (all-zero) image files
+of the given sizes.
 """
 
 from __future__ import annotations
@@ -42,9 +50,10 @@ CLASSES = ("AppVM", "TemplateVM", "StandaloneVM", "DispVM", "DispVMTemplate")
 _QUBE_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_.-]{0,30}")
 _VOLUME_NAME = re.compile(r"[a-z][a-z0-9_-]{0,30}")
 _TOP_PROPERTIES = ("label", "template", "netvm")
+POOL = "varlibqubes"
 # qubesd's defaults in a fresh test bed: one pool, no default qubes.
 SYSTEM_DEFAULTS: dict[str, Any] = {
-    "pools": ["varlibqubes"], "default_pool": "varlibqubes", "default_template": None,
+    "pools": [POOL], "default_pool": POOL, "default_template": None,
     "default_netvm": None, "default_dispvm": None, "management_dispvm": None}
 DEFAULT_FIREWALL = ["action=accept"]
 
@@ -67,12 +76,23 @@ def volume_defaults(klass: str, volume: str) -> dict[str, Any]:
     own = ((volume == "private" and klass != "DispVM")
            or (volume == "root" and klass in ("TemplateVM", "StandaloneVM")))
     snapshot = (volume == "root" and not own) or (volume == "private" and klass == "DispVM")
-    return {"pool": "varlibqubes", "rw": True, "save_on_stop": own,
+    return {"pool": POOL, "rw": True, "save_on_stop": own,
             "snap_on_start": snapshot, "revisions_to_keep": 1, "ephemeral": False}
 
 
+def image_path(inventory: dict[str, Any], name: str, klass: str, volume: str, pool: str) -> str:
+    """Where a new volume's image goes: in its file-reflink pool's directory
+    as qubesd lays it out (dir_path_prefix: vm-templates/ or appvms/), or
+    relative to the sim directory for a pool with no such entry."""
+    pool_dir = inventory.get("pools", {}).get(pool, {}).get("dir_path")
+    if pool_dir is None:
+        return f"volumes/{name}/{volume}.img"
+    subdir = "vm-templates" if klass == "TemplateVM" else "appvms"
+    return str(Path(pool_dir) / subdir / name / f"{volume}.img")
+
+
 def create_sim(directory: str | os.PathLike, qubes: dict[str, dict[str, Any]],
-               backup_vm: str = "backup") -> Path:
+               backup_vm: str = "backup", pool_dir: str | os.PathLike | None = None) -> Path:
     """Create a sim directory holding `qubes` and the backup qube.
 
     Each qube is `{"class": ..., optional label/template/netvm/properties/
@@ -80,6 +100,8 @@ def create_sim(directory: str | os.PathLike, qubes: dict[str, dict[str, Any]],
     volume flags default to what qubesd uses for that class, and every qube
     is tagged `created-by-dom0`, as qubesd tags the qubes dom0 creates. Image files are created
     sparse (all zeros). The backup qube is added as an AppVM if not listed.
+    With `pool_dir`, volumes of the default pool go to a file-reflink pool
+    there, in qubesd's layout (module docstring).
     """
     root = Path(directory).absolute()
     if (root / INVENTORY).exists():
@@ -88,6 +110,9 @@ def create_sim(directory: str | os.PathLike, qubes: dict[str, dict[str, Any]],
     qubes.setdefault(backup_vm, {"class": "AppVM", "label": "black",
                                  "volumes": {"private": 1 << 20}})
     inventory: dict[str, Any] = {"backup_vm": backup_vm, "qubes": {}}
+    if pool_dir is not None:
+        inventory["pools"] = {POOL: {"driver": "file-reflink",
+                                     "dir_path": str(Path(pool_dir).absolute())}}
     for name, spec in qubes.items():
         entry = {k: v for k, v in spec.items() if k != "volumes"}
         # as qvm-create: qubesd tags every qube dom0 creates
@@ -96,7 +121,8 @@ def create_sim(directory: str | os.PathLike, qubes: dict[str, dict[str, Any]],
         for vol, value in spec.get("volumes", {}).items():
             settings = volume_defaults(spec.get("class", ""), vol)
             settings.update(value if isinstance(value, dict) else {"size": value})
-            settings.setdefault("path", f"volumes/{name}/{vol}.img")
+            settings.setdefault("path", image_path(inventory, name, spec.get("class", ""), vol,
+                                                   settings["pool"]))
             entry["volumes"][vol] = settings
         inventory["qubes"][name] = entry
     _validate(inventory)
@@ -137,11 +163,18 @@ def load_inventory(directory: str | os.PathLike) -> dict[str, Any]:
 
 def _validate(inventory: Any) -> None:
     _check(isinstance(inventory, dict), "top level", "not an object")
-    _check({"backup_vm", "qubes"} <= set(inventory) <= {"backup_vm", "qubes", "system"},
-           "top level", "needs exactly the keys backup_vm and qubes (and may have system)")
+    _check({"backup_vm", "qubes"} <= set(inventory) <= {"backup_vm", "qubes", "system", "pools"},
+           "top level", "needs exactly the keys backup_vm and qubes (and may have system and pools)")
     system = inventory.get("system", {})
     _check(isinstance(system, dict) and set(system) <= set(SYSTEM_DEFAULTS), "system",
            f"may only have the keys {', '.join(SYSTEM_DEFAULTS)}")
+    pools = inventory.get("pools", {})
+    _check(isinstance(pools, dict), "pools", "not an object")
+    for name, pool in pools.items():
+        _check(isinstance(pool, dict) and set(pool) == {"driver", "dir_path"}
+               and pool["driver"] == "file-reflink" and isinstance(pool["dir_path"], str)
+               and os.path.isabs(pool["dir_path"]), f"pools.{name}",
+               'must be {"driver": "file-reflink", "dir_path": ABSOLUTE PATH}')
     _check(isinstance(inventory["qubes"], dict), "qubes", "not an object")
     for name, qube in inventory["qubes"].items():
         _validate_qube(name, qube)
@@ -197,6 +230,30 @@ def _usage(image: Path) -> int:
         return 0
 
 
+def _volume_info(root: Path, inventory: dict[str, Any], qube: dict[str, Any], vol: str,
+                 s: dict[str, Any]) -> VolumeInfo:
+    """A volume as the adapter reports it: a plain image file, or one in a
+    file-reflink pool (driver, vid, and the -dirty.img of a running qube),
+    as qubes.volume_path and qubes.live_path compute them for qubesd."""
+    path = str(root / s["path"])
+    pool = inventory.get("pools", {}).get(s["pool"])
+    driver = vid = ""
+    live = None
+    if pool is not None:
+        dir_path = os.path.normpath(pool["dir_path"])
+        if not path.startswith(dir_path + os.sep) or not path.endswith(".img"):
+            raise SimError(f"sim inventory: volume {path} is not in pool {s['pool']}'s "
+                           f"directory {dir_path}")
+        driver, vid = pool["driver"], path[len(dir_path) + 1:-len(".img")]
+        if qube.get("running", False) and s["save_on_stop"]:
+            live = path[:-len(".img")] + "-dirty.img"
+    return VolumeInfo(name=vol, pool=s["pool"], size=s["size"], path=path, rw=s["rw"],
+                      save_on_stop=s["save_on_stop"], snap_on_start=s["snap_on_start"],
+                      revisions_to_keep=s["revisions_to_keep"], usage=_usage(Path(path)),
+                      ephemeral=s.get("ephemeral", False), driver=driver, vid=vid,
+                      live_path=live)
+
+
 def qube_infos(directory: str | os.PathLike, inventory: dict[str, Any]) -> list[QubeInfo]:
     """The inventory's qubes as the client sees them (derived properties
     dropped, volume paths made absolute)."""
@@ -205,15 +262,8 @@ def qube_infos(directory: str | os.PathLike, inventory: dict[str, Any]) -> list[
     for name, qube in sorted(inventory["qubes"].items()):
         properties = dict(qube.get("properties", {}))
         properties.update({k: qube[k] for k in _TOP_PROPERTIES if k in qube})
-        volumes = {
-            vol: VolumeInfo(name=vol, pool=s["pool"], size=s["size"],
-                            path=str(root / s["path"]), rw=s["rw"],
-                            save_on_stop=s["save_on_stop"],
-                            snap_on_start=s["snap_on_start"],
-                            revisions_to_keep=s["revisions_to_keep"],
-                            usage=_usage(root / s["path"]),
-                            ephemeral=s.get("ephemeral", False))
-            for vol, s in sorted(qube.get("volumes", {}).items())}
+        volumes = {vol: _volume_info(root, inventory, qube, vol, s)
+                   for vol, s in sorted(qube.get("volumes", {}).items())}
         qubes.append(QubeInfo(name=name, klass=qube["class"],
                               properties=restorable_properties(properties),
                               features=dict(qube.get("features", {})),

@@ -68,7 +68,9 @@ def sim_backend(tmp_path):
     for name in ORDER:
         qube = dict(QUBES[name])
         spec[name] = {**qube, "volumes": _volumes(qube["class"])}
-    root = create_sim(Path(tempfile.mkdtemp(prefix="qbc-")), spec, backup_vm="backup")
+    # as qubesd's varlibqubes: a file-reflink pool, Qubes' layout
+    base = Path(tempfile.mkdtemp(prefix="qbc-"))
+    root = create_sim(base / "sim", spec, backup_vm="backup", pool_dir=base / "pool")
     yield SimBackend(root)
     stop_daemon(root)
 
@@ -115,20 +117,14 @@ def reachable(kind, monkeypatch, tmp_path):
     if kind != "qubesd":
         yield
         return
-    import qubesadmin.config
-    from qubes_r42 import fake_qrexec_client
-    from qbackup_sim import start_daemon
-    root = Path(tempfile.mkdtemp(prefix="qbq-"))  # short: a Unix socket lives there
-    start_daemon(root)
-    client = fake_qrexec_client(tmp_path / "qrexec-client", tmp_path / "qrexec.log")
-    monkeypatch.setattr(qubesadmin.config, "QREXEC_CLIENT", str(client))
-    monkeypatch.setenv("QBACKUP_FAKE_QREXEC_SOCKET", str(root / "daemon.sock"))
-    yield
-    stop_daemon(root)
+    from qubes_r42 import reachable_daemon
+    with reachable_daemon(monkeypatch, tmp_path):
+        yield
 
 
 def without_paths(qube):
-    return replace(qube, volumes={n: replace(v, path="<path>") for n, v in qube.volumes.items()})
+    return replace(qube, volumes={n: replace(v, path="<path>", live_path=v.live_path and "<live>")
+                                  for n, v in qube.volumes.items()})
 
 
 def test_qubes_and_their_settings(backend):
@@ -166,6 +162,23 @@ def test_volume_configuration(backend):
             assert info.settings() == {"pool": "varlibqubes", "size": size, **flags}, \
                 (name, vol)
             assert info.path is not None and not info.unreadable, (name, vol)
+
+
+def test_where_volumes_live(backend):
+    """What the volume sources need (docs/CHANGES.md): the pool's driver, the
+    volume id in the pool, and what a running qube writes (--live)."""
+    qubes = {q.name: q for q in backend.list_qubes()}
+    for name, qube in qubes.items():
+        prefix = "vm-templates" if qube.klass == "TemplateVM" else "appvms"
+        for vol in qube.volumes.values():
+            assert (vol.driver, vol.vid, vol.thin_pool) == (
+                "file-reflink", f"{prefix}/{name}/{vol.name}", ""), (name, vol.name)
+            assert vol.path.endswith(f"/{vol.vid}.img")
+    work = qubes["work"]  # running: its changes are in -dirty.img beside the image
+    assert work.volumes["private"].live_path == \
+        work.volumes["private"].path.removesuffix(".img") + "-dirty.img"
+    assert work.volumes["volatile"].live_path is None  # discarded at shutdown anyway
+    assert qubes["fedora"].volumes["root"].live_path is None  # halted
 
 
 def test_committed_images_are_read_never_the_running_ones(backend):

@@ -634,6 +634,86 @@ def test_volume_changing_size_fails_cleanly(repo, tmp_path):
     assert repo.history() == []
 
 
+# -- change tracking: the previous chunk map and the changed chunks --------------
+
+def _previous(snap, qube="work", volume="private"):
+    from qbackup.backup import Previous
+    vol = snap.qubes[qube]["volumes"][volume]
+    return Previous(vol["root"], vol["depth"], vol["chunks"], vol["size"])
+
+
+def _changed_source(path, previous, changed):
+    s = source("work", "private", path)
+    s.previous, s.changed, s.how = previous, changed, "changed"
+    return s
+
+
+def _restored(repo, snap, tmp_path, name):
+    target = str(tmp_path / name)
+    assert repo.restore(snap, {("work", "private"): target}).ok
+    return read(target)
+
+
+@pytest.mark.parametrize("new_chunks", [2100, 2100 + 700, 1500, 1024, 3 * 1024])
+def test_only_changed_chunks_are_read_whatever_the_size(repo, tmp_path, new_chunks):
+    """2100 chunks (three leaves, the last partial) with data in a few of
+    them; then chunks 5 and 1500 rewritten and the size changed to
+    `new_chunks` (plus 100 bytes: a short last chunk): only the chunks
+    listed as changed, those past the old end and the new short last one
+    are read; whole leaves are reused; the restore is byte for byte."""
+    data = {i: os.urandom(CS) for i in (0, 5, 7, 1023, 1024, 1500, 2047, 2048, 2099)}
+    path = write_file(tmp_path / "vol", 2100 * CS, list((i * CS, d) for i, d in data.items()))
+    first = repo.backup([source("work", "private", path)])
+    [snap] = repo.history()
+    size = new_chunks * CS + 100
+    with open(path, "r+b") as f:
+        f.truncate(size)
+        for i in (5, 1500):
+            if i < new_chunks:
+                f.seek(i * CS)
+                f.write(os.urandom(CS))
+        f.seek(size - 100)
+        f.write(b"t" * 100)
+    second = repo.backup([_changed_source(path, _previous(snap), [(5, 6), (1500, 1501)])])
+    [read_] = second.reads
+    assert (read_.how, read_.why) == ("changed", None)
+    kept = [i for i in data if i < min(2100, new_chunks) and i not in (5, 1500)]
+    rewritten = 2 if new_chunks > 1500 else 1
+    assert read_.bytes_read == rewritten * CS + 100  # past the old end: holes, not read
+    assert second.chunks_unchanged == min(2100, new_chunks) - rewritten
+    assert second.chunks_new == rewritten + 1
+    assert first.chunks_new == len(data) and kept
+    latest = repo.history()[-1]
+    assert _restored(repo, latest, tmp_path, "out") == read(path)
+    assert repo.verify(latest).ok
+
+
+def test_an_unreadable_previous_map_falls_back_to_a_full_read(repo, tmp_path):
+    from qbackup.backup import Previous
+    path = write_file(tmp_path / "vol", 1100 * CS, [(0, os.urandom(40 * CS))])
+    repo.backup([source("work", "private", path)])
+    forged = Previous(os.urandom(32), 2, 1100, 1100 * CS)  # a root the repository lacks
+    stats = repo.backup([_changed_source(path, forged, [])])
+    [read_] = stats.reads
+    assert read_.how == "fallback" and "chunk map cannot be read" in read_.why
+    assert read_.bytes_read == 40 * CS and stats.chunks_dedup == 40  # still nothing resent
+    assert _restored(repo, repo.history()[-1], tmp_path, "out") == read(path)
+
+
+def test_a_reused_leaf_the_repository_lost_is_a_clear_error(repo, tmp_path):
+    """Unchanged leaves are not asked about: if the repository lost one
+    (here: a depth-1 map whose root it lacks), the commit's references
+    catch it, and the error says what to do."""
+    from qbackup.backup import Previous
+    path = write_file(tmp_path / "vol", 40 * CS, [(0, os.urandom(40 * CS))])
+    repo.backup([source("work", "private", path)])
+    lost = Previous(os.urandom(32), 1, 40, 40 * CS)
+    with pytest.raises(QbackupError, match="lacks data that an earlier snapshot references.*"
+                                           "backup --full sends it again"):
+        repo.backup([_changed_source(path, lost, [])])
+    assert len(repo.history()) == 1
+
+
 # -- VolumeStream: a volume in order, for admin.vm.volume.ImportWithSize ---------
 
 def stream_all(stream: VolumeStream, sizes) -> bytes:

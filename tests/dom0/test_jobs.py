@@ -30,6 +30,7 @@ GOOD = textwrap.dedent("""\
     repo = "weekly.archive"
     include = ["@all"]
     exclude = ["untrusted"]
+    live = true
     """)
 
 
@@ -42,7 +43,7 @@ def test_a_good_file():
                           passphrase_file="/etc/qbackup/daily.pass"),
         "all-weekly": jobs.Job(name="all-weekly", backup_vm="sys-backup",
                                repo="weekly.archive", include=("@all",),
-                               exclude=("untrusted",))}
+                               exclude=("untrusted",), live=True)}
 
 
 @pytest.mark.parametrize("text, message", [
@@ -79,7 +80,9 @@ def test_a_good_file():
     ('[jobs."a b"]\nbackup_vm = "b"\ninclude = ["w"]\n', r"jobs.toml:1: invalid job name 'a b'"),
     ('jobs = 3\n', r"jobs.toml:1: 'jobs' must be a table"),
     ('jobs.daily = 3\n', r"job 'daily' must be a table"),
-    ('[jobs.daily]\nbackup_vm = "b"\ninclude = ["w"]\nlive = true\n', r"unknown key 'live'"),
+    ('[jobs.daily]\nbackup_vm = "b"\ninclude = ["w"]\nlive = "yes"\n',
+     r"jobs.toml:4: job 'daily': live must be a boolean \(true or false\)"),
+    ('[jobs.daily]\nbackup_vm = "b"\ninclude = ["w"]\nlive = 1\n', r"live must be a boolean"),
 ])
 def test_wrong_files_give_one_line_naming_the_line(text, message):
     with pytest.raises(jobs.JobError, match=message) as err:
@@ -105,10 +108,10 @@ def test_hostile_files(tmp_path):
 
 # -- selection and review ------------------------------------------------------
 
-def vol(name, *, size=1 << 30, usage=1 << 28, path="/img", unreadable=""):
+def vol(name, *, size=1 << 30, usage=1 << 28, path="/img", unreadable="", live_path=None):
     return VolumeInfo(name=name, pool="p", size=size, path=None if unreadable else path,
                       rw=True, save_on_stop=True, snap_on_start=False, revisions_to_keep=1,
-                      unreadable=unreadable, usage=usage)
+                      unreadable=unreadable, usage=usage, live_path=live_path)
 
 
 def qube(name, klass="AppVM", tags=(), running=False, volumes=None, **properties):
@@ -175,6 +178,30 @@ def test_each_warning(system, kw, warning):
     result = jobs.review(job(**kw), system)
     assert result.errors == []
     assert any(w.startswith(warning) for w in result.warnings), result.warnings
+
+
+def test_what_check_says_of_a_running_qube():
+    """Without live: the last-shutdown state, and that what it wrote since
+    is left out; with live: which volumes are copied live, and which (no
+    live copy in their pool) as at the last shutdown."""
+    dirty = {"private": vol("private", live_path="/pool/appvms/busy/private-dirty.img"),
+             "root": vol("root", live_path="/pool/appvms/busy/root-dirty.img")}
+    system = [*SYSTEM, qube("busy", "StandaloneVM", running=True, volumes=dirty),
+              qube("plain", "StandaloneVM", running=True,
+                   volumes={"private": dirty["private"], "root": vol("root")}),
+              qube("halted", volumes={"private": dirty["private"]})]
+    [shutdown] = jobs.review(job(include=("busy",)), system).warnings
+    assert shutdown == ("busy is running: it is backed up as it was at its last shutdown, "
+                        "without what it wrote since (live = true backs up a crash-consistent "
+                        "copy of that)")
+    [live] = jobs.review(job(include=("busy",), live=True), system).warnings
+    assert live == ("busy is running: private, root backed up live: a crash-consistent copy "
+                    "of what it has written so far, as after a power cut")
+    [mixed] = jobs.review(job(include=("plain",), live=True), system).warnings
+    assert mixed == ("plain is running: private backed up live: a crash-consistent copy of "
+                     "what it has written so far, as after a power cut; root as it was at "
+                     "its last shutdown (its pool has no live copy)")
+    assert jobs.review(job(include=("halted",), live=True), system).warnings == []
 
 
 def test_dom0_and_included_dependencies_are_no_warning():

@@ -35,7 +35,9 @@ def sample() -> Manifest:
             features={"service.cups": "1", "menu-items": "firefox.desktop org.gnome.Nautilus.desktop"},
             tags=["audio", "created-by-dom0"],
             volumes={"private": {"size": 2 * CS + 1, "chunks": 3, "root": os.urandom(32),
-                                 "depth": 1, "settings": {"pool": "vm-pool", "rw": True}}},
+                                 "depth": 1, "settings": {"pool": "vm-pool", "rw": True},
+                                 "source": {"state": "live", "taken": 1700000000.25,
+                                            "copy": os.urandom(16)}}},
             volume_config={"private": VOLUME_CONFIG,
                            "volatile": {**VOLUME_CONFIG, "save_on_stop": False, "ephemeral": True}},
             firewall=["action=accept dst4=10.0.0.0/8 proto=tcp dstports=443-443",
@@ -67,6 +69,8 @@ def sample_v1() -> dict:
             del qube[key]
         for config in qube["volume_config"].values():
             del config["ephemeral"]
+        for vol in qube["volumes"].values():
+            vol.pop("source", None)
     doc["qubes"]["work"]["notes"] = {"any": ["value", 1]}  # format 1 allowed extra keys
     return doc
 
@@ -89,7 +93,7 @@ def test_round_trip():
 
 def test_format_fields():
     doc = raw(sample())
-    assert doc["format"] == "qbackup-manifest" and doc["version"] == 2
+    assert doc["format"] == "qbackup-manifest" and doc["version"] == 3
     assert set(doc) == {"format", "version", "repo_id", "snapshot_id", "time", "host", "predecessor",
                         "chunk_size", "qubes"}
 
@@ -129,7 +133,8 @@ VOL = ("qubes", "work", "volumes", "private")
 
 @pytest.mark.parametrize("path,value", [
     (("format",), "something-else"),
-    (("version",), 3),
+    (("version",), 4),
+    (("version",), 0),
     (("version",), 2.0),
     (("version",), True),
     (("extra",), 1),
@@ -219,6 +224,15 @@ VOL = ("qubes", "work", "volumes", "private")
     (VOL + ("settings",), None),
     (VOL + ("extra",), 1),
     (VOL + ("chunks",), DELETE),
+    (VOL + ("source",), None),
+    (VOL + ("source",), {}),
+    (VOL + ("source", "state"), "running"),
+    (VOL + ("source", "taken"), 5),
+    (VOL + ("source", "taken"), float("inf")),
+    (VOL + ("source", "copy"), b"short"),
+    (VOL + ("source", "copy"), "not bytes"),
+    (VOL + ("source", "extra"), 1),
+    (VOL + ("source", "taken"), DELETE),
 ])
 def test_hostile_fields_rejected(path, value):
     with pytest.raises(IntegrityError, match=f"snapshot {SNAP.hex()}: bad manifest"):
@@ -304,6 +318,30 @@ def huge_features(total: int) -> dict[str, str]:
     n, rest = divmod(total, 60000)
     return {**{f"huge{i}": "x" * 60000 for i in range(n)}, "huge-rest": "x" * rest}
 
+
+def test_format_2_still_decodes_without_source():
+    """Format 2 had no `source` in volume entries: it still decodes as it
+    is, and a `source` is refused in it."""
+    doc = raw(sample())
+    doc["version"] = 2
+    del doc["qubes"]["work"]["volumes"]["private"]["source"]
+    m = decode(msgpack.packb(doc, use_bin_type=True))
+    assert m.version == 2 and "source" not in m.qubes["work"]["volumes"]["private"]
+    assert m.qubes["work"]["firewall"] == sample().qubes["work"]["firewall"]
+    doc["qubes"]["work"]["volumes"]["private"]["source"] = {"state": "live", "taken": 1.0,
+                                                            "copy": None}
+    with pytest.raises(IntegrityError, match="does not have exactly"):
+        decode(msgpack.packb(doc, use_bin_type=True))
+
+
+def test_source_is_optional_in_format_3():
+    m = sample()
+    del m.qubes["work"]["volumes"]["private"]["source"]
+    assert decode(manifest.encode(m)) == m
+    m.qubes["work"]["volumes"]["private"]["source"] = {"state": "shutdown", "taken": 0.0,
+                                                       "copy": None}
+    assert decode(manifest.encode(m)).qubes["work"]["volumes"]["private"]["source"] == {
+        "state": "shutdown", "taken": 0.0, "copy": None}
 
 def test_oversized_manifest_is_refused_naming_the_largest_qube():
     m = sample()

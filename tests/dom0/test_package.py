@@ -58,3 +58,23 @@ def test_every_subpackage_is_shipped():
                  ["tool"]["setuptools"]["packages"])
     found = {".".join(p.parent.relative_to(PACKAGE.parent).parts) for p in PACKAGE.rglob("__init__.py")}
     assert found == listed
+
+
+THREAD_STARTERS = {"Thread", "ThreadPoolExecutor", "Timer", "start_new_thread", "start_new"}
+
+
+def test_every_thread_is_started_through_qbackup_threads():
+    """A thread started anywhere else does not block SIGINT and SIGTERM, and
+    can take the Ctrl-C the main thread never sees (qbackup/threads.py)."""
+    starters = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = str(path.relative_to(PACKAGE))
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call):
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            if name in THREAD_STARTERS:
+                starters.append((relative, node.lineno, name))
+    assert starters, "qbackup/threads.py starts threads: the check sees nothing"
+    assert {relative for relative, _, _ in starters} == {"threads.py"}, starters

@@ -9,15 +9,12 @@ from __future__ import annotations
 import json
 import os
 import random
-import tempfile
-from pathlib import Path
 
 import pytest
 
 from qbackup.errors import QbackupError
 from qbackup.proto import Session
 from qbackup.qubes import DERIVED_PROPERTIES, QubesAdminBackend, volumes_to_backup
-from qbackup_sim import start_daemon, stop_daemon
 
 pytestmark = pytest.mark.qubesd
 
@@ -224,18 +221,11 @@ def test_fifty_qubes_stay_within_ten_calls_each(qubesd):
 def service(qubesd, monkeypatch, tmp_path):
     """A backup qube whose qubes.BackupChunk is the real daemon, behind the
     stand-in qrexec-client that qubesadmin runs (tests/qubes_r42.py)."""
-    import qubesadmin.config
-    from qubes_r42 import fake_qrexec_client
+    from qubes_r42 import reachable_daemon
     qubesd.add_qube("TemplateVM", "fedora", label="black")
     qubesd.add_qube("AppVM", "backup", template="fedora", label="black")
-    root = Path(tempfile.mkdtemp(prefix="qbq-"))  # short: a Unix socket lives there
-    start_daemon(root)
-    log = tmp_path / "qrexec.log"
-    client = fake_qrexec_client(tmp_path / "qrexec-client", log)
-    monkeypatch.setattr(qubesadmin.config, "QREXEC_CLIENT", str(client))
-    monkeypatch.setenv("QBACKUP_FAKE_QREXEC_SOCKET", str(root / "daemon.sock"))
-    yield log
-    stop_daemon(root)
+    with reachable_daemon(monkeypatch, tmp_path) as log:
+        yield log
 
 
 def test_the_service_is_called_as_root_and_the_qube_started(qubesd, service):

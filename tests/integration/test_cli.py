@@ -438,6 +438,19 @@ def test_killed_backup_resumes(sim):
     assert same_bytes(out / "big" / "private.img", image)
 
 
+INTERRUPTS = 1 << (signal.SIGINT - 1) | 1 << (signal.SIGTERM - 1)
+
+
+def signal_masks(pid: int) -> dict[int, int]:
+    """Each thread's blocked-signal mask, from /proc."""
+    masks = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("SigBlk:"):
+                masks[int(task.name)] = int(line.split()[1], 16)
+    return masks
+
+
 def test_interrupted_backup_exits_130(sim):
     sim.init()
     inventory = load_inventory(sim.dir)
@@ -455,6 +468,11 @@ def test_interrupted_backup_exits_130(sim):
     os.kill(frozen, signal.SIGSTOP)
     try:
         assert client.poll() is None, "the backup ended before the interrupt"
+        # The kernel hands SIGINT to a thread that does not block it, and only
+        # the main thread acts on it: every other thread must block it.
+        masks = signal_masks(client.pid)
+        assert len(masks) > 1 and not masks[client.pid] & INTERRUPTS
+        assert all(m & INTERRUPTS == INTERRUPTS for tid, m in masks.items() if tid != client.pid)
         client.send_signal(signal.SIGINT)
         out, err = client.communicate(timeout=DEADLINE)
     finally:

@@ -44,7 +44,7 @@ def _backup_qube_space(ctx: Context) -> tuple[dict | None, str | None]:
 
 
 def _check_json(job: jobs.Job, result: jobs.Review, space: dict | None) -> dict[str, Any]:
-    return {"job": job.name, "backup_vm": job.backup_vm, "repo": job.repo,
+    return {"job": job.name, "backup_vm": job.backup_vm, "repo": job.repo, "live": job.live,
             "included": result.selection.included,
             "not_included": result.selection.not_included,
             "errors": result.errors, "warnings": result.warnings,
@@ -84,7 +84,8 @@ def cmd_check(ctx: Context, args: argparse.Namespace) -> int:
 
 def _print_check(job: jobs.Job, result: jobs.Review, space: dict | None) -> None:
     sel = result.selection
-    print(f"job {job.name}: backs up to repository {job.repo} in {job.backup_vm}")
+    print(f"job {job.name}: backs up to repository {job.repo} in {job.backup_vm}"
+          + (", running qubes live" if job.live else ""))
     width = max((len(n) for n in (*sel.included, *sel.not_included)), default=0)
     print(f"included ({len(sel.included)}):")
     for name, why in sel.included.items():
