@@ -81,14 +81,16 @@ def encode_frame(msg: dict, max_frame: int = MAX_FRAME) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-def _read_exact(transport: Transport, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = transport.read(min(n - len(buf), READ_SIZE))
-        if not chunk:
-            raise ProtocolError(f"connection closed mid-frame ({len(buf)} of {n} bytes)")
-        buf += chunk
-    return bytes(buf)
+def _read_exact(transport: Transport, n: int) -> bytearray:
+    """`n` bytes (n is bounded by the caller), read straight into one buffer."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = transport.read_into(view[got:got + READ_SIZE])
+        if not k:
+            raise ProtocolError(f"connection closed mid-frame ({got} of {n} bytes)")
+        got += k
+    return buf
 
 
 def read_frame(transport: Transport, max_frame: int = MAX_FRAME) -> dict | None:
@@ -103,7 +105,7 @@ def read_frame(transport: Transport, max_frame: int = MAX_FRAME) -> dict | None:
     return decode_payload(_read_exact(transport, untrusted_length), max_frame)
 
 
-def decode_payload(untrusted_payload: bytes, max_frame: int = MAX_FRAME) -> dict:
+def decode_payload(untrusted_payload: bytes | bytearray, max_frame: int = MAX_FRAME) -> dict:
     """Decode one frame's payload: exactly one map with str keys 'op' and 'rid'."""
     budget = [MAX_OBJECTS]
 

@@ -45,6 +45,13 @@ class Transport(abc.ABC):
     def read(self, n: int) -> bytes:
         """Up to `n` bytes (at least one), b"" at end of stream."""
 
+    def read_into(self, view: memoryview) -> int:
+        """Read up to len(view) bytes (at least one) into `view`: how many;
+        0 at end of stream. Transports that can, fill it without a copy."""
+        data = self.read(len(view))
+        view[:len(data)] = data
+        return len(data)
+
     @abc.abstractmethod
     def write(self, data: bytes) -> None:
         """Write all of `data`."""
@@ -70,6 +77,9 @@ class SocketTransport(Transport):
 
     def read(self, n: int) -> bytes:
         return self._sock.recv(n)
+
+    def read_into(self, view: memoryview) -> int:
+        return self._sock.recv_into(view)
 
     def write(self, data: bytes) -> None:
         self._sock.sendall(data)
@@ -113,6 +123,12 @@ class ProcessTransport(Transport):
         if not data:
             self._check_exit()
         return data
+
+    def read_into(self, view: memoryview) -> int:
+        n = self._proc.stdout.readinto(view)
+        if not n:
+            self._check_exit()
+        return n or 0
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)
