@@ -13,8 +13,9 @@ iter_leaves walks a stored tree, authenticating and validating every node;
 count_changed compares two trees, skipping the subtrees they share.
 """
 
+import collections
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from qbackup import crypto
@@ -235,38 +236,49 @@ def fetch_leaves(session, keys: crypto.Keys, leaves: list[LeafRef]) -> list[list
     return result
 
 
-def get_each(session, ids: list[bytes], window: int, max_size: int
+def get_each(session, ids: Iterable[bytes], window: int, max_size: int
              ) -> Iterator[tuple[bytes, int | None, bytes | None, str | None]]:
     """(id, untrusted_type, untrusted_data, error) for each of `ids`, in order.
 
-    Session.get (at most `window` blobs of at most `max_size` bytes waiting:
-    a bigger one is a protocol violation), going on past errors. The
-    daemon may answer a whole batch with one error, so after a RemoteError
-    the ids are asked one at a time until one fails on its own: that id
-    gets the error, and batching resumes after it.
+    `ids` is taken lazily, as Session.get asks for more (at most `window`
+    blobs of at most `max_size` bytes waiting: a bigger one is a protocol
+    violation), going on past errors. The daemon may answer a whole batch
+    with one error, so after a RemoteError the ids asked but not answered
+    are asked one at a time until one fails on its own: that id gets the
+    error, and batching resumes after it.
     """
-    done, single = 0, False
-    while done < len(ids):
-        batch = ids[done:done + 1] if single else ids[done:]
-        start = done
+    source, single = iter(ids), False
+    while True:
+        asked: collections.deque[bytes] = collections.deque()  # taken, not yet answered
+        taken = 0
+
+        def take(batch: Iterator[bytes]) -> Iterator[bytes]:
+            nonlocal taken
+            for chunk_id in batch:
+                asked.append(chunk_id)
+                taken += 1
+                yield chunk_id
         try:
-            for _, untrusted_type, untrusted_data in session.get(batch, window=window,
-                                                                 max_size=max_size):
-                done += 1
-                yield ids[done - 1], untrusted_type, untrusted_data, None
+            for _, untrusted_type, untrusted_data in session.get(
+                    take(itertools.islice(source, 1) if single else source),
+                    window=window, max_size=max_size):
+                yield asked.popleft(), untrusted_type, untrusted_data, None
         except RemoteError as e:
             if single:
-                done += 1
-                yield ids[done - 1], None, None, str(e)
-            single = not single
+                yield asked.popleft(), None, None, str(e)
+            source, single = itertools.chain(list(asked), source), not single
             continue
-        if done != start + len(batch):
-            raise ProtocolError(f"the backup qube answered {done - start} of {len(batch)} ids")
+        if asked:
+            raise ProtocolError(f"the backup qube answered {taken - len(asked)} of {taken} ids")
+        if not (single and taken):
+            return  # a whole batch went through, or nothing was left to ask
 
 
 def _fetch(session, keys, wanted: list[bytes]) -> dict[bytes, bytes | str]:
     """Authenticated plaintext of each wanted node, or why it is unusable."""
     fetched: dict[bytes, bytes | str] = {}
+    if not wanted:
+        return fetched  # no round trip for a range of zero nodes
     for want, untrusted_type, untrusted_data, error in get_each(
             session, wanted, LEAF_GROUP, crypto.max_blob_size(MAX_NODE_PLAIN)):
         if error is not None:

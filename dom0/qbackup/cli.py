@@ -17,28 +17,42 @@ not know that a simulation exists.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 import traceback
 from typing import Any, Callable, NoReturn
 
 from qbackup import crypto
-from qbackup.commands.backup import cmd_backup, cmd_cleanup
-from qbackup.commands.browse import cmd_browse
 from qbackup.commands.common import (CONFIG_FILE, DEFAULT_REPO, DEFAULT_STATE_DIR,
                                      EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Context,
                                      clean, failure, make_context, parse_size)
-from qbackup.commands.pins import cmd_repo_list, cmd_repo_trust
-from qbackup.commands.prune import cmd_protect, cmd_prune, keep_within
 from qbackup.commands.repository import (MAX_SCRYPT_N, cmd_change_passphrase, cmd_delete,
                                          cmd_init, cmd_list)
 from qbackup.commands.jobs import EXIT_CHECK_ERRORS, EXIT_CHECK_WARNINGS, cmd_check, cmd_status
-from qbackup.commands.maintenance import cmd_check_storage, cmd_gc, cmd_stats, repack_percent
-from qbackup.commands.qubes_restore import rename_arg
 from qbackup.commands.restore import cmd_restore, cmd_verify, sample_percent, volume_target
-from qbackup.commands.show import cmd_show
 from qbackup.errors import QbackupError
 from qbackup.jobs import JOBS_FILE
 from qbackup.qubes import RESTORE_IN_PROGRESS, Backend, QubesAdminBackend
+
+
+def _later(module: str, name: str) -> Callable:
+    """qbackup.commands.MODULE.NAME, imported when first called: a command
+    loads only the modules it needs (startup cost, bench/README.md)."""
+    def call(*args: Any) -> Any:
+        return getattr(importlib.import_module(f"qbackup.commands.{module}"), name)(*args)
+    call.__name__ = name
+    return call
+
+
+cmd_backup, cmd_cleanup = _later("backup", "cmd_backup"), _later("backup", "cmd_cleanup")
+cmd_browse = _later("browse", "cmd_browse")
+cmd_repo_list, cmd_repo_trust = _later("pins", "cmd_repo_list"), _later("pins", "cmd_repo_trust")
+cmd_protect, cmd_prune = _later("prune", "cmd_protect"), _later("prune", "cmd_prune")
+keep_within = _later("prune", "keep_within")
+rename_arg = _later("qubes_restore", "rename_arg")
+cmd_show = _later("show", "cmd_show")
+cmd_check_storage, cmd_gc = _later("maintenance", "cmd_check_storage"), _later("maintenance", "cmd_gc")
+cmd_stats, repack_percent = _later("maintenance", "cmd_stats"), _later("maintenance", "repack_percent")
 
 DEFAULT_CHUNK_SIZE = 256 << 10
 DEFAULT_PACK_SIZE = 64 << 20

@@ -44,7 +44,10 @@ SALT_LEN, NONCE_LEN, TAG_LEN = 16, 12, 16
 HEADER_LEN = 1 + SALT_LEN + NONCE_LEN
 BLOB_AD = b"qbackup blob v1"
 CODEC_RAW, CODEC_ZSTD = 0, 1
-ZSTD_LEVEL = 3
+ZSTD_LEVEL = 1  # chosen by bench/bench_compress.py (bench/README.md)
+# A frame not smaller than this fraction of the plaintext is not worth
+# decompressing on every restore: the plaintext is stored raw (bench/README.md).
+RAW_THRESHOLD = 0.97
 MAX_ZSTD_WINDOW = 8 << 20
 SESSION_LIMIT = 1 << 32   # blobs per session key, then a new salt
 
@@ -241,7 +244,7 @@ class Sealer:
         body = None
         if compress:
             packed = _compressor().compress(plaintext)
-            if len(packed) < len(plaintext):
+            if len(packed) < RAW_THRESHOLD * len(plaintext):
                 body = bytes((CODEC_ZSTD,)) + packed
         if body is None:
             body = bytes((CODEC_RAW,)) + plaintext

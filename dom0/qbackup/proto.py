@@ -81,39 +81,28 @@ def encode_frame(msg: dict, max_frame: int = MAX_FRAME) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-def _fill(transport: Transport, view: memoryview, what: str) -> None:
-    """Fill `view` from the transport; a stream that ends first is an error."""
-    pos = 0
-    while pos < len(view):
-        count = transport.readinto(view[pos:])
-        if not count:
-            raise ProtocolError(f"connection closed mid-{what} ({pos} of {len(view)} bytes)")
-        pos += count
+def _read_exact(transport: Transport, n: int) -> bytearray:
+    """`n` bytes (n is bounded by the caller), read straight into one buffer."""
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = transport.read_into(view[got:got + READ_SIZE])
+        if not k:
+            raise ProtocolError(f"connection closed mid-frame ({got} of {n} bytes)")
+        got += k
+    return buf
 
 
-def read_frame(transport: Transport, max_frame: int = MAX_FRAME,
-               buffer: bytearray | None = None) -> dict | None:
-    """The next frame's message (untrusted, only its shape checked); None at EOF.
-
-    The payload is read into `buffer` (grown to the frame's length, once
-    that is checked) and decoded there: the message owns copies of its
-    bytes, so the caller may reuse the buffer for the next frame."""
-    head = bytearray(_HEADER.size)
-    with memoryview(head) as view:
-        first = transport.readinto(view)
-        if not first:
-            return None
-        _fill(transport, view[first:], "frame header")
+def read_frame(transport: Transport, max_frame: int = MAX_FRAME) -> dict | None:
+    """The next frame's message (untrusted, only its shape checked); None at EOF."""
+    first = transport.read(_HEADER.size)
+    if not first:
+        return None
+    head = first + _read_exact(transport, _HEADER.size - len(first))
     (untrusted_length,) = _HEADER.unpack(head)
     if not 1 <= untrusted_length <= max_frame:
         raise ProtocolError(f"frame length {untrusted_length} outside 1..{max_frame}")
-    if buffer is None:
-        buffer = bytearray()
-    if len(buffer) < untrusted_length:
-        buffer.extend(bytes(untrusted_length - len(buffer)))
-    with memoryview(buffer) as whole, whole[:untrusted_length] as untrusted_payload:
-        _fill(transport, untrusted_payload, "frame")
-        return decode_payload(untrusted_payload, max_frame)
+    return decode_payload(_read_exact(transport, untrusted_length), max_frame)
 
 
 def decode_payload(untrusted_payload: bytes | bytearray, max_frame: int = MAX_FRAME) -> dict:
@@ -518,9 +507,8 @@ class Session:
                                  f"{self._stall_timeout:g} s"))
 
     def _read_loop(self) -> None:
-        buffer = bytearray()  # every frame is read into it: it grows to the largest one
         try:
-            while self._dispatch(read_frame(self._transport, self.max_frame, buffer)):
+            while self._dispatch(read_frame(self._transport, self.max_frame)):
                 pass
         except QbackupError as exc:
             self._fail(exc)

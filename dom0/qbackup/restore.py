@@ -2,13 +2,16 @@
 """Reading snapshots back: history, verify, restore, delete.
 
 load_history authenticates every manifest and applies the rollback rules
-(qbackup.state). verify and restore stream each volume's chunk map and
-chunks through Session.get with bounded memory and no scratch files: every
-chunk is authenticated, decrypted, decompressed (bounded), re-identified and
-length-checked before anything is done with it. restore writes a regular
-file target as PATH.qbackup-partial (zero chunks stay holes) and renames it
-into place only once the whole volume is verified; a block device target is
-written in place, zeros included. VolumeStream gives a volume's plaintext
+(qbackup.state). verify and restore stream chunk maps and chunks through
+Session.get with bounded memory and no scratch files: every chunk is
+authenticated, decrypted, decompressed (bounded), re-identified and
+length-checked (on a pool of threads) before anything is done with it.
+verify_snapshots walks the maps of all the snapshots it checks and reads
+each distinct chunk once. restore writes a regular file target as
+PATH.qbackup-partial from a writer thread (zero chunks and zero 4 KiB
+blocks stay holes) and renames it into place only once the whole volume is
+verified; a block device target is written in place, zeros included.
+VolumeStream gives a volume's plaintext
 in order, as a file to read, for admin.vm.volume.ImportWithSize: it stops
 short at the first bad chunk, so qubesd never commits a volume that was not
 wholly authenticated (docs/RESTORE.md).
@@ -19,8 +22,10 @@ import contextlib
 import errno
 import hashlib
 import os
+import queue
 import re
 import stat
+import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -237,37 +242,6 @@ class _Stop(Exception):
     """Restore gives up on a volume at its first bad chunk."""
 
 
-class _Sink:
-    """Where authenticated chunks go: nowhere (verify), a sparse file, or a
-    device; for verify --sample, which chunks are read at all."""
-
-    def __init__(self, fd: int | None = None, write_zeros: bool = False,
-                 sample: Sample | None = None):
-        self.fd = fd
-        self.write_zeros = write_zeros
-        self._zero = b""
-        self.sample = sample
-        self.skipped = 0  # chunks left out of the sample
-
-    def wants(self, chunk_id: bytes) -> bool:
-        if self.sample is None or chunk_id in self.sample:
-            return True
-        self.skipped += 1
-        return False
-
-    def chunk(self, offset: int, data: bytes | memoryview) -> None:
-        if self.fd is not None:
-            view = memoryview(data)
-            while view:
-                view = view[os.pwrite(self.fd, view, offset + len(data) - len(view)):]
-
-    def zero(self, offset: int, length: int) -> None:
-        if self.write_zeros:
-            if len(self._zero) < length:
-                self._zero = bytes(length)
-            self.chunk(offset, memoryview(self._zero)[:length])
-
-
 def _open_chunk(keys: crypto.Keys, chunk_id: bytes, untrusted_type: int | None,
                 untrusted_data: bytes | None) -> bytes | str:
     """The authenticated plaintext of a chunk, or why there is none."""
@@ -281,96 +255,344 @@ def _open_chunk(keys: crypto.Keys, chunk_id: bytes, untrusted_type: int | None,
         return f"chunk fails authentication: {e}"
 
 
-def _check_leaf(session, keys: crypto.Keys, leaf: Leaf, size: int, sink: _Sink,
-                fail: Callable[[int, str], None], pool: Executor) -> tuple[int, int]:
-    """Fetch, authenticate and sink the chunks of one leaf: (chunks, bytes) good.
-
-    Chunks are opened (authenticate, decrypt, decompress, re-identify) on the
-    pool while the next ones arrive, and settled in order: at most `window`
-    of them are held at once.
-    """
+def _opened(session, keys: crypto.Keys, ids: Iterable[bytes], pool: Executor
+            ) -> Iterator[tuple[bytes, bytes | str]]:
+    """(id, authenticated plaintext or why there is none) for each of `ids`,
+    in order. `ids` is taken lazily, as the fetch window (GET_BYTES) makes
+    room; each chunk is opened on `pool` while the next ones arrive, so
+    every core opens chunks and at most about two windows of chunks are
+    held at once."""
     cs = keys.chunk_size
-    positions: dict[bytes, list[int]] = {}
-    for k, chunk_id in enumerate(leaf.ids):
-        index = leaf.start + k
-        if chunk_id == ZERO_ID:
-            sink.zero(index * cs, min(cs, size - index * cs))
-        elif sink.wants(chunk_id):
-            positions.setdefault(chunk_id, []).append(index)
-    good = nbytes = 0
     window = max(4, GET_BYTES // cs)
-    opening: collections.deque[tuple[bytes, Future]] = collections.deque()
-
-    def settle() -> None:
-        nonlocal good, nbytes
-        want, opened = opening.popleft()
-        plain = opened.result()
-        for index in positions[want]:
-            expected = min(cs, size - index * cs)
-            if isinstance(plain, str):
-                fail(index * cs, plain)
-            elif len(plain) != expected:
-                fail(index * cs, f"chunk has {len(plain)} bytes, expected {expected}")
-            else:
-                sink.chunk(index * cs, plain)
-                good, nbytes = good + 1, nbytes + expected
-
+    pending: collections.deque[tuple[bytes, Future]] = collections.deque()
     for want, untrusted_type, untrusted_data, error in chunkmap.get_each(
-            session, list(positions), window, crypto.max_blob_size(cs)):
+            session, ids, window, crypto.max_blob_size(cs)):
         if error is not None:
             opened: Future = Future()
             opened.set_result(f"cannot fetch chunk: {error}")
         else:
             opened = pool.submit(_open_chunk, keys, want, untrusted_type, untrusted_data)
-        opening.append((want, opened))
-        if len(opening) >= window:
-            settle()
-    while opening:
-        settle()
-    return good, nbytes
+        pending.append((want, opened))
+        if len(pending) >= window:
+            want, opened = pending.popleft()
+            yield want, opened.result()
+    while pending:
+        want, opened = pending.popleft()
+        yield want, opened.result()
 
 
-def _check_volume(session, keys: crypto.Keys, label: str, vol: dict, sink: _Sink,
-                  fail: Callable[[int, str], None], progress) -> tuple[int, int]:
-    """Walk one volume's chunk map and check (and sink) all its chunks."""
-    cs = keys.chunk_size
-    good = nbytes = 0
-    if progress is not None:
-        progress.start(label, vol["size"])
-    try:
-        with threads.pool(os.cpu_count() or 1, "qbackup-open") as pool:
-            for leaf in chunkmap.iter_leaves(session, keys, vol["root"], vol["depth"], vol["chunks"]):
+def _open_pool() -> Executor:
+    """Threads that open chunks: cryptography and zstandard release the GIL."""
+    return threads.pool(os.cpu_count() or 1, "qbackup-open")
+
+
+def _wrong_length(actual: int, expected: int) -> str | None:
+    """Why an authentic chunk of `actual` bytes cannot be at a place that needs `expected`."""
+    if actual != expected:
+        return f"chunk has {actual} bytes, expected {expected}"
+    return None
+
+
+def _volumes(snapshot: SnapshotInfo) -> list[tuple[str, dict]]:
+    return [(f"{q}:{v}", snapshot.qubes[q]["volumes"][v])
+            for q in sorted(snapshot.qubes) for v in sorted(snapshot.qubes[q]["volumes"])]
+
+
+def _leaves(session, keys: crypto.Keys, vol: dict) -> Iterator[Leaf]:
+    return chunkmap.iter_leaves(session, keys, vol["root"], vol["depth"], vol["chunks"])
+
+
+# --- verify ---------------------------------------------------------------------
+
+CONFLICT = -1  # _Plan.expected: the uses of a chunk need different lengths
+
+
+def _read_order(session, ids: Iterable[bytes]) -> Iterable[bytes]:
+    """The order verify fetches the distinct chunks in: as they first come
+    in the chunk maps of the snapshots, oldest first, which is about the
+    order they were stored in, so the daemon reads its packs roughly in
+    sequence. The protocol (versions 1 and 2) cannot tell where a blob is:
+    an operation by which the daemon groups ids by pack (which it knows and
+    dom0 need not trust) belongs here, in a later protocol version. The
+    order does not matter to what is checked."""
+    return ids
+
+
+class _Plan:
+    """What verify reads: every distinct chunk the snapshots use (in
+    `sample`, if given), each with the plaintext length all its places in
+    the volumes need, and per snapshot what a clean read would count."""
+
+    def __init__(self, sample: Sample | None):
+        self.sample = sample
+        self.expected: dict[bytes, int] = {}   # id -> length (or CONFLICT); insertion order
+        self.counts: list[list[int]] = []      # per snapshot: chunks, bytes, skipped
+        self.damaged = False                   # a chunk map node could not be read
+
+    def add(self, session, keys: crypto.Keys, snapshot: SnapshotInfo) -> None:
+        cs, expected = keys.chunk_size, self.expected
+        chunks = nbytes = skipped = 0
+        for _, vol in _volumes(snapshot):
+            size = vol["size"]
+            for leaf in _leaves(session, keys, vol):
                 if leaf.ids is None:
-                    fail(leaf.start * cs, leaf.error)
-                else:
-                    g, n = _check_leaf(session, keys, leaf, vol["size"], sink, fail, pool)
-                    good, nbytes = good + g, nbytes + n
+                    self.damaged = True
+                    continue
+                for index, chunk_id in enumerate(leaf.ids, leaf.start):
+                    if chunk_id == ZERO_ID:
+                        continue
+                    if self.sample is not None and chunk_id not in self.sample:
+                        skipped += 1
+                        continue
+                    length = min(cs, size - index * cs)
+                    if expected.setdefault(chunk_id, length) != length:
+                        expected[chunk_id] = CONFLICT
+                    chunks, nbytes = chunks + 1, nbytes + length
+        self.counts.append([chunks, nbytes, skipped])
+
+
+def verify_snapshots(session, keys: crypto.Keys, snapshots: Sequence[SnapshotInfo], *,
+                     progress=None, sample: Sample | None = None) -> list[CheckResult]:
+    """Check snapshots as a whole, reading each distinct chunk once: one
+    CheckResult per snapshot, as if each had been verified alone.
+
+    Every chunk map node of every snapshot is fetched, authenticated and
+    validated; then each distinct data chunk they use (only those in
+    `sample`, if given) is fetched, authenticated and length-checked once,
+    on every core. If anything failed, the chunk maps are walked again to
+    report every place of every bad chunk (volume and offset) in every
+    snapshot that uses it. Memory: the distinct ids (about 100 bytes each)
+    plus the fetch window.
+    """
+    plan = _Plan(sample)
+    for snapshot in snapshots:
+        plan.add(session, keys, snapshot)
+    expected = plan.expected
+    bad: dict[bytes, str] = {}        # id -> why it cannot be used
+    lengths: dict[bytes, int] = {}    # id -> its length, where that is not what its places need
+    if progress is not None:
+        progress.total = sum(max(0, n) for n in expected.values())
+        progress.start(f"{len(expected)} distinct chunks", progress.total)
+    try:
+        with _open_pool() as pool:
+            for chunk_id, plain in _opened(session, keys, _read_order(session, expected), pool):
+                if isinstance(plain, str):
+                    bad[chunk_id] = plain
+                    continue
+                if len(plain) != expected[chunk_id]:
+                    lengths[chunk_id] = len(plain)
                 if progress is not None:
-                    progress.advance(min(leaf.count * cs, vol["size"] - leaf.start * cs))
+                    progress.advance(len(plain))
     finally:
         if progress is not None:
             progress.done()
-    return good, nbytes
+    if not (plan.damaged or bad or lengths):
+        return [CheckResult(True, [], c, n, s) for c, n, s in plan.counts]
+    return [_report(session, keys, snapshot, expected, bad, lengths, sample)
+            for snapshot in snapshots]
 
 
-def _volumes(snapshot: SnapshotInfo) -> list[tuple[str, str, dict]]:
-    return [(q, v, snapshot.qubes[q]["volumes"][v])
-            for q in sorted(snapshot.qubes) for v in sorted(snapshot.qubes[q]["volumes"])]
+def _report(session, keys: crypto.Keys, snapshot: SnapshotInfo, expected: dict[bytes, int],
+            bad: dict[bytes, str], lengths: dict[bytes, int], sample: Sample | None) -> CheckResult:
+    """One snapshot's result, its chunk maps walked again: every unreadable
+    node and every place of a bad chunk, with its volume and offset."""
+    cs = keys.chunk_size
+    errors = _Errors()
+    chunks = nbytes = skipped = 0
+    for label, vol in _volumes(snapshot):
+        fail, size = errors.reporter(label, stop=False), vol["size"]
+        for leaf in _leaves(session, keys, vol):
+            if leaf.ids is None:
+                fail(leaf.start * cs, leaf.error)
+                continue
+            for index, chunk_id in enumerate(leaf.ids, leaf.start):
+                if chunk_id == ZERO_ID:
+                    continue
+                if sample is not None and chunk_id not in sample:
+                    skipped += 1
+                    continue
+                length = min(cs, size - index * cs)
+                if chunk_id in bad:
+                    why = bad[chunk_id]
+                elif chunk_id not in expected:  # its node failed on the first walk only
+                    why = "chunk not read: its chunk map node could not be read at first"
+                else:
+                    why = _wrong_length(lengths.get(chunk_id, expected[chunk_id]), length)
+                if why is not None:
+                    fail(index * cs, why)
+                else:
+                    chunks, nbytes = chunks + 1, nbytes + length
+    lines = errors.result()
+    return CheckResult(not lines, lines, chunks, nbytes, skipped)
 
 
 def verify(session, keys: crypto.Keys, snapshot: SnapshotInfo, *, progress=None,
            sample: Sample | None = None) -> CheckResult:
     """Fetch and authenticate every chunk map node and chunk of a snapshot
     (only the chunks in `sample`, if given); write nothing."""
-    errors = _Errors()
-    sink = _Sink(sample=sample)
-    chunks = nbytes = 0
-    for qube, name, vol in _volumes(snapshot):
-        label = f"{qube}:{name}"
-        good, n = _check_volume(session, keys, label, vol, sink, errors.reporter(label, stop=False), progress)
-        chunks, nbytes = chunks + good, nbytes + n
-    lines = errors.result()
-    return CheckResult(not lines, lines, chunks, nbytes, sink.skipped)
+    [result] = verify_snapshots(session, keys, [snapshot], progress=progress, sample=sample)
+    return result
+
+
+# --- restore --------------------------------------------------------------------
+
+BLOCK = 4096        # all-zero blocks of this size inside a chunk stay holes in a file
+WRITE_QUEUE = 16    # authenticated chunks waiting for the writer thread
+FLUSH_BYTES = 64 << 20  # written between two background fdatasync
+_ZERO_BLOCK = bytes(BLOCK)
+
+
+def _zero_blocks(data: bytes) -> list[int]:
+    """Indexes of the all-zero BLOCKs of `data` (a partial last block never counts).
+    Only blocks whose first, middle and last bytes are zero are compared."""
+    n = len(data) // BLOCK
+    first, middle, last = data[:n * BLOCK:BLOCK], data[BLOCK // 2::BLOCK], data[BLOCK - 1::BLOCK]
+    found, k = [], first.find(0)
+    while k >= 0:
+        if middle[k] == 0 and last[k] == 0 and data[k * BLOCK:(k + 1) * BLOCK] == _ZERO_BLOCK:
+            found.append(k)
+        k = first.find(0, k + 1)
+    return found
+
+
+def _pwrite(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.pwrite(fd, view, offset + len(data) - len(view)):]
+
+
+class _Writer:
+    """Writes authenticated chunks to a restore target on a thread of its
+    own, while the next ones are fetched and opened. A new file (sparse)
+    gets only the non-zero BLOCKs of each chunk: zero chunks and zero blocks
+    inside chunks stay holes. A device gets every byte, zeros included. At
+    most WRITE_QUEUE chunks wait; `close` waits for them and raises the
+    first write error. Every FLUSH_BYTES written, another thread starts
+    fdatasync, so the disk writes while chunks are opened and the final
+    fsync has little left to do."""
+
+    def __init__(self, fd: int, device: bool):
+        self._fd, self._device = fd, device
+        self._queue: queue.Queue = queue.Queue(WRITE_QUEUE)
+        self._error: OSError | None = None
+        self._discard = self._closing = False
+        self._zeros = b""
+        self._unflushed = 0
+        self._flush = threading.Event()
+        self._threads = [threads.start(self._run, "qbackup-write"),
+                         threads.start(self._flusher, "qbackup-flush")]
+
+    def chunk(self, offset: int, data: bytes) -> None:
+        if self._error is not None:
+            raise self._error
+        self._queue.put((offset, data))
+
+    def zeros(self, offset: int, length: int) -> None:
+        """Zero chunks: a hole in a file, written on a device."""
+        if self._device:
+            if len(self._zeros) < length:
+                self._zeros = bytes(length)
+            self.chunk(offset, self._zeros[:length])
+
+    def close(self, discard: bool = False) -> None:
+        """Wait until every chunk is written (or, with `discard`, dropped)."""
+        self._discard = discard
+        self._queue.put(None)
+        self._threads[0].join()
+        self._closing = True
+        self._flush.set()
+        self._threads[1].join()
+        if self._error is not None and not discard:
+            raise self._error
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            if self._error is None and not self._discard:
+                try:
+                    self._write(*item)
+                except OSError as e:
+                    self._error = e
+
+    def _flusher(self) -> None:
+        while True:
+            self._flush.wait()
+            self._flush.clear()
+            if self._closing:
+                return
+            try:
+                os.fdatasync(self._fd)
+            except OSError as e:
+                self._error = self._error or e
+
+    def _write(self, offset: int, data: bytes) -> None:
+        if self._device:
+            _pwrite(self._fd, data, offset)
+        else:
+            start, view = 0, memoryview(data)
+            for k in _zero_blocks(data) + [len(data) // BLOCK + 1]:
+                end = min(k * BLOCK, len(data))
+                if end > start:
+                    _pwrite(self._fd, view[start:end], offset + start)
+                start = end + BLOCK
+        self._unflushed += len(data)
+        if self._unflushed >= FLUSH_BYTES:
+            self._unflushed = 0
+            self._flush.set()
+
+
+def _restore_volume(session, keys: crypto.Keys, label: str, vol: dict, writer: _Writer,
+                    fail: Callable[[int, str], None], progress) -> tuple[int, int]:
+    """Fetch, authenticate and write every chunk of a volume: (chunks, bytes)
+    written. The chunk map is walked as the fetch window moves on; each
+    distinct chunk of a leaf is fetched once and written at all its places."""
+    cs, size = keys.chunk_size, vol["size"]
+    # In volume order: (offset, error) of unreadable nodes, (id, indexes) of chunks.
+    plan: collections.deque[tuple] = collections.deque()
+
+    def wanted() -> Iterator[bytes]:
+        for leaf in _leaves(session, keys, vol):
+            if leaf.ids is None:
+                plan.append((leaf.start * cs, leaf.error))
+                continue
+            places: dict[bytes, list[int]] = {}
+            for index, chunk_id in enumerate(leaf.ids, leaf.start):
+                if chunk_id == ZERO_ID:
+                    length = min(cs, size - index * cs)
+                    writer.zeros(index * cs, length)
+                    if progress is not None:
+                        progress.advance(length)
+                else:
+                    places.setdefault(chunk_id, []).append(index)
+            for chunk_id, indexes in places.items():
+                plan.append((chunk_id, indexes))
+                yield chunk_id
+
+    good = nbytes = 0
+    if progress is not None:
+        progress.start(label, size)
+    try:
+        with _open_pool() as pool:
+            for chunk_id, plain in _opened(session, keys, wanted(), pool):
+                while type(plan[0][0]) is int:
+                    fail(*plan.popleft())
+                want, indexes = plan.popleft()
+                assert want == chunk_id
+                for index in indexes:
+                    expected = min(cs, size - index * cs)
+                    why = plain if isinstance(plain, str) else _wrong_length(len(plain), expected)
+                    if why is not None:
+                        fail(index * cs, why)
+                    else:
+                        writer.chunk(index * cs, plain)
+                        good, nbytes = good + 1, nbytes + expected
+                        if progress is not None:
+                            progress.advance(expected)
+            while plan:
+                fail(*plan.popleft())
+    finally:
+        if progress is not None:
+            progress.done()
+    return good, nbytes
 
 
 def _check_partial(partial: str) -> None:
@@ -455,7 +677,7 @@ def _restore_file(session, keys, label: str, vol: dict, path: str, fail, progres
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.ftruncate(fd, vol["size"])
-        result = _check_volume(session, keys, label, vol, _Sink(fd), fail, progress)
+        result = _write_volume(session, keys, label, vol, fd, False, fail, progress)
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -471,8 +693,25 @@ def _restore_file(session, keys, label: str, vol: dict, path: str, fail, progres
     return result
 
 
+def _write_volume(session, keys, label: str, vol: dict, fd: int, device: bool, fail,
+                  progress) -> tuple[int, int]:
+    """_restore_volume through a _Writer on `fd`; every chunk handed to the
+    writer is written before this returns (or raises)."""
+    writer = _Writer(fd, device)
+    try:
+        result = _restore_volume(session, keys, label, vol, writer, fail, progress)
+    except _Stop:
+        writer.close()  # what was authenticated before the bad chunk is written
+        raise
+    except BaseException:
+        writer.close(discard=True)
+        raise
+    writer.close()
+    return result
+
+
 def _restore_device(session, keys, label: str, vol: dict, fd: int, fail, progress) -> tuple[int, int]:
-    result = _check_volume(session, keys, label, vol, _Sink(fd, write_zeros=True), fail, progress)
+    result = _write_volume(session, keys, label, vol, fd, True, fail, progress)
     os.fsync(fd)
     return result
 
@@ -574,10 +813,9 @@ class VolumeStream:
         cs, vol = self._keys.chunk_size, self._vol
         if self._progress is not None:
             self._progress.start(self._label, vol["size"])
-        pool = threads.pool(os.cpu_count() or 1, "qbackup-open")
+        pool = _open_pool()
         try:
-            for leaf in chunkmap.iter_leaves(self._session, self._keys, vol["root"], vol["depth"],
-                                             vol["chunks"]):
+            for leaf in _leaves(self._session, self._keys, vol):
                 if leaf.ids is None:
                     self._fail(leaf.start * cs, leaf.error)
                     return
@@ -617,7 +855,7 @@ class VolumeStream:
             lru[chunk_id] = None
             if len(lru) > STREAM_CACHE:
                 lru.popitem(last=False)
-        opened = self._opened(fetch, pool)
+        opened = _opened(self._session, self._keys, fetch, pool)
         cache: collections.OrderedDict[bytes, bytes] = collections.OrderedDict()
         zeros = memoryview(bytes(cs))
         try:
@@ -648,24 +886,3 @@ class VolumeStream:
                 yield memoryview(plain)
         finally:
             opened.close()
-
-    def _opened(self, ids: list[bytes], pool: Executor) -> Iterator[tuple[bytes, bytes | str]]:
-        """(id, authenticated plaintext or why there is none) for each of `ids`,
-        in order, opened on `pool` while the next ones arrive."""
-        cs = self._keys.chunk_size
-        window = max(4, GET_BYTES // cs)
-        pending: collections.deque[tuple[bytes, Future]] = collections.deque()
-        for want, untrusted_type, untrusted_data, error in chunkmap.get_each(
-                self._session, ids, window, crypto.max_blob_size(cs)):
-            if error is not None:
-                opened: Future = Future()
-                opened.set_result(f"cannot fetch chunk: {error}")
-            else:
-                opened = pool.submit(_open_chunk, self._keys, want, untrusted_type, untrusted_data)
-            pending.append((want, opened))
-            if len(pending) >= window:
-                want, opened = pending.popleft()
-                yield want, opened.result()
-        while pending:
-            want, opened = pending.popleft()
-            yield want, opened.result()

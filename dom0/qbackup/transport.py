@@ -45,9 +45,12 @@ class Transport(abc.ABC):
     def read(self, n: int) -> bytes:
         """Up to `n` bytes (at least one), b"" at end of stream."""
 
-    @abc.abstractmethod
-    def readinto(self, buffer: memoryview) -> int:
-        """Read up to len(`buffer`) bytes into it (at least one); 0 at end of stream."""
+    def read_into(self, view: memoryview) -> int:
+        """Read up to len(view) bytes (at least one) into `view`: how many;
+        0 at end of stream. Transports that can, fill it without a copy."""
+        data = self.read(len(view))
+        view[:len(data)] = data
+        return len(data)
 
     @abc.abstractmethod
     def write(self, data: bytes) -> None:
@@ -75,8 +78,8 @@ class SocketTransport(Transport):
     def read(self, n: int) -> bytes:
         return self._sock.recv(n)
 
-    def readinto(self, buffer: memoryview) -> int:
-        return self._sock.recv_into(buffer)
+    def read_into(self, view: memoryview) -> int:
+        return self._sock.recv_into(view)
 
     def write(self, data: bytes) -> None:
         self._sock.sendall(data)
@@ -121,11 +124,11 @@ class ProcessTransport(Transport):
             self._check_exit()
         return data
 
-    def readinto(self, buffer: memoryview) -> int:
-        count = self._proc.stdout.readinto(buffer)
-        if not count:
+    def read_into(self, view: memoryview) -> int:
+        n = self._proc.stdout.readinto(view)
+        if not n:
             self._check_exit()
-        return count or 0
+        return n or 0
 
     def write(self, data: bytes) -> None:
         view = memoryview(data)

@@ -262,7 +262,7 @@ def test_get_each_blames_only_the_failing_ids(keys, whole_batch):
 def test_get_each_rejects_short_answers(keys):
     class Short:
         def get(self, ids, window, max_size):
-            yield ids[0], None, None
+            yield list(ids)[0], None, None
     with pytest.raises(ProtocolError, match="answered 1 of 2"):
         list(get_each(Short(), random_ids(2), 64, 1 << 20))
 

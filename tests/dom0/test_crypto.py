@@ -406,3 +406,71 @@ def test_session_keys_are_cached(keys, keyfile):
         assert open_blob(opener, TYPE_DATA, opener.chunk_id(p), b, 100) == p
     info = opener._aead.cache_info()
     assert (info.misses, info.hits) == (1, 9)
+
+
+# --- test vectors (docs/CRYPTO.md §4) --------------------------------------------
+
+VECTOR_KEYS = crypto.Keys(hashlib.sha256(b"qbackup test vector master").digest(),
+                          hashlib.sha256(b"qbackup test vector repository").digest(), 64 << 10, 0)
+VECTOR_SALT = bytes(range(16))
+# 512 random bytes and 30 zeros: the zstd frame is 97..100 % of the plaintext
+VECTOR_BAND = hashlib.shake_256(b"qbackup test vector").digest(512) + bytes(30)
+VECTOR_TEXT = b"qbackup " * 64
+# Sealed under VECTOR_KEYS, session salt VECTOR_SALT, nonces 0, 1, 2:
+VECTOR_RAW = bytes.fromhex(  # VECTOR_BAND, codec 0 (raw): what the sealer writes now
+    "01000102030405060708090a0b0c0d0e0f00000000000000000000000047333d79304468f917ced6cdfbc9c0"
+    "f82c60767f8921d78d045127655a6c7c1a29ad7c23adae77e768e8b38f42e5724b769ced74d6807d759f0125"
+    "1ca0b200711dbe9e0ec98b7759502881960de1c9c20167b9dff34e396596abe8fdc09efc13d6a5909d7247a7"
+    "cca173fce58c1f7bad642578474de314eb8f34915e97b424864f0f19e6cad54f31050930c92d56e416f9f57a"
+    "f2a9d32f89bf24a0f82f865a308cb8a934d70f072ed0730826e542a4b38eb0a083d1a976f741a35870b68a83"
+    "d8336b35abf495df67b6030f64476a60c85a3dc74bf66bac7605442dd74b1acc7bd8f67c98d42951d3ef5368"
+    "96a43a66f07d2d8c217ba38c53db00106f1321b9dadd139cb33d78c8d715cc7696ac40568979efe3ef89f797"
+    "8cc7f5ac76ea8737142a9ba1ce34def37c83033a39c3e1611f0441c4a0441ca359c67c8ffac691093d56f5c0"
+    "baac2da8e38099f3a8cfc69012d5a0b8ad7e66a835184af23f378d23e5515a22cb52fbcbfbd3bb497617e29f"
+    "e15d3b5c967f51eafe7a76a03b902910979c4d0cfd3a84e1801cd2979d49bbf02ccb8009a2e70a97ee59131c"
+    "ef87fcd9b764fd6d14bf4e580a20ae1a672b7acdd946f0c874a38a9a0e808e260cd1df0545d6c43dd4db2ca7"
+    "e622026c48bfa88b461faaada2c2f85da822489e4872c535120ebecd2abf1b19734b868a40e424392d71f9fe"
+    "b33e4ea9d2f9d9782a3b8d6ff6b7aa24ac872e5498e31f9e518a64c982b7418be384fc968a4c6d63ea75e7d4"
+    "6e7dcbb4b474956ea356a163d2332de6")
+VECTOR_OLD_ZSTD = bytes.fromhex(  # VECTOR_BAND, codec 1: as sealers before RAW_THRESHOLD wrote it
+    "01000102030405060708090a0b0c0d0e0f000000000000000000000001d1a66b5f1e72470aab517c384d29e3"
+    "c3da90d8144d4c9c8608c9607de5eceb7d9ef142e6ea9e9fa8bb0b4a5f1f4a372b60d90af377c7b2f17d5020"
+    "04e99a2b424e55ae1317ac04c073e3c5ec480a767883f972e48034dfe64e0ff8badd740b07da6be499539f95"
+    "d948e300f8d9d954dffcdaefb3a92ff9ac00ceb9e84c5c70598e3917ac52404e29ccd70f3a1b866d84feeb0b"
+    "a1fb77e1cd4b4f92635d60b2f14d2eb0b16b14f1a9ec85e722036095921f311393844ea140178698717adfb1"
+    "e42c42570aad9b8f535eab07ce30ff74ba56dc890515b7f891d6abc0c25cbb28d1d19085b0acf6cd2b721f49"
+    "03b65a90f5efa7784b08b80c2825f347a1e998b09fe628f92280911498121b014c326655995d4518b57a6184"
+    "d3c342ed0731a9cbfa103134d71efef5ce1d9712e7a57f82d4f4f7bb0882917db3713163cce47f6e16b94405"
+    "82c674759457b465fd191dcec8dc88c8dca4a039fbc0a27a22b4bb6d0dae05e6d476f0dba25326b78c3ed9b7"
+    "51ed3a6b0fe518991351a108dda1acc6290b5636165f8ca4d8d335c2b14e6929a8981d554dad49ce7cd1cdb3"
+    "ad1a346e30ba5e0aaaa6147fd28f422d956f1f207906f7f0a19a3df834a218a56dd8b18ff7cd2d898d7428dc"
+    "a9b419af834337473ccdc690207209f6b61a85ea4d9c90d15c4232d0ec1b8ca04301ea591044af1b555850c8"
+    "84bc44526fe156ca08d8655657d2b49f6a84204f8e52e798d4b8bc5e58954b218ddf07df119bb25207308839"
+    "ed9936db91a0")
+VECTOR_ZSTD = bytes.fromhex(  # VECTOR_TEXT, codec 1
+    "01000102030405060708090a0b0c0d0e0f000000000000000000000002972bf2bc30d1afd03fc1f0dde20539"
+    "f0ef2a2f9e5cd6eb56fee24d3bdbcf8ca9ae6926455097da9a9ea1")
+
+
+def test_vectors_open():
+    """Pinned blobs of both codecs open, the zstd frame of a chunk now
+    stored raw included (blobs written before the 97 % rule)."""
+    for blob, plain in ((VECTOR_RAW, VECTOR_BAND), (VECTOR_OLD_ZSTD, VECTOR_BAND),
+                        (VECTOR_ZSTD, VECTOR_TEXT)):
+        chunk_id = VECTOR_KEYS.chunk_id(plain)
+        assert crypto.open_blob(VECTOR_KEYS, crypto.TYPE_DATA, chunk_id, blob, 64 << 10) == plain
+    assert VECTOR_KEYS.chunk_id(VECTOR_BAND).hex() == (
+        "ca5ca356afdc45872df4454b432da05e438412c50dd4dd8fca6e856f829f1c64")
+
+
+def test_a_frame_over_the_raw_threshold_is_stored_raw():
+    """The sealer stores raw what zstd shrinks by less than 3 %: exactly
+    VECTOR_RAW (codec 0, deterministic); the codec byte is inside the AEAD,
+    so the backup qube cannot change it (test_flipped_bit_anywhere_is_detected)."""
+    frame = zstandard.ZstdCompressor(level=crypto.ZSTD_LEVEL).compress(VECTOR_BAND)
+    assert crypto.RAW_THRESHOLD * len(VECTOR_BAND) <= len(frame) < len(VECTOR_BAND)
+    sealer = crypto.Sealer(VECTOR_KEYS)
+    sealer._salt = VECTOR_SALT
+    chunk_id = VECTOR_KEYS.chunk_id(VECTOR_BAND)
+    assert sealer.seal(crypto.TYPE_DATA, chunk_id, VECTOR_BAND) == VECTOR_RAW
+    assert len(sealer.seal(crypto.TYPE_DATA, VECTOR_KEYS.chunk_id(VECTOR_TEXT), VECTOR_TEXT)) < 100

@@ -143,28 +143,6 @@ def test_oversized_frame_length_is_refused_before_its_body(evil, length):
         d.session()
 
 
-def test_reused_read_buffer_never_lends_stale_bytes():
-    """Frames are read into one reused buffer: a frame decodes from its own
-    bytes only, never from what a longer frame left behind, and a message
-    already decoded keeps its data when the buffer is overwritten."""
-    from qbackup.proto import read_frame
-
-    big = {"op": "blob", "rid": 1, "id": ID[1], "type": 1, "data": b"A" * 5000}
-    truncated = msgpack.packb({"op": "blob", "rid": 2, "id": ID[1], "type": 1, "data": b"B" * 5000})
-    a, b = socket.socketpair()
-    with a, b:
-        b.sendall(frame(**big) + raw(truncated[:60]) + frame(op="done", rid=3))
-        b.shutdown(socket.SHUT_WR)
-        transport, buffer = SocketTransport(a), bytearray()
-        first = read_frame(transport, buffer=buffer)
-        assert first == big and len(buffer) >= 5000
-        with pytest.raises(ProtocolError, match="invalid msgpack"):
-            read_frame(transport, buffer=buffer)  # the old blob's bytes lie right after its 60
-        assert first["data"] == b"A" * 5000
-        assert read_frame(transport, buffer=buffer) == {"op": "done", "rid": 3}
-        assert read_frame(transport, buffer=buffer) is None
-
-
 def test_eof_before_hello(evil):
     d = evil(b"", script=lambda d: d.sock.shutdown(socket.SHUT_WR))
     with pytest.raises(ProtocolError, match="closed by the daemon before 'hello'"):

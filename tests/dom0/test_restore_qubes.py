@@ -305,7 +305,9 @@ def test_a_tampered_chunk_leaves_no_qube_that_looks_complete(world, capfd):
     assert len(failed) == 1 and "volume private not restored (qubesd discarded the import): " \
         "work:private at offset " in failed[0] and "fails authentication" in failed[0]
     offset = int(failed[0].split("at offset ")[1].split(":")[0])
-    assert 0 < offset < 12 * MiB  # mid-volume: what came before it was streamed, not kept
+    # the pack's middle record: its chunk's place in the volume depends on the
+    # order the backup's workers finished their puts (offset 0 was seen once)
+    assert 0 <= offset < 12 * MiB and offset % (256 << 10) == 0
     assert err.splitlines()[-1].startswith("qbackup: error: 1 qubes not restored completely: "
                                            "work; they keep the tags")
     work = {q.name: q for q in world.backend().list_qubes()}["work"]

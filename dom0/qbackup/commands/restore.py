@@ -10,7 +10,6 @@ import os
 from qbackup import restore as restore_mod
 from qbackup.commands.common import (EXIT_INTEGRITY, EXIT_OK, Context, ask_passphrase,
                                      clean, find_snapshot, open_history, print_json)
-from qbackup.commands.qubes_restore import cmd_restore_qubes
 from qbackup.errors import QbackupError, UsageError
 from qbackup.progress import Progress, human_bytes
 
@@ -49,10 +48,11 @@ def cmd_verify(ctx: Context, args: argparse.Namespace) -> int:
         snapshots = history if args.all else [find_snapshot(history, args.snapshot or "latest")]
         results = [(d.id, restore_mod.CheckResult(False, [f"snapshot manifest: {d.reason}"], 0, 0))
                    for d in history.damaged] if args.all else []
-        for snap in snapshots:
-            with Progress(snap.bytes_total, f"verify {snap.id.hex()[:16]}") as progress:
-                results.append((snap.id, restore_mod.verify(session, keys, snap,
-                                                            progress=progress, sample=sample)))
+        label = "verify " + (f"{len(snapshots)} snapshots" if args.all else snapshots[0].id.hex()[:16])
+        with Progress(0, label) as progress:  # the total is known once the chunk maps are read
+            checked = restore_mod.verify_snapshots(session, keys, snapshots, progress=progress,
+                                                   sample=sample)
+        results += [(snap.id, result) for snap, result in zip(snapshots, checked)]
     ok = all(r.ok for _, r in results)
     if args.json:
         print_json({"ok": ok, "sample_percent": args.sample,
@@ -111,6 +111,7 @@ def cmd_restore(ctx: Context, args: argparse.Namespace) -> int:
         if args.qube or args.force:
             raise UsageError("--qube and --force go with --to or --volume-target; with "
                              "--qubes, name the qubes after it, and --replace QUBE")
+        from qbackup.commands.qubes_restore import cmd_restore_qubes  # only for --qubes
         return cmd_restore_qubes(ctx, args)
     given = [o for o in QUBES_ONLY if getattr(args, o)]
     if given:
