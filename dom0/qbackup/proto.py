@@ -492,19 +492,21 @@ class Session:
         return call
 
     def _send_loop(self) -> None:
-        """The sender thread: write the queued frames in order, small ones
-        joined into one write up to WRITE_COALESCE bytes, until the session
-        ends (a None in the queue). A failed write kills the session."""
-        outbox = self._outbox
-        while (frame := outbox.get()) is not None:
-            batch, size = [frame], len(frame)
-            while size < WRITE_COALESCE:
+        """The sender thread: write the queued frames in order, until the
+        session ends (a None in the queue). Frames already queued are joined
+        into one write while they fit in WRITE_COALESCE bytes (a larger frame
+        is written alone, never copied). A failed write kills the session."""
+        outbox, empty = self._outbox, object()
+        head = outbox.get()
+        while head is not None:
+            batch, size, head = [head], len(head), empty
+            while size < WRITE_COALESCE:  # join what is queued, up to WRITE_COALESCE
                 try:
                     frame = outbox.get_nowait()
                 except queue.Empty:
                     break
-                if frame is None:
-                    outbox.put(None)  # write what was joined, then end
+                if frame is None or size + len(frame) > WRITE_COALESCE:
+                    head = frame  # the next batch's first frame, or the end
                     break
                 batch.append(frame)
                 size += len(frame)
@@ -516,6 +518,8 @@ class Session:
             except (OSError, ValueError) as exc:
                 self._fail(ProtocolError(f"cannot send to the daemon: {exc}"))
                 return
+            if head is empty:
+                head = outbox.get()
 
     def _call(self, op: str, parse: Callable[[dict], Any], **fields: Any) -> Future:
         call = self._send({"op": op, **fields},

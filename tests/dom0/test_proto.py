@@ -353,14 +353,17 @@ def test_abort_wakes_the_sender_blocked_in_its_write():
 
 def test_small_frames_are_joined_into_few_writes():
     """The sender joins queued frames (up to WRITE_COALESCE bytes) into one
-    write: a burst of small requests does not cost a write each."""
+    write: a burst of small requests does not cost a write each, and large
+    frames are not copied into larger writes."""
     from qbackup import proto
 
     class CountingTransport(SocketTransport):
         writes = 0
+        sizes: list[int] = []
 
         def write(self, data: bytes) -> None:
             self.writes += 1
+            self.sizes.append(len(data))
             super().write(data)
 
     gate = threading.Event()
@@ -377,10 +380,14 @@ def test_small_frames_are_joined_into_few_writes():
         real_write(data)
     transport.write = first_write_waits
     futures = [s.put(ident(i), 1, bytes(100)) for i in range(200)]
+    big = [s.put(ident(1000 + i), 1, bytes([i]) * (200 << 10)) for i in range(4)]
     held.set()
     gate.set()
-    assert [f.result(TIMEOUT) for f in futures] == [True] * 200
-    assert transport.writes <= 1 + 200 * 200 // proto.WRITE_COALESCE + 2
+    assert [f.result(TIMEOUT) for f in futures + big] == [True] * 204
+    # the first write; the 199 small frames (~30 KiB) and the first large one
+    # joined; then each other large frame alone (two would pass WRITE_COALESCE)
+    assert transport.writes == 1 + 1 + 3
+    assert max(transport.sizes) < proto.WRITE_COALESCE
     within(s.close)
 
 
