@@ -62,6 +62,7 @@ STALL_TIMEOUT = 600.0
 READ_SIZE = 1 << 20
 WRITE_COALESCE = 256 << 10  # queued frames joined into one write up to this size
 SENDER_JOIN = 5.0  # seconds close() waits for the sender thread once the transport is torn down
+ABORT_GRACE = 2.0  # seconds abort() lets the sender write the frames already queued
 # Bounds of the version-2 answers (PROTOCOL §5): a daemon sending more is broken.
 MAX_PROBLEMS, MAX_PROBLEM_CHARS = 100, 300
 MAX_DAMAGED = 4096
@@ -816,9 +817,20 @@ class Session:
             pack_bytes=count, fs_size=count, fs_free=count)).result()
 
     def abort(self, reason: str = "session aborted") -> None:
-        """Kill the session at once (an error or an interrupt elsewhere): every
-        blocked or later call fails, and the daemon sees the connection drop."""
-        self._fail(QbackupError(reason))
+        """Kill the session (an error or an interrupt elsewhere): every blocked
+        or later call fails at once. The frames already queued are still
+        written, for at most ABORT_GRACE seconds, so that what the caller
+        handed over reaches the daemon (an interrupted backup's re-run reuses
+        it); then the daemon sees the connection drop."""
+        error = QbackupError(reason)
+        with self._cond:
+            if self._error is None:
+                self._error = error  # from now on nothing is queued, no call waits
+            self._cond.notify_all()
+        self._outbox.put(None)  # the sender writes what is queued before it, then ends
+        if threading.current_thread() is not self._sender:
+            self._sender.join(ABORT_GRACE)
+        self._fail(error)
 
     def close(self) -> None:
         """Say bye and wait for the daemon's final status; then release the transport.

