@@ -5,9 +5,12 @@ Starts `python -m qbackupd serve` on a temp socket, stores SIZE bytes of
 random blobs (256 KiB by default) with a pipelined client (one thread
 writes, one reads), reads them all back with pipelined `get`s, then stops
 the daemon and runs `qbackupd reindex` on the repository. Reports MB/s, the
-daemon's peak RSS (VmHWM) and reindex's time and peak RSS as a markdown table.
+daemon's CPU time per stored GiB while it stores, its peak RSS (VmHWM) and
+reindex's time and peak RSS as a markdown table. `--daemon-src DIR` runs the
+daemon of another checkout (its vm-service directory), for a before/after
+comparison in one run.
 
-    .venv/bin/python bench/bench_daemon.py [--size 2G] [--blob-size 256K] [--dir /tmp]
+    .venv/bin/python bench/bench_daemon.py [--size 2G] [--blob-size 256K] [--dir /tmp] [--daemon-src DIR]
 """
 
 from __future__ import annotations
@@ -99,6 +102,12 @@ def vm_hwm_kib(pid: int) -> int:
     raise RuntimeError("no VmHWM in /proc status")
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far (/proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def machine() -> list[tuple[str, str]]:
     cpu = next(
         (line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -114,7 +123,7 @@ def machine() -> list[tuple[str, str]]:
     ]
 
 
-def run(size: int, blob_size: int, workdir: Path) -> list[tuple[str, str]]:
+def run(size: int, blob_size: int, workdir: Path, daemon_src: Path | None = None) -> list[tuple[str, str]]:
     count = max(1, size // blob_size)
     total = count * blob_size
     pool = os.urandom(POOL + blob_size)
@@ -126,11 +135,14 @@ def run(size: int, blob_size: int, workdir: Path) -> list[tuple[str, str]]:
 
     sock, storage, log = workdir / "d.sock", workdir / "storage", workdir / "daemon.log"
     storage.mkdir()
+    env = dict(os.environ)
+    if daemon_src is not None:  # another checkout's qbackupd (a before/after comparison)
+        env["PYTHONPATH"] = str(daemon_src)
     with open(log, "wb") as log_file:
         daemon = subprocess.Popen(
             [sys.executable, "-m", "qbackupd", "serve", "--socket", str(sock), "--storage", str(storage),
              "--log-level", "warning"],
-            stdout=log_file, stderr=log_file,
+            stdout=log_file, stderr=log_file, env=env,
         )  # fmt: skip
     try:
         while True:
@@ -148,10 +160,11 @@ def run(size: int, blob_size: int, workdir: Path) -> list[tuple[str, str]]:
             if not answer.get("stored"):
                 raise RuntimeError(f"put not stored: {answer}")
 
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds(daemon.pid)
         client.pipeline(puts, count, stored)
         client.call({"op": "flush", "rid": 2}, "ok")
         put_seconds = time.perf_counter() - start
+        put_cpu = cpu_seconds(daemon.pid) - cpu_start
 
         batches = [ids[i : i + GET_BATCH] for i in range(0, count, GET_BATCH)]
         gets = ({"op": "get", "rid": 3, "ids": batch} for batch in batches)
@@ -191,6 +204,7 @@ def run(size: int, blob_size: int, workdir: Path) -> list[tuple[str, str]]:
         ("data stored", f"{total / (1 << 30):.2f} GiB in {count} blobs of {blob_size >> 10} KiB, 64 MiB packs"),
         ("put (pipelined) + flush", f"{put_seconds:.1f} s, **{mb / put_seconds:.0f} MB/s**"),
         ("get (pipelined, batches of 256)", f"{get_seconds:.1f} s, **{mb / get_seconds:.0f} MB/s**"),
+        ("daemon CPU during put + flush (user+sys)", f"{put_cpu:.1f} s, **{put_cpu / (total / (1 << 30)):.2f} s per GiB stored**"),
         ("daemon peak RSS (VmHWM)", f"{daemon_hwm / 1024:.0f} MiB"),
         ("`qbackupd reindex`", f"{reindex_seconds:.2f} s ({out.decode().strip()})"),
         ("reindex peak RSS", f"{usage.ru_maxrss / 1024:.0f} MiB"),
@@ -202,6 +216,7 @@ def main() -> int:
     parser.add_argument("--size", default="2G", type=parse_size, help="bytes to store (default 2G)")
     parser.add_argument("--blob-size", default="256K", type=parse_size, help="blob size (default 256K)")
     parser.add_argument("--dir", default="/tmp", type=Path, help="where to put the temporary repository")
+    parser.add_argument("--daemon-src", type=Path, help="run the daemon from this vm-service directory instead")
     args = parser.parse_args()
     free = shutil.disk_usage(args.dir).free
     if free < args.size * 1.2:
@@ -209,7 +224,7 @@ def main() -> int:
         return 1
     workdir = Path(tempfile.mkdtemp(prefix="qbd-bench-", dir=args.dir))
     try:
-        rows = machine() + run(args.size, args.blob_size, workdir)
+        rows = machine() + run(args.size, args.blob_size, workdir, args.daemon_src)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     print("| measure | value |\n|---|---|")

@@ -97,8 +97,14 @@ def crash(root: str, name: str, point: str) -> None:
         Index.add_pack = die
         repo.flush()
     elif point == "mid-record":
-        real = pack._pwrite_all
-        pack._pwrite_all = lambda fd, data, offset: (real(fd, data[: len(data) // 2], offset), die())
+        real = pack._pwritev_all
+
+        def half_then_die(fd, parts, offset):
+            record = b"".join(parts)
+            real(fd, (record[: len(record) // 2],), offset)
+            die()
+
+        pack._pwritev_all = half_then_die
         repo.put(*blob(rng, 5000), None)
     elif point == "snapshot-rename":
         os.replace = die

@@ -156,6 +156,57 @@ def test_frame_roundtrip_and_split_feeding():
     assert dec.pending == 0
 
 
+def receive(dec: Decoder, data: bytes, cut: int) -> None:
+    """Deliver ``data`` as the server does, into the decoder's own buffer, at most ``cut`` bytes a time."""
+    pos = 0
+    while pos < len(data):
+        with dec.receive_buffer() as buffer:
+            count = min(cut, len(buffer), len(data) - pos)
+            buffer[:count] = data[pos : pos + count]
+        dec.received(count)
+        pos += count
+
+
+def test_receive_buffer_reuse_keeps_decoded_frames_intact():
+    """Frames decoded from the reused buffer own their bytes: later frames
+    received over the same space do not change them."""
+    msgs = [{"op": "put", "rid": i, "id": ID, "type": 1, "data": bytes([i]) * (300_000 + i)} for i in range(12)]
+    data = b"qubes.BackupChunk+work dom0\0" + b"".join(frames.encode_frame(m) for m in msgs)
+    dec = Decoder()
+    receive(dec, data[:100], 100)
+    assert dec.header() == b"qubes.BackupChunk+work dom0"
+    out = []
+    for start in range(100, len(data), 123_457):
+        receive(dec, data[start : start + 123_457], 123_457)
+        while (msg := dec.frame()) is not None:
+            out.append(msg)
+    assert out == msgs
+    assert dec.pending == 0 and dec.capacity == frames.RECEIVE_BUFFER
+
+
+def test_receive_buffer_grows_for_a_large_frame_only_once_its_length_is_bounded():
+    dec = Decoder()
+    dec.feed(b"qubes.BackupChunk+work dom0\0")
+    assert dec.header() is not None
+    big = frames.encode_frame({"op": "put", "rid": 1, "id": ID, "type": 1, "data": bytes(frames.MAX_BLOB)})
+    receive(dec, big[:10], 10)
+    with dec.receive_buffer() as buffer:
+        assert len(buffer) >= len(big) - 10  # the rest of the frame fits in one receive
+    receive(dec, big[10:], 1 << 30)
+    assert dec.frame()["data"] == bytes(frames.MAX_BLOB)
+    dec = Decoder()
+    dec.feed(b"h dom0\0")
+    dec.header()
+    receive(dec, struct.pack(">I", frames.MAX_FRAME + 1) + b"x" * 100, 1000)
+    with dec.receive_buffer() as buffer:
+        assert len(buffer) <= frames.RECEIVE_BUFFER  # a hostile length does not grow the buffer
+    with pytest.raises(ProtocolError) as exc:
+        dec.frame()
+    assert code_of(exc) == "frame_too_large"
+    with pytest.raises(ValueError):
+        dec.received(dec.capacity + 1)
+
+
 def test_frame_incomplete_returns_none():
     data = frame({"op": "bye", "rid": 1})
     for cut in range(len(data)):
@@ -386,6 +437,31 @@ msgpack_values = st.recursive(
     | st.dictionaries(st.text(max_size=10) | st.sampled_from(list(frames._SCHEMAS)), children, max_size=6),
     max_leaves=30,
 )
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600), st.integers(min_value=1, max_value=64), st.booleans())
+def test_receive_buffer_and_feed_decode_alike(data, cut, with_header):
+    """The same hostile bytes, fed or received into the decoder's buffer in
+    pieces, give the same frames and the same error."""
+
+    def run(deliver):
+        dec = Decoder()
+        out = []
+        try:
+            if with_header:
+                deliver(dec, b"qubes.BackupChunk+w dom0\0")
+                dec.header()
+            for start in range(0, len(data), cut):
+                deliver(dec, data[start : start + cut])
+                while (msg := dec.frame()) is not None:
+                    out.append(msg)
+        except (ProtocolError, HeaderError) as exc:
+            out.append((type(exc), getattr(exc, "code", None)))
+        assert dec.capacity <= frames.RECEIVE_BUFFER + len(data) + 4
+        return out
+
+    assert run(lambda dec, chunk: receive(dec, chunk, cut)) == run(Decoder.feed)
 
 
 @settings(max_examples=400, deadline=None)

@@ -137,20 +137,44 @@ def test_failed_append_leaves_writer_consistent(tmp_path, monkeypatch, opened):
     """A write that fails half way (disk full) stores nothing; later blobs are fine."""
     w = new_writer(tmp_path, "w.tmp")
     w.add(*BLOBS[0][:3], b"")
-    real_pwrite = os.pwrite
+    real_pwritev = os.pwritev
 
-    def half_then_fail(fd, data, offset):
-        real_pwrite(fd, bytes(data[: len(data) // 2]), offset)
+    def half_then_fail(fd, parts, offset):
+        record = b"".join(parts)
+        os.pwrite(fd, record[: len(record) // 2], offset)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(os, "pwrite", half_then_fail)
+    monkeypatch.setattr(os, "pwritev", half_then_fail)
     with pytest.raises(OSError):
         w.add(*BLOBS[2][:3], b"")
-    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    monkeypatch.setattr(os, "pwritev", real_pwritev)
     assert w.find(BLOBS[2][0]) is None
     w.add(*BLOBS[1][:3], b"")
     w.seal()
     trailer = verify_pack(opened((tmp_path / "w.tmp").read_bytes()), BOUNDS)
+    assert [e.id for e in trailer.entries] == [BLOBS[0][0], BLOBS[1][0]]
+
+
+@pytest.mark.parametrize("short", [0, 1, 40, 41, 42, 300])
+def test_short_pwritev_is_completed(tmp_path, monkeypatch, opened, short):
+    """A record's header and data go out in one pwritev; when the kernel
+    writes only part (``short`` bytes), the rest still lands in place."""
+    real_pwritev = os.pwritev
+    calls = []
+
+    def write_short(fd, parts, offset):
+        calls.append(len(parts))
+        record = b"".join(parts)
+        return real_pwritev(fd, [record[:short]], offset) if short else 0
+
+    w = new_writer(tmp_path, "s.tmp")
+    monkeypatch.setattr(os, "pwritev", write_short)
+    for id, type, data, _ in BLOBS[:2]:
+        w.add(id, type, data, b"")
+    monkeypatch.setattr(os, "pwritev", real_pwritev)
+    assert calls == [2, 2]
+    w.seal()
+    trailer = verify_pack(opened((tmp_path / "s.tmp").read_bytes()), BOUNDS)
     assert [e.id for e in trailer.entries] == [BLOBS[0][0], BLOBS[1][0]]
 
 

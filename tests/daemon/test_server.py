@@ -233,6 +233,37 @@ def test_put_refs(daemon):
     client.bye()
 
 
+def test_pipelined_puts_answer_each_in_order(daemon):
+    """Puts sent at once run in batches, yet each is answered as if alone, in
+    order: a failing put answers its error and the next ones are stored; a
+    second put of an id in the same batch, or of one HAVE said missing, is
+    deduplicated; a non-put request between puts runs in its place."""
+    client = daemon.open_repo(create=True)
+    assert client.call("have", ids=[blob_id(0), blob_id(1)])["missing"] == [0, 1]
+    msgs = []
+    for n in range(40):
+        fields = {"id": blob_id(n % 30), "type": 1, "data": bytes([n]) * 5000}
+        if n == 7:
+            fields["refs"] = [blob_id(404)]
+        msgs.append({"op": "put", "rid": 100 + n, **fields})
+    msgs.insert(20, {"op": "have", "rid": 99, "ids": [blob_id(7), blob_id(8)]})
+    client.send_raw(b"".join(frames.encode_frame(m) for m in msgs))
+    answers = [client.recv() for _ in msgs]
+    assert [a["rid"] for a in answers] == [m["rid"] for m in msgs]
+    assert answers[7]["op"] == "error" and answers[7]["code"] == "missing_refs"
+    assert answers[7]["ids"] == [blob_id(404)]
+    assert answers[20] == {"op": "have", "rid": 99, "missing": [0]}
+    puts = [a for a in answers if a["rid"] >= 100 and a["rid"] != 107]
+    # ids 0..29 stored once (7 at its second put, n=37), then 30..39 repeat 0..9
+    assert [a["stored"] for a in puts] == [True] * 29 + [False] * 7 + [True] + [False] * 2
+    client.call("flush")
+    assert client.call("have", ids=[blob_id(n) for n in range(31)])["missing"] == [30]
+    rid = client.request("get", ids=[blob_id(7), blob_id(9)])
+    assert [client.recv().get("data") for _ in range(3)] == [bytes([37]) * 5000, bytes([9]) * 5000, None]
+    assert rid
+    client.bye()
+
+
 def test_snapshots(daemon):
     client = daemon.open_repo(create=True)
     for n in range(3):

@@ -165,6 +165,53 @@ def test_dedup(storage, repo):
     assert repo.stats()["blobs"] == 5
 
 
+def test_puts_of_ids_have_called_missing_skip_the_lookup_and_dedup_after(storage, repo, monkeypatch):
+    """A writer's put of an id its HAVE answered missing stores it without an
+    index lookup; once stored, a second put of it (open pack, then index)
+    is deduplicated as any other. Past _TOLD_MISSING ids nothing more is
+    remembered, and puts look up as before."""
+    fill(repo, 2)
+    ids = [ident(n) for n in range(6)]
+    lookups = []
+    real_missing = repo._index.missing
+    monkeypatch.setattr(repo._index, "missing", lambda ids: lookups.append(len(ids)) or real_missing(ids))
+    assert repo.have(ids) == [2, 3, 4, 5]
+    lookups.clear()
+    assert [repo.put(id, 1, data_of(n), None) for n, id in enumerate(ids[2:4], 2)] == [True, True]
+    assert 1 not in lookups  # no lookup of the put id (at most one of its empty refs)
+    assert repo.put(ids[2], 1, b"again", None) is False  # in the open pack
+    repo.flush()
+    assert repo.put(ids[3], 1, b"again", None) is False  # in the index
+    assert repo.get(ids[2]) == (1, data_of(2)) and repo.get(ids[3]) == (1, data_of(3))
+    repo.close()
+    monkeypatch.setattr(st, "_TOLD_MISSING", 1)
+    writer = storage.open("work", True, "second writer")
+    try:
+        assert writer.have(ids) == [4, 5]  # two: more than may be remembered
+        assert writer._told_missing == set()
+        lookups = []
+        real_missing = writer._index.missing
+        monkeypatch.setattr(writer._index, "missing", lambda ids: lookups.append(len(ids)) or real_missing(ids))
+        assert writer.put(ids[5], 1, data_of(5), None) is True
+        assert lookups[0] == 1
+        writer.flush()
+        assert writer.have(ids) == [4]
+        assert writer.stats()["blobs"] == 5
+    finally:
+        writer.close()
+
+
+def test_reader_remembers_no_missing_ids(storage, repo):
+    fill(repo, 1)
+    repo.close()
+    reader = storage.open("work", False, "reader")
+    try:
+        assert reader.have([ident(0), ident(9)]) == [1]
+        assert reader._told_missing == set()
+    finally:
+        reader.close()
+
+
 def test_pack_sealed_at_pack_size(storage, repo):
     """Blobs go to one open pack until it reaches pack_size; then it is sealed and indexed."""
     reader = storage.open("work", False, "reader")

@@ -66,13 +66,19 @@ class FakeDaemon:
         if not head:
             return None
         (n,) = struct.unpack(">I", head)
-        msg = msgpack.unpackb(self.sock.recv(n, socket.MSG_WAITALL), raw=False)
+        payload = self.sock.recv(n, socket.MSG_WAITALL)
+        if len(payload) < n:
+            return None  # the client aborted mid-frame
+        msg = msgpack.unpackb(payload, raw=False)
         self.frames_read += 1
         return msg
 
     def send(self, **msg) -> None:
         payload = msgpack.packb(msg, use_bin_type=True)
-        self.sock.sendall(struct.pack(">I", len(payload)) + payload)
+        try:
+            self.sock.sendall(struct.pack(">I", len(payload)) + payload)
+        except OSError:
+            pass  # the client went away: carry on with what it sent, as qbackupd does
 
     def run(self) -> None:
         self.hello = self.recv()

@@ -23,6 +23,7 @@ SERVICE = "qubes.BackupChunk"
 ALLOWED_SOURCE = "dom0"
 
 MAX_HEADER = 256
+RECEIVE_BUFFER = 1 << 20  # a connection's receive buffer (it grows to hold the largest frame)
 MAX_FRAME = 8 << 20
 MAX_BATCH = 4096
 MAX_COMMIT_REFS = 65536
@@ -132,7 +133,7 @@ _SCALARS: dict[int, tuple[int, int]] = {
 _CONTAINERS = {0xDC: (2, 1), 0xDD: (4, 1), 0xDE: (2, 2), 0xDF: (4, 2)}
 
 
-def check_shape(untrusted_payload: bytes) -> None:
+def check_shape(untrusted_payload: bytes | memoryview) -> None:
     """Walk the msgpack encoding without building objects: bound nesting and object count.
 
     Ext types and the never-used byte are refused here too; exactness (one
@@ -181,7 +182,7 @@ def _no_ext(code: int, data: bytes) -> None:
     raise ValueError(f"ext type {code} not allowed")
 
 
-def decode_payload(untrusted_payload: bytes) -> dict[str, Any]:
+def decode_payload(untrusted_payload: bytes | memoryview) -> dict[str, Any]:
     """Decode one frame payload: exactly one msgpack map with string keys."""
     check_shape(untrusted_payload)
     try:
@@ -220,49 +221,101 @@ def error_message(rid: int | None, code: str, message: str, **extra: Any) -> dic
 class Decoder:
     """Incremental decoder of the byte stream from the client.
 
-    Feed it bytes as they arrive; take the qrexec header once, then frames.
-    It never holds more than the header limit or one frame plus what was fed
-    beyond it, and checks a frame's length before waiting for its body.
+    Bytes arrive either through ``feed`` or, without a copy, straight into
+    the decoder's own reusable buffer: ``receive_buffer`` gives the free
+    space after what is held, ``received`` says how much of it was filled.
+    Take the qrexec header once, then frames. A frame's length is checked
+    before the buffer grows for its body, so the buffer never holds more
+    than the header limit or one frame plus one receive beyond it; each
+    payload is shape-checked and decoded in place, then its space reused.
     """
 
     def __init__(self) -> None:
-        self._buf = bytearray()
-
-    def feed(self, data: bytes) -> None:
-        self._buf += data
+        self._buf = bytearray(RECEIVE_BUFFER)
+        self._start = 0  # first byte not consumed
+        self._end = 0  # end of the bytes received
+        self._framing = False  # the header has been taken: frames follow
+        self.frame_size = 0  # payload bytes of the last frame decoded
 
     @property
     def pending(self) -> int:
         """Bytes received but not yet consumed."""
+        return self._end - self._start
+
+    @property
+    def capacity(self) -> int:
+        """Size of the receive buffer now."""
         return len(self._buf)
+
+    def _make_room(self, need: int) -> None:
+        """At least ``need`` free bytes after what is held: move it to the front, or grow."""
+        if len(self._buf) - self._end >= need:
+            return
+        held = self._end - self._start
+        if self._start:
+            self._buf[:held] = self._buf[self._start : self._end]
+            self._start, self._end = 0, held
+        if len(self._buf) - held < need:
+            self._buf.extend(bytes(held + need - len(self._buf)))
+
+    def feed(self, data: bytes) -> None:
+        self._make_room(len(data))
+        self._buf[self._end : self._end + len(data)] = data
+        self._end += len(data)
+
+    def receive_buffer(self) -> memoryview:
+        """Free space to receive into: at least what the frame begun still
+        lacks (once its length is known to be within bounds), or
+        RECEIVE_BUFFER / 4 bytes. Release the view (``with``) before calling
+        anything else here, then report the bytes written with ``received``."""
+        need = RECEIVE_BUFFER // 4
+        if self._framing and self.pending >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._buf, self._start)
+            if 0 < length <= MAX_FRAME:
+                need = max(need, _LENGTH.size + length - self.pending)
+        self._make_room(need)
+        return memoryview(self._buf)[self._end :]
+
+    def received(self, count: int) -> None:
+        """``count`` bytes were written at the start of the last ``receive_buffer``."""
+        if not 0 <= count <= len(self._buf) - self._end:
+            raise ValueError(f"received {count} bytes, more than the buffer had room for")
+        self._end += count
 
     def header(self) -> bytes | None:
         """The raw header (without NUL), or None until the NUL has arrived."""
-        end = self._buf.find(b"\0", 0, MAX_HEADER)
+        end = self._buf.find(b"\0", self._start, min(self._end, self._start + MAX_HEADER))
         if end < 0:
-            if len(self._buf) >= MAX_HEADER:
+            if self.pending >= MAX_HEADER:
                 raise HeaderError(f"qrexec header longer than {MAX_HEADER} bytes")
             return None
-        raw = bytes(self._buf[:end])
-        del self._buf[: end + 1]
+        raw = bytes(self._buf[self._start : end])
+        self._consume(end + 1)
+        self._framing = True
         return raw
+
+    def _consume(self, end: int) -> None:
+        self._start = end
+        if self._start == self._end:
+            self._start = self._end = 0
 
     def frame(self) -> dict[str, Any] | None:
         """The next decoded frame payload, or None until it is complete."""
-        if len(self._buf) < _LENGTH.size:
+        if self.pending < _LENGTH.size:
             return None
-        (length,) = _LENGTH.unpack_from(self._buf)
+        (length,) = _LENGTH.unpack_from(self._buf, self._start)
         if length == 0:
             raise ProtocolError("bad_frame", "frame of length 0")
         if length > MAX_FRAME:
             raise ProtocolError("frame_too_large", f"frame of {length} bytes exceeds {MAX_FRAME}")
-        end = _LENGTH.size + length
-        if len(self._buf) < end:
+        start = self._start + _LENGTH.size
+        end = start + length
+        if self._end < end:
             return None
-        with memoryview(self._buf) as view:
-            payload = bytes(view[_LENGTH.size : end])
-        del self._buf[:end]
-        return decode_payload(payload)
+        self._consume(end)  # whatever the payload holds, it is gone from the stream
+        self.frame_size = length
+        with memoryview(self._buf) as view, view[start:end] as untrusted_payload:
+            return decode_payload(untrusted_payload)
 
 
 # --- request validation -----------------------------------------------------

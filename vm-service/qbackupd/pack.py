@@ -109,15 +109,17 @@ class PackWriter:
         """Size of the pack file if it were sealed now."""
         return self._end + self._trailer_size + FOOTER_SIZE
 
-    def _append(self, data: bytes) -> None:
-        _pwrite_all(self._fd, data, self._end)
-        self._hash.update(data)
-        self._end += len(data)
+    def _append(self, *parts: bytes) -> None:
+        """Write ``parts`` one after the other at the end, with one system call."""
+        _pwritev_all(self._fd, parts, self._end)
+        for part in parts:
+            self._hash.update(part)
+            self._end += len(part)
 
     def add(self, id: bytes, type: int, data: bytes, refs: bytes) -> None:
         """Append one blob (the caller has validated and deduplicated it)."""
         entry = Entry(id, type, self._end, len(data), refs)
-        self._append(_record_header(id, type, data) + data)
+        self._append(_record_header(id, type, data), data)
         self._entries[id] = entry
         self._trailer_size += ENTRY_SIZE + len(refs)
 
@@ -315,3 +317,13 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         written = os.pwrite(fd, view, offset)
         view = view[written:]
         offset += written
+
+
+def _pwritev_all(fd: int, parts: tuple[bytes, ...], offset: int) -> None:
+    """Write ``parts`` contiguously at ``offset``: one pwritev, and more only after a short write."""
+    written = os.pwritev(fd, parts, offset)
+    for part in parts:
+        if written < len(part):
+            _pwrite_all(fd, memoryview(part)[written:], offset + written)
+        offset += len(part)
+        written = max(0, written - len(part))

@@ -47,9 +47,11 @@ from .usage import usage
 log = logging.getLogger("qbackupd")
 
 SERVER_NAME = f"qbackupd/{version('qbackupd')}"
-REQUEST_QUEUE = 4  # decoded requests waiting for the worker (each up to MAX_FRAME)
+REQUEST_QUEUE = 64  # decoded requests waiting for the worker...
+QUEUED_BYTES = 16 << 20  # ...holding at most this many frame bytes (or one larger frame)
+PUT_BATCH = 64  # puts handed to a storage thread at once...
+PUT_BATCH_BYTES = 8 << 20  # ...up to about this many bytes of blobs
 RESPONSE_QUEUE = 8  # encoded frames waiting for the writer
-RECV_SIZE = 256 << 10
 WRITE_COALESCE = 1 << 20  # small frames are joined into one send up to this size
 MAX_LISTED_REFS = 64  # ids named in a missing_refs error
 GET_CHUNK = 4 << 20  # a get reads blobs in a worker thread until this many bytes, then sends them
@@ -106,6 +108,8 @@ class Connection:
         self.bytes_out = 0
         self.result = "closed before header"
         self.peer_gone = False  # the client stopped reading before all answers were sent
+        self.queued_bytes = 0  # frame bytes of the requests waiting for the worker
+        self.dequeued = trio.Event()  # set when the worker takes one
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -185,7 +189,7 @@ class Connection:
             pass
 
     async def _session(self) -> None:
-        requests_in, requests_out = trio.open_memory_channel[Request | ProtocolError](REQUEST_QUEUE)
+        requests_in, requests_out = trio.open_memory_channel[tuple[Request | ProtocolError, int]](REQUEST_QUEUE)
         frames_in, frames_out = trio.open_memory_channel[bytes](RESPONSE_QUEUE)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._reader, requests_in)
@@ -209,14 +213,15 @@ class Connection:
     # --- the three tasks -------------------------------------------------------------
 
     async def _receive(self) -> bool:
-        """Feed the decoder with what arrives; False at EOF or on a reset."""
-        try:
-            data = await self.stream.receive_some(RECV_SIZE)
-        except trio.BrokenResourceError:
-            data = b""
-        self.bytes_in += len(data)
-        self.decoder.feed(data)
-        return bool(data)
+        """Receive what arrives straight into the decoder's buffer; False at EOF or on a reset."""
+        with self.decoder.receive_buffer() as buffer:
+            try:
+                count = await self.stream.socket.recv_into(buffer)
+            except OSError:  # ECONNRESET and the like: the client is gone
+                count = 0
+        self.bytes_in += count
+        self.decoder.received(count)
+        return count > 0
 
     async def _next_request(self) -> Request | None:
         """The next validated request, None at a clean EOF; raises ProtocolError."""
@@ -231,7 +236,9 @@ class Connection:
             self.version = frames.negotiate(request.args["versions"]) or self.version
         return request
 
-    async def _reader(self, requests: trio.MemorySendChannel[Request | ProtocolError]) -> None:
+    async def _reader(self, requests: trio.MemorySendChannel[tuple[Request | ProtocolError, int]]) -> None:
+        """Decode and validate requests into the queue, at most QUEUED_BYTES of
+        frames ahead of the worker (a larger frame waits until the queue is empty)."""
         async with requests:
             while True:
                 item: Request | ProtocolError | None
@@ -241,23 +248,64 @@ class Connection:
                     item = exc
                 if item is None:
                     return
+                size = self.decoder.frame_size if isinstance(item, Request) else 0
+                while self.queued_bytes and self.queued_bytes + size > QUEUED_BYTES:
+                    self.dequeued = trio.Event()
+                    await self.dequeued.wait()
+                self.queued_bytes += size
                 try:
-                    await requests.send(item)
+                    await requests.send((item, size))
                 except trio.BrokenResourceError:
                     return  # the worker has finished the session
                 last = item.fatal if isinstance(item, ProtocolError) else item.op == "bye"
                 if last:
                     return
 
+    def _take(self, entry: tuple[Request | ProtocolError, int]) -> Request | ProtocolError:
+        """A request out of the queue: its bytes no longer count against QUEUED_BYTES."""
+        item, size = entry
+        self.queued_bytes -= size
+        self.dequeued.set()
+        return item
+
+    def _batches_put(self, item: Request | ProtocolError) -> bool:
+        """Whether ``item`` is a put that can run in a batch of puts (else _handle answers it)."""
+        return isinstance(item, Request) and item.op == "put" and self.writable and self.repo is not None
+
     async def _worker(
         self,
-        requests: trio.MemoryReceiveChannel[Request | ProtocolError],
+        requests: trio.MemoryReceiveChannel[tuple[Request | ProtocolError, int]],
         responses: trio.MemorySendChannel[bytes],
     ) -> None:
+        """Carry out the requests in order. Consecutive puts already waiting
+        in the queue go to the storage thread together (``_put_batch``)."""
         async with requests, responses:
             try:
-                async for item in requests:
-                    if await self._handle(item, responses):
+                held = None
+                while True:
+                    if held is None:
+                        try:
+                            item = self._take(await requests.receive())
+                        except trio.EndOfChannel:
+                            break
+                    else:
+                        item, held = held, None
+                    if not self._batches_put(item):
+                        if await self._handle(item, responses):
+                            break
+                        continue
+                    batch, size = [item], len(item.args["data"])
+                    while len(batch) < PUT_BATCH and size < PUT_BATCH_BYTES:
+                        try:
+                            held = self._take(requests.receive_nowait())
+                        except (trio.WouldBlock, trio.EndOfChannel):
+                            break
+                        if not self._batches_put(held):
+                            break
+                        batch.append(held)
+                        size += len(held.args["data"])
+                        held = None
+                    if await self._put_batch(batch, responses):
                         break
             except trio.BrokenResourceError:
                 return  # the writer is gone (client went away); the session's close does the rest
@@ -315,26 +363,67 @@ class Connection:
                 return await self._dispatch(item, reply)
             except trio.BrokenResourceError:
                 raise  # from `reply`: nobody reads the answers any more
-            except ProtocolError as exc:
-                error = exc
-            except Locked as exc:
-                error = ProtocolError(exc.code, str(exc), item.rid, holder=exc.holder)
-            except MissingRefs as exc:
-                error = ProtocolError(exc.code, str(exc), item.rid, ids=list(exc.ids[:MAX_LISTED_REFS]))
-            except StorageError as exc:
-                error = ProtocolError(exc.code, str(exc), item.rid)
-            except OSError as exc:
-                error = ProtocolError("io", f"storage error: {exc}", item.rid)
-            except Exception:
-                log.exception("conn %d: internal error in %s", self.number, item.op)
-                error = ProtocolError("internal", f"internal error in {item.op}", item.rid)
-            if error.rid is None:
-                error.rid = item.rid
+            except Exception as exc:
+                error = self._protocol_error(item, exc)
+        return await self._answer_error(error, responses)
+
+    def _protocol_error(self, req: Request, exc: Exception) -> ProtocolError:
+        """The error frame answering a request that raised ``exc``."""
+        if isinstance(exc, ProtocolError):
+            error = exc
+        elif isinstance(exc, Locked):
+            error = ProtocolError(exc.code, str(exc), req.rid, holder=exc.holder)
+        elif isinstance(exc, MissingRefs):
+            error = ProtocolError(exc.code, str(exc), req.rid, ids=list(exc.ids[:MAX_LISTED_REFS]))
+        elif isinstance(exc, StorageError):
+            error = ProtocolError(exc.code, str(exc), req.rid)
+        elif isinstance(exc, OSError):
+            error = ProtocolError("io", f"storage error: {exc}", req.rid)
+        else:
+            log.error("conn %d: internal error in %s", self.number, req.op, exc_info=exc)
+            error = ProtocolError("internal", f"internal error in {req.op}", req.rid)
+        if error.rid is None:
+            error.rid = req.rid
+        return error
+
+    async def _answer_error(self, error: ProtocolError, responses: trio.MemorySendChannel[bytes]) -> bool:
+        """Log and answer an error; True if it ends the session."""
         log.warning("conn %d: error %s (rid %s): %s", self.number, error.code, error.rid, error.message)
         if error.fatal:
             self.result = f"error {error.code}: {error.message}"
-        await reply(self._error_frame(error))
+        await responses.send(frames.encode_frame(self._error_frame(error)))
         return error.fatal
+
+    async def _put_batch(self, batch: list[Request], responses: trio.MemorySendChannel[bytes]) -> bool:
+        """Store consecutive puts with one hop to a storage thread, then answer
+        each in order, exactly as if each had been carried out alone: a put
+        that fails is answered its error, and the puts after it go on (from a
+        new hop) unless that error ends the session. True when it does."""
+        while batch:
+            done = await trio.to_thread.run_sync(self._put_all, self.repo, batch)
+            for req, outcome in zip(batch, done):
+                self.ops += 1
+                if isinstance(outcome, Exception):
+                    if await self._answer_error(self._protocol_error(req, outcome), responses):
+                        return True
+                else:
+                    await responses.send(frames.encode_frame({"op": "ok", "rid": req.rid, "stored": outcome}))
+            batch = batch[len(done) :]
+        return False
+
+    @staticmethod
+    def _put_all(repo: Repository, batch: list[Request]) -> list[bool | Exception]:
+        """Put the blobs of ``batch`` in order, up to and including the first
+        that fails (its exception is its outcome); in a thread."""
+        done: list[bool | Exception] = []
+        for req in batch:
+            args = req.args
+            try:
+                done.append(repo.put(args["id"], args["type"], args["data"], args.get("refs")))
+            except Exception as exc:
+                done.append(exc)
+                break
+        return done
 
     async def _dispatch(self, req: Request, reply: Callable[[dict[str, Any]], Awaitable[None]]) -> bool:
         """Execute one request and send its answer(s); True when the session ends."""
@@ -450,8 +539,6 @@ class Connection:
         args = req.args
         if req.op == "have":
             return {"op": "have", "missing": repo.have(args["ids"])}
-        if req.op == "put":
-            return {"op": "ok", "stored": repo.put(args["id"], args["type"], args["data"], args.get("refs"))}
         if req.op == "flush":
             repo.flush()
         elif req.op == "commit":

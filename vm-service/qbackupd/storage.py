@@ -50,6 +50,9 @@ MAX_BATCH = 4096  # ids per have(), refs per put()
 MAX_COMMIT_REFS = 65536  # refs per snapshot
 MAX_LISTED_MISSING = 64  # ids named by a MissingRefs error
 _OPEN_PACKS = 16  # pack file descriptors a Repository keeps open for get()
+# Ids a writer session remembers HAVE reported missing (and not stored since):
+# a put of one of them needs no index lookup. 32-byte ids: a few MiB at most.
+_TOLD_MISSING = 1 << 16
 
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SHARD_RE = re.compile(r"[0-9a-f]{2}")
@@ -772,6 +775,7 @@ class Repository:
         self._lost = False  # a pack sealed by put() failed: its blobs are gone
         self._fds: OrderedDict[str, int] = OrderedDict()
         self._closed = False
+        self._told_missing: set[bytes] = set()  # see have() and put()
 
     def __enter__(self) -> "Repository":
         return self
@@ -786,18 +790,27 @@ class Repository:
             raise ReadOnly(f"repository {self.name!a} is open read-only")
 
     def _missing(self, ids: Sequence[bytes]) -> list[int]:
-        """Indexes of the ids neither indexed nor in this writer's open pack."""
-        missing = self._index.missing(ids)
-        if self._writer is not None:
-            missing = [i for i in missing if self._writer.find(ids[i]) is None]
-        return missing
+        """Indexes of the ids neither in this writer's open pack nor indexed."""
+        if self._writer is None:
+            return self._index.missing(ids)
+        unwritten = [i for i, id in enumerate(ids) if self._writer.find(id) is None]
+        if not unwritten:
+            return []
+        return [unwritten[i] for i in self._index.missing([ids[i] for i in unwritten])]
 
     def have(self, ids: list[bytes]) -> list[int]:
-        """Indexes (ascending) into ``ids`` of the ids the repository does not hold."""
+        """Indexes (ascending) into ``ids`` of the ids the repository does not hold.
+
+        A writer remembers (up to ``_TOLD_MISSING``) the ids it answered
+        missing, so that their puts skip the index lookup (``put``).
+        """
         self._check_open()
         _check_ids(ids, MAX_BATCH, "ids")
         with _io("have"):
-            return self._missing(ids)
+            missing = self._missing(ids)
+        if self.write and len(self._told_missing) + len(missing) <= _TOLD_MISSING:
+            self._told_missing.update(ids[i] for i in missing)
+        return missing
 
     def put(self, id: bytes, type: int, data: bytes, refs: list[bytes] | None) -> bool:
         """Store a blob; False (nothing written) if the id is already held."""
@@ -808,7 +821,11 @@ class Repository:
         refs = [] if refs is None else refs
         _check_ids(refs, MAX_BATCH, "refs")
         with _io("put"):
-            if not self._missing([id]):
+            # An id this session was told is missing, and has not stored since,
+            # is still missing: only this session writes while it holds the
+            # writer lock. (Were another row to appear meanwhile, the record
+            # would merely be a duplicate: the index keeps an id's first row.)
+            if id not in self._told_missing and not self._missing([id]):
                 return False
             missing = self._missing(refs)
             if missing:
@@ -816,6 +833,7 @@ class Repository:
             if self._writer is None:
                 self._writer = pack.PackWriter(self._tree.staging, f"{secrets.token_hex(16)}.tmp")
             self._writer.add(id, type, data, b"".join(refs))
+            self._told_missing.discard(id)
             if self._writer.size >= self.pack_size or len(self._writer) >= pack.MAX_ENTRIES:
                 try:
                     self._seal()
