@@ -8,6 +8,8 @@ repository, runs each of these --runs times with bytecode caches written
 (as an installed package has them) and prints the median wall and CPU time:
 
   python -c pass                    the interpreter alone
+  the client's libraries alone      importing only the standard and third-party
+                                    modules the client loads to parse (its floor)
   import qbackup.cli                the client's imports (parsing needs no more),
                                     in the dev venv (editable install) and installed
   qbackup gc --dry-run              imports, connection, hello, open, one request
@@ -49,6 +51,11 @@ from qbackup_sim.inventory import create_sim  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRYPT_N = 2**14
+# What `import qbackup.cli` loads besides qbackup itself (tests/dom0/test_package.py
+# keeps the rest out): the floor of the client's imports.
+LIBRARIES = ("argparse, typing, json, hashlib, hmac, getpass, queue, dataclasses, concurrent.futures, "
+             "subprocess, socket, msgpack, zstandard, cryptography.hazmat.primitives.ciphers.aead, "
+             "cryptography.hazmat.primitives.kdf.hkdf")
 
 
 def timed(argv: list[str], env: dict) -> tuple[float, float]:
@@ -109,6 +116,7 @@ def main() -> int:
                         "--scrypt-n", str(SCRYPT_N)], check=True, env=env,
                        stdout=subprocess.DEVNULL)
         rows = [("python -c pass", ["-c", "pass"]),
+                ("the client's libraries alone", ["-c", f"import {LIBRARIES}"]),
                 ("import qbackup.cli", ["-c", "import qbackup.cli"]),
                 ("qbackup gc --dry-run (sim)", [*run, "gc", "--dry-run"]),
                 (f"qbackup stats (sim, scrypt n=2^{SCRYPT_N.bit_length() - 1})",
@@ -124,7 +132,7 @@ def main() -> int:
             dev = "import qbackup.cli (dev venv, editable)"
             results[(dev, "now")] = [timed([sys.executable, "-c", "import qbackup.cli"], env)
                                      for _ in range(args.runs)]
-            rows.insert(2, (dev, []))
+            rows.insert(3, (dev, []))  # after the installed import
         finally:
             stop_daemon(sim)
     scrypt = scrypt_seconds(args.runs)
