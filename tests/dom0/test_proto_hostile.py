@@ -108,7 +108,7 @@ BAD_HELLOS = [
     (raw(msgpack.packb({"rid": 0})), "without a string 'op'"),
     (raw(msgpack.packb({"op": 1, "rid": 0})), "without a string 'op'"),
     (raw(msgpack.packb({"op": "hello"})), "without a string 'op' and a 'rid'"),
-    (frame(**{**HELLO, "version": 3}), "protocol version 3"),
+    (frame(**{**HELLO, "version": 4}), "protocol version 4"),
     (frame(**{**HELLO, "version": 0}), "protocol version 0"),
     (frame(**{**HELLO, "max_frame": 1 << 40}), "max_frame' value 1099511627776 outside"),
     (frame(**{**HELLO, "max_frame": 1024}), "max_frame' value 1024 outside"),
