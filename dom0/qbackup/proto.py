@@ -284,6 +284,18 @@ class _Call:
         self.future.set_exception(exc)
 
 
+class _StrictCall(_Call):
+    """A call that no error frame may answer: one kills the session (raised
+    on the reader thread, it ends the read loop) after failing this call."""
+
+    def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, RemoteError):
+            exc = ProtocolError(f"{self.op} (rid {self.rid}) answered by an error: {exc}")
+            super().fail(exc)
+            raise exc
+        super().fail(exc)
+
+
 class _ProgressCall(_Call):
     """A request answered by any number of 'progress' frames, then one answer
     frame. Progress goes to `progress(phase, done, total)` on the reader
@@ -776,7 +788,9 @@ class Session:
 
     def locate(self, ids: list[bytes]) -> Future:
         """Future of one untrusted sort key per id, each an int 0..MAX_INT:
-        fit to order gets by, never to decide which ids are fetched."""
+        fit to order gets by, never to decide which ids are fetched. A daemon
+        answering anything else, an error frame included, is broken or
+        hostile: the session dies."""
         self._require("locate", 3)
         ids = list(ids)
         _check_ids(ids, self.max_batch, "locate")
@@ -787,7 +801,8 @@ class Session:
             if len(untrusted_keys) != len(ids):
                 raise ProtocolError(f"locate answer has {len(untrusted_keys)} keys for {len(ids)} ids")
             return [key(k, f"locate.keys[{i}]") for i, k in enumerate(untrusted_keys)]
-        return self._call("locate", parse, ids=ids)
+        return self._send({"op": "locate", "ids": ids},
+                          lambda rid, size: _StrictCall("locate", rid, size, parse)).future
 
     def stats(self) -> dict:
         """The repository's figures as the daemon reports them (untrusted:
