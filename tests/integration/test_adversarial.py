@@ -117,6 +117,16 @@ def latest(w: World, s: Session):
 
 # --- tampering strategies ----------------------------------------------------
 
+def relay(msg):
+    """Pass a frame on, but answer locate with equal keys: verify then gets
+    the chunks in the order the chunk maps name them (honest keys follow the
+    records in the packs, the order the workers' puts arrived in), so the
+    first data blob it sees is the volume's first chunk."""
+    if msg.get("op") == "locate":
+        msg = dict(msg, keys=[0] * len(msg["keys"]))
+    return [frame(msg)]
+
+
 class OnDataBlobs(Tamper):
     """Applies ``change`` to data-chunk blob frames sent to the client."""
 
@@ -127,7 +137,7 @@ class OnDataBlobs(Tamper):
         if msg.get("op") == "blob" and msg.get("type") == TYPE_DATA and self.count < self.limit:
             self.count += 1
             return self.change(msg)
-        return [frame(msg)]
+        return relay(msg)
 
 
 def flip_bit(msg):
@@ -157,7 +167,7 @@ class SwapTwo(Tamper):
 
     def to_client(self, msg):
         if self.done or msg.get("op") != "blob" or msg.get("type") != TYPE_DATA:
-            return [frame(msg)]
+            return relay(msg)
         if self.held is None:
             self.held = msg
             return []
@@ -178,7 +188,7 @@ class WrongId(Tamper):
                 self.first = msg["data"]
             else:
                 return [frame(dict(msg, data=self.first))]
-        return [frame(msg)]
+        return relay(msg)
 
 
 STORED = [i for i in range(29) if i % 7 != 3]  # chunks of make_image that are not zero
