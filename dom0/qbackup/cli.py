@@ -19,25 +19,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import traceback
 from typing import Any, Callable, NoReturn
 
 from qbackup import crypto
 from qbackup.commands.common import (CONFIG_FILE, DEFAULT_REPO, DEFAULT_STATE_DIR,
-                                     EXIT_ERROR, EXIT_INTERRUPTED, EXIT_USAGE, Context,
-                                     clean, failure, make_context, parse_size)
-from qbackup.commands.repository import (MAX_SCRYPT_N, cmd_change_passphrase, cmd_delete,
-                                         cmd_init, cmd_list)
-from qbackup.commands.jobs import EXIT_CHECK_ERRORS, EXIT_CHECK_WARNINGS, cmd_check, cmd_status
-from qbackup.commands.restore import cmd_restore, cmd_verify, sample_percent, volume_target
+                                     EXIT_CHECK_ERRORS, EXIT_CHECK_WARNINGS, EXIT_ERROR,
+                                     EXIT_INTERRUPTED, EXIT_USAGE, JOBS_FILE, Context, clean,
+                                     failure, make_context, parse_size)
 from qbackup.errors import QbackupError
-from qbackup.jobs import JOBS_FILE
 from qbackup.qubes import RESTORE_IN_PROGRESS, Backend, QubesAdminBackend
 
 
 def _later(module: str, name: str) -> Callable:
     """qbackup.commands.MODULE.NAME, imported when first called: a command
-    loads only the modules it needs (startup cost, bench/README.md)."""
+    loads only the modules it needs, and parsing loads none of them (startup
+    cost, bench/README.md; tests/dom0/test_package.py)."""
     def call(*args: Any) -> Any:
         return getattr(importlib.import_module(f"qbackup.commands.{module}"), name)(*args)
     call.__name__ = name
@@ -46,13 +42,19 @@ def _later(module: str, name: str) -> Callable:
 
 cmd_backup, cmd_cleanup = _later("backup", "cmd_backup"), _later("backup", "cmd_cleanup")
 cmd_browse = _later("browse", "cmd_browse")
+cmd_check, cmd_status = _later("jobs", "cmd_check"), _later("jobs", "cmd_status")
+cmd_check_storage, cmd_gc = _later("maintenance", "cmd_check_storage"), _later("maintenance", "cmd_gc")
+cmd_stats, repack_percent = _later("maintenance", "cmd_stats"), _later("maintenance", "repack_percent")
 cmd_repo_list, cmd_repo_trust = _later("pins", "cmd_repo_list"), _later("pins", "cmd_repo_trust")
 cmd_protect, cmd_prune = _later("prune", "cmd_protect"), _later("prune", "cmd_prune")
 keep_within = _later("prune", "keep_within")
 rename_arg = _later("qubes_restore", "rename_arg")
+cmd_init, cmd_list = _later("repository", "cmd_init"), _later("repository", "cmd_list")
+cmd_delete = _later("repository", "cmd_delete")
+cmd_change_passphrase = _later("repository", "cmd_change_passphrase")
+cmd_restore, cmd_verify = _later("restore", "cmd_restore"), _later("restore", "cmd_verify")
+sample_percent, volume_target = _later("restore", "sample_percent"), _later("restore", "volume_target")
 cmd_show = _later("show", "cmd_show")
-cmd_check_storage, cmd_gc = _later("maintenance", "cmd_check_storage"), _later("maintenance", "cmd_gc")
-cmd_stats, repack_percent = _later("maintenance", "cmd_stats"), _later("maintenance", "repack_percent")
 
 DEFAULT_CHUNK_SIZE = 256 << 10
 DEFAULT_PACK_SIZE = 64 << 20
@@ -143,7 +145,7 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
                    help="target size of the backup qube's pack files, 8M to 512M (default 64M)")
     p.add_argument("--scrypt-n", type=int, default=crypto.SCRYPT_N, metavar="N",
                    help=f"scrypt cost of the passphrase, a power of two from {crypto.MIN_SCRYPT_N} "
-                   f"to {MAX_SCRYPT_N} (default {crypto.SCRYPT_N})")
+                   f"to {crypto.MAX_CHOSEN_SCRYPT_N} (default {crypto.SCRYPT_N})")
     p.add_argument("--replace", action="store_true",
                    help="the name is pinned to a repository that is gone for good: create a "
                    "new one and pin that instead")
@@ -419,7 +421,7 @@ def build_parser(prog: str = "qbackup") -> argparse.ArgumentParser:
                    help="read the new passphrase from FILE")
     p.add_argument("--scrypt-n", type=int, default=crypto.SCRYPT_N, metavar="N",
                    help=f"scrypt cost for the new wrapping, a power of two from {crypto.MIN_SCRYPT_N} "
-                   f"to {MAX_SCRYPT_N} (default {crypto.SCRYPT_N})")
+                   f"to {crypto.MAX_CHOSEN_SCRYPT_N} (default {crypto.SCRYPT_N})")
     return parser
 
 
@@ -444,6 +446,7 @@ def run(argv: list[str] | None = None, *, backend: Callable[[], Backend] | None 
         return code
     except Exception as e:  # a bug: say so in one line, details with -v
         if getattr(args, "verbose", False):
+            import traceback
             traceback.print_exc()
         print(f"qbackup: error: internal error: {type(e).__name__}: {clean(str(e))}"
               " (run with -v for details)", file=sys.stderr)

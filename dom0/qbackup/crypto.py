@@ -59,6 +59,10 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**17, 8, 1
 MIN_SCRYPT_N, MAX_SCRYPT_N, MAX_SCRYPT_R, MAX_SCRYPT_P = 2**14, 2**22, 32, 16
 MAX_SCRYPT_MEM = 1 << 30             # 128 * n * r bytes
 MAX_SCRYPT_WORK = 2**24              # n * r * p (default: 2**20)
+# The largest cost a new wrapping may choose (--scrypt-n): with the default r
+# and p, the work and memory bounds above limit n further.
+MAX_CHOSEN_SCRYPT_N = min(MAX_SCRYPT_N, MAX_SCRYPT_WORK // (SCRYPT_R * SCRYPT_P),
+                          MAX_SCRYPT_MEM // (128 * SCRYPT_R))
 SCRYPT_SALT_LEN = 16
 BAD_PASSPHRASE = "wrong passphrase or corrupted key file"
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import re
 import stat
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,6 @@ from qbackup.errors import QbackupError
 from qbackup.qubes import QubeInfo, volumes_to_backup
 from qbackup.transport import QUBE_NAME_RE, REPO_NAME_RE
 
-JOBS_FILE = "/etc/qbackup/jobs.toml"
 JOB_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
 # Qubes tags: qubes/vm/__init__.py Tags.validate_tag.
 TAG_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -101,8 +99,9 @@ def _selector_ok(selector: Any) -> bool:
     return bool(QUBE_NAME_RE.fullmatch(selector))
 
 
-def parse_jobs(text: str, path: str = JOBS_FILE) -> dict[str, Job]:
+def parse_jobs(text: str, path: str) -> dict[str, Job]:
     """The jobs of a jobs file's `text`; JobError naming the line otherwise."""
+    import tomllib  # here: its regular expressions take a while to compile
     try:
         doc = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -165,7 +164,7 @@ def parse_jobs(text: str, path: str = JOBS_FILE) -> dict[str, Job]:
     return jobs
 
 
-def load_jobs(path: str = JOBS_FILE) -> dict[str, Job]:
+def load_jobs(path: str) -> dict[str, Job]:
     """The jobs of the file at `path` ({} if it does not exist)."""
     try:
         with open(path, "rb") as f:
@@ -182,7 +181,7 @@ def load_jobs(path: str = JOBS_FILE) -> dict[str, Job]:
     return parse_jobs(text, path)
 
 
-def get_job(name: str, path: str = JOBS_FILE) -> Job:
+def get_job(name: str, path: str) -> Job:
     jobs = load_jobs(path)
     if name not in jobs:
         known = ", ".join(sorted(jobs)) or f"none: {path} has no jobs"

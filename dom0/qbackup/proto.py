@@ -7,11 +7,14 @@ before its payload is read, msgpack is decoded with every limit set (and an
 object budget, so a small frame cannot expand into a huge object graph), and
 each field is checked for type, length and range before it is used.
 
-Requests are pipelined: any thread may send; one reader thread matches the
-answers to the requests in FIFO order (PROTOCOL §3) and resolves their
-futures. Any protocol violation kills the session: every pending and later
-call fails with that same ProtocolError, and nothing waits forever on a
-daemon that closed the connection.
+Requests are pipelined. Any thread may call: it numbers and encodes its
+request and queues the frame, within the in-flight byte budget, and goes on;
+one sender thread owns the writing side of the transport, so no caller ever
+waits on another's write. One reader thread matches the answers to the
+requests in FIFO order (PROTOCOL §3) and resolves their futures. Any protocol
+violation kills the session: every pending and later call fails with that
+same ProtocolError, and nothing waits forever on a daemon that closed the
+connection.
 """
 
 import collections
@@ -58,6 +61,9 @@ LOCK_RETRY = 0.2   # seconds between open attempts while the repository is locke
 # given up. Generous: a backup qube may rebuild a large index on open.
 STALL_TIMEOUT = 600.0
 READ_SIZE = 1 << 20
+WRITE_COALESCE = 256 << 10  # queued frames joined into one write up to this size
+SENDER_JOIN = 5.0  # seconds close() waits for the sender thread once the transport is torn down
+ABORT_GRACE = 2.0  # seconds abort() lets the sender write the frames already queued
 # Bounds of the version-2 answers (PROTOCOL §5): a daemon sending more is broken.
 MAX_PROBLEMS, MAX_PROBLEM_CHARS = 100, 300
 MAX_DAMAGED = 4096
@@ -393,7 +399,11 @@ class Session:
         self._stall_timeout = stall_timeout
         self._heard = time.monotonic()           # last answer, or start of the wait for one
         self._max_in_flight = max_in_flight_bytes
-        self._send_lock = threading.Lock()       # rid order == write order == queue order
+        self._send_lock = threading.Lock()       # rid order == queue order == write order
+        # Frames for the sender thread, in rid order; None wakes it to end. A
+        # SimpleQueue: putting never blocks (the budget below bounds it), and
+        # it holds no lock a Ctrl-C in the main thread could leave taken.
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._cond = threading.Condition()       # guards everything below
         self._pending: collections.deque = collections.deque()
         self._in_flight = 0
@@ -422,6 +432,7 @@ class Session:
             self._in_hello = False
             self._heard = time.monotonic()
         self._reader = threads.start(self._read_loop, "qbackup-proto-reader")
+        self._sender = threads.start(self._send_loop, "qbackup-proto-sender")
 
     def __enter__(self) -> "Session":
         return self
@@ -465,11 +476,14 @@ class Session:
             calls = list(self._pending)
             self._pending.clear()
             self._cond.notify_all()
+        self._outbox.put(None)
         for call in calls:
             call.fail(self._error)
         self._transport.abort()
 
     def _send(self, msg: dict, make_call: Callable[[int, int], Any]) -> Any:
+        """Number and encode a request, wait for room in the in-flight budget,
+        and queue its frame for the sender thread; its call."""
         with self._send_lock:
             with self._cond:
                 if self._error is not None:
@@ -488,15 +502,38 @@ class Session:
                     self._heard = time.monotonic()  # the wait for an answer starts now
                 self._pending.append(call)
             self._next_rid += 1
+            self._outbox.put(frame)
+        return call
+
+    def _send_loop(self) -> None:
+        """The sender thread: write the queued frames in order, until the
+        session ends (a None in the queue). Frames already queued are joined
+        into one write while they fit in WRITE_COALESCE bytes (a larger frame
+        is written alone, never copied). A failed write kills the session."""
+        outbox, empty = self._outbox, object()
+        head = outbox.get()
+        while head is not None:
+            batch, size, head = [head], len(head), empty
+            while size < WRITE_COALESCE:  # join what is queued, up to WRITE_COALESCE
+                try:
+                    frame = outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if frame is None or size + len(frame) > WRITE_COALESCE:
+                    head = frame  # the next batch's first frame, or the end
+                    break
+                batch.append(frame)
+                size += len(frame)
             try:
-                self._transport.write(frame)
+                self._transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
             except QbackupError as exc:  # the transport knows why (qrexec exit code)
                 self._fail(exc)
-                raise self._error from None
+                return
             except (OSError, ValueError) as exc:
                 self._fail(ProtocolError(f"cannot send to the daemon: {exc}"))
-                raise self._error from None
-        return call
+                return
+            if head is empty:
+                head = outbox.get()
 
     def _call(self, op: str, parse: Callable[[dict], Any], **fields: Any) -> Future:
         call = self._send({"op": op, **fields},
@@ -813,9 +850,20 @@ class Session:
             pack_bytes=count, fs_size=count, fs_free=count)).result()
 
     def abort(self, reason: str = "session aborted") -> None:
-        """Kill the session at once (an error or an interrupt elsewhere): every
-        blocked or later call fails, and the daemon sees the connection drop."""
-        self._fail(QbackupError(reason))
+        """Kill the session (an error or an interrupt elsewhere): every blocked
+        or later call fails at once. The frames already queued are still
+        written, for at most ABORT_GRACE seconds, so that what the caller
+        handed over reaches the daemon (an interrupted backup's re-run reuses
+        it); then the daemon sees the connection drop."""
+        error = QbackupError(reason)
+        with self._cond:
+            if self._error is None:
+                self._error = error  # from now on nothing is queued, no call waits
+            self._cond.notify_all()
+        self._outbox.put(None)  # the sender writes what is queued before it, then ends
+        if threading.current_thread() is not self._sender:
+            self._sender.join(ABORT_GRACE)
+        self._fail(error)
 
     def close(self) -> None:
         """Say bye and wait for the daemon's final status; then release the transport.
@@ -838,6 +886,10 @@ class Session:
                 if self._error is None:
                     self._error = QbackupError("session is closed")
                 self._cond.notify_all()
+            # Every frame is written once bye is answered; after a failure the
+            # transport is torn down, which wakes a write in progress.
+            self._outbox.put(None)
+            self._sender.join(SENDER_JOIN)
             self._transport.close()
 
     # Defined last: in the class body, the name 'list' shadows the builtin.

@@ -20,7 +20,7 @@ import sys
 from typing import Callable, Mapping
 
 from qbackup import jobs
-from qbackup.commands.common import DEFAULT_RUN_DIR
+from qbackup.commands.common import DEFAULT_RUN_DIR, JOBS_FILE
 from qbackup.commands.jobs import job_running
 from qbackup.errors import QbackupError
 from qbackup.transport import QUBE_NAME_RE
@@ -38,7 +38,7 @@ def start_unit(job: str) -> None:
                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=60)
 
 
-def handle(environ: Mapping[str, str], *, jobs_file: str = jobs.JOBS_FILE,
+def handle(environ: Mapping[str, str], *, jobs_file: str = JOBS_FILE,
            run_dir: str = DEFAULT_RUN_DIR,
            start: Callable[[str], None] = start_unit) -> tuple[int, str]:
     """(exit code, the one line for the caller) for one request."""

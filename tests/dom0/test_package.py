@@ -51,6 +51,28 @@ def test_running_the_cli_loads_no_simulation():
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
 
 
+# What parsing a command line may load: the modules every command that talks
+# to the backup qube needs (bench/README.md, "Fixed cost of a command").
+PARSING_LOADS = {"qbackup", "qbackup.cli", "qbackup.commands", "qbackup.commands.common",
+                 "qbackup.crypto", "qbackup.errors", "qbackup.proto", "qbackup.qubes",
+                 "qbackup.state", "qbackup.threads", "qbackup.transport"}
+
+
+def test_parsing_a_command_loads_no_command_module():
+    """The command modules, the backup, restore and recreation engines, the
+    jobs file's parser (tomllib) and qubesadmin load only for the command
+    that needs them: what `qbackup stats` loads before it connects."""
+    code = ("import sys, qbackup.cli\n"
+            "qbackup.cli.build_parser().parse_args(['--backup-vm', 'b', 'stats', '--json'])\n"
+            "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('qbackup', 'tomllib', 'qubesadmin'))))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          stdin=subprocess.DEVNULL, timeout=60, check=True)
+    loaded = set(proc.stdout.split())
+    assert {"qbackup.cli", "qbackup.crypto"} <= loaded, proc.stdout
+    assert loaded <= PARSING_LOADS, sorted(loaded - PARSING_LOADS)
+
+
 def test_every_subpackage_is_shipped():
     """pyproject.toml lists the packages explicitly: a subpackage missing from
     the list is missing from the installed client (qbackup.commands was)."""

@@ -294,6 +294,137 @@ def test_senders_block_while_too_much_request_data_is_unanswered():
     within(s.close)
 
 
+def test_puts_return_while_the_sender_thread_is_blocked_writing():
+    """Callers only queue their frames: with the daemon reading nothing (the
+    socket buffers full, the sender thread stuck in its write), puts within
+    the in-flight budget still return at once, and all are answered later
+    in order."""
+    gate = threading.Event()
+    d = FakeDaemon(gate=gate)
+    s = within(d.session, max_in_flight_bytes=64 << 20)
+    futures = within(lambda: [s.put(ident(i), 1, bytes([i]) * (256 << 10)) for i in range(40)])
+    time.sleep(0.1)
+    assert d.frames_read == 1 and not any(f.done() for f in futures)  # only hello was read
+    d.writable = True
+    gate.set()
+    assert [f.result(TIMEOUT) for f in futures] == [True] * 40
+    assert d.rids == list(range(1, 41))
+    within(s.close)
+
+
+def test_a_failed_write_fails_every_queued_call():
+    """The sender thread's write fails: every call queued fails with one
+    error, later calls raise it at once, and close() still returns."""
+    class BreakingTransport(SocketTransport):
+        broken = False
+
+        def write(self, data: bytes) -> None:
+            if self.broken:
+                raise OSError(32, "Broken pipe")
+            super().write(data)
+
+    d = FakeDaemon(gate=threading.Event())
+    transport = BreakingTransport(d.client_sock)
+    s = within(Session, transport)
+    transport.broken = True
+    futures = [s.put(ident(i), 1, bytes(1000)) for i in range(8)]
+    for f in futures:
+        with pytest.raises(ProtocolError, match="cannot send to the daemon: .*Broken pipe"):
+            f.result(TIMEOUT)
+    with pytest.raises(ProtocolError, match="Broken pipe"):
+        s.put(ident(99), 1, b"x")
+    within(s.close)
+
+
+def test_abort_wakes_the_sender_blocked_in_its_write():
+    """A daemon that stopped reading, then an abort (Ctrl-C elsewhere): the
+    sender thread's blocked write is woken, every call fails, close() ends."""
+    d = FakeDaemon(gate=threading.Event())
+    s = within(d.session, max_in_flight_bytes=64 << 20)
+    futures = within(lambda: [s.put(ident(i), 1, bytes(256 << 10)) for i in range(40)])
+    time.sleep(0.1)
+    within(s.abort, "backup interrupted")
+    for f in futures:
+        with pytest.raises(QbackupError, match="backup interrupted"):
+            f.result(TIMEOUT)
+    within(s.close)
+    assert not s._sender.is_alive()
+
+
+def test_abort_still_writes_the_frames_already_queued():
+    """Ctrl-C during a backup: the calls fail at once, but the frames the
+    callers had queued still reach the daemon (an interrupted backup's
+    re-run then reuses those chunks); nothing queued after the abort."""
+    d = FakeDaemon()
+    transport = SocketTransport(d.client_sock)
+    s = within(Session, transport)
+    d.writable = True
+    held = threading.Event()
+    real_write = transport.write
+
+    def first_write_waits(data: bytes) -> None:
+        held.wait(TIMEOUT)
+        transport.write = real_write
+        real_write(data)
+    transport.write = first_write_waits
+    futures = [s.put(ident(i), 1, bytes([i]) * 1000) for i in range(10)]
+    aborting = threading.Thread(target=s.abort, args=("backup interrupted",), daemon=True)
+    aborting.start()
+    wait_until(lambda: s._error is not None, "the abort to start")
+    with pytest.raises(QbackupError, match="backup interrupted"):
+        s.put(ident(99), 1, b"late")
+    held.set()
+    aborting.join(TIMEOUT)
+    assert not aborting.is_alive()
+    for f in futures:
+        with pytest.raises(QbackupError, match="backup interrupted"):
+            f.result(TIMEOUT)
+    d.thread.join(TIMEOUT)
+    assert set(d.blobs) == {ident(i) for i in range(10)}
+    within(s.close)
+
+
+def test_small_frames_are_joined_into_few_writes():
+    """The sender joins queued frames (up to WRITE_COALESCE bytes) into one
+    write: a burst of small requests does not cost a write each, and large
+    frames are not copied into larger writes."""
+    from qbackup import proto
+
+    class CountingTransport(SocketTransport):
+        writes = 0
+        sizes: list[int] = []
+
+        def write(self, data: bytes) -> None:
+            self.writes += 1
+            self.sizes.append(len(data))
+            super().write(data)
+
+    gate = threading.Event()
+    d = FakeDaemon(gate=gate)
+    transport = CountingTransport(d.client_sock)
+    s = within(Session, transport)
+    d.writable = True
+    held = threading.Event()
+    real_write = transport.write
+
+    def first_write_waits(data: bytes) -> None:  # the burst queues up behind it
+        held.wait(TIMEOUT)
+        transport.write = real_write
+        real_write(data)
+    transport.write = first_write_waits
+    futures = [s.put(ident(i), 1, bytes(100)) for i in range(200)]
+    big = [s.put(ident(1000 + i), 1, bytes([i]) * (200 << 10)) for i in range(4)]
+    held.set()
+    gate.set()
+    assert [f.result(TIMEOUT) for f in futures + big] == [True] * 204
+    # 204 frames in a handful of writes (the small ones joined; exactly how
+    # many depends on what was queued when the sender looked), and no write
+    # joins two large frames (that would pass WRITE_COALESCE)
+    assert transport.writes < 10
+    assert max(transport.sizes) < proto.WRITE_COALESCE
+    within(s.close)
+
+
 def test_get_streams_in_order_within_window():
     d = FakeDaemon()
     s = within(d.session)

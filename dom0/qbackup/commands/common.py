@@ -13,17 +13,19 @@ import re
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from qbackup import crypto, restore as restore_mod
+from qbackup import crypto
 from qbackup.errors import (BadPassphrase, IntegrityError, QbackupError, RollbackError,
                             UsageError)
-from qbackup.jobs import JOBS_FILE, Job, check_passphrase_file, get_job
 from qbackup.proto import Session
-from qbackup.qubes import Backend
 from qbackup.state import State
 from qbackup.transport import QUBE_NAME_RE, REPO_NAME_RE
+
+if TYPE_CHECKING:  # imported where used: a command that needs neither does not load them
+    from qbackup.jobs import Job
+    from qbackup.qubes import Backend
+    from qbackup.restore import History, SnapshotInfo
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -31,6 +33,8 @@ EXIT_USAGE = 2
 EXIT_INTEGRITY = 3
 EXIT_ROLLBACK = 4
 EXIT_PASSPHRASE = 5
+EXIT_CHECK_WARNINGS = 6   # qbackup check: warnings (the job runs)
+EXIT_CHECK_ERRORS = 7     # qbackup check: errors (the job is refused)
 EXIT_INTERRUPTED = 130
 
 # Most specific first: the first match decides the exit code.
@@ -44,6 +48,7 @@ _EXIT_CODES: list[tuple[type[BaseException], int]] = [
 ]
 
 CONFIG_FILE = "/etc/qbackup/qbackup.conf"
+JOBS_FILE = "/etc/qbackup/jobs.toml"    # docs/JOBS.md
 CONFIG_KEYS = ("backup_vm", "repo", "state_dir", "run_dir")
 DEFAULT_STATE_DIR = "/var/lib/qbackup"
 # Where running jobs hold their locks (readable by the dom0 user that runs
@@ -98,7 +103,8 @@ def local_time(t: float) -> str:
 def read_config(path: str) -> dict[str, str]:
     """The key=value settings of `path` (# comments), {} if it does not exist."""
     try:
-        lines = Path(path).read_text().splitlines()
+        with open(path) as f:
+            lines = f.read().splitlines()
     except FileNotFoundError:
         return {}
     config = {}
@@ -164,6 +170,7 @@ def make_context(args: argparse.Namespace, backend: Callable[[], Backend],
         config = read_config(CONFIG_FILE)
     job = None
     if getattr(args, "job", None):
+        from qbackup.jobs import check_passphrase_file, get_job
         job = get_job(args.job, getattr(args, "jobs_file", None) or JOBS_FILE)
         for option, value in (("backup_vm", job.backup_vm), ("repo", job.repo)):
             given = getattr(args, option, None)
@@ -195,7 +202,8 @@ def read_passphrase(path: str | None, prompt: str, *, confirm: bool = False) -> 
     """The passphrase from `path` (one trailing newline dropped) or asked on
     the terminal without echo (twice if `confirm`). Empty is refused."""
     if path is not None:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as f:
+            data = f.read()
         data = data[:-2] if data.endswith(b"\r\n") else data.removesuffix(b"\n")
         if not data:
             raise QbackupError(f"empty passphrase in {path}")
@@ -228,12 +236,13 @@ def warn(message: str) -> None:
 
 def open_history(ctx: Context, args: argparse.Namespace, session: Session, passphrase: bytes,
                  write: bool = False, warn_damaged: bool = True
-                 ) -> tuple[crypto.Keys, restore_mod.History]:
+                 ) -> tuple[crypto.Keys, History]:
     """Unlock the repository and load its authenticated history, refusing a
     rollback unless --allow-rollback. Damaged snapshots are left out, each
     named in a warning unless the caller reports them itself."""
+    from qbackup.restore import load_history
     keys = ctx.unlock(session, passphrase, write=write)
-    history = restore_mod.load_history(session, keys, ctx.state(),
+    history = load_history(session, keys, ctx.state(),
                                        allow_rollback=getattr(args, "allow_rollback", False))
     if warn_damaged:
         for bad in history.damaged:
@@ -241,11 +250,12 @@ def open_history(ctx: Context, args: argparse.Namespace, session: Session, passp
     return keys, history
 
 
-def find_snapshot(history: restore_mod.History, spec: str) -> restore_mod.SnapshotInfo:
+def find_snapshot(history: History, spec: str) -> SnapshotInfo:
+    from qbackup.restore import resolve_snapshot
     prefix = spec.lower()
     damaged = [d for d in history.damaged if spec != "latest" and d.id.hex().startswith(prefix)]
     if damaged and not any(s.id.hex().startswith(prefix) for s in history):
         raise IntegrityError(f"snapshot {damaged[0].id.hex()} is damaged: {damaged[0].reason}")
     if not history:
         raise QbackupError("the repository holds no snapshots")
-    return restore_mod.resolve_snapshot(history, spec)
+    return resolve_snapshot(history, spec)

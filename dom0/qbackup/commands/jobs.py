@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from qbackup import jobs
-from qbackup.commands.common import (EXIT_ERROR, EXIT_OK, Context, clean, failure,
-                                     local_time, print_json)
+from qbackup.commands.common import (EXIT_CHECK_ERRORS, EXIT_CHECK_WARNINGS, EXIT_ERROR,
+                                     EXIT_OK, JOBS_FILE, Context, clean, failure, local_time,
+                                     print_json)
 from qbackup.errors import QbackupError, RemoteError
 from qbackup.progress import human_bytes
-
-EXIT_CHECK_WARNINGS = 6
-EXIT_CHECK_ERRORS = 7
 
 
 # -- check ------------------------------------------------------------------------
@@ -219,7 +217,7 @@ def job_run(ctx: Context) -> Iterator[dict[str, Any]]:
 # -- status ------------------------------------------------------------------------
 
 def cmd_status(ctx: Context, args: argparse.Namespace) -> int:
-    jobs_file = args.jobs_file or jobs.JOBS_FILE
+    jobs_file = args.jobs_file or JOBS_FILE
     defined = jobs.load_jobs(jobs_file)
     rows = []
     for name in sorted(defined):

@@ -16,16 +16,12 @@ from qbackup.progress import human_bytes
 PACK_SIZE_RANGE = (8 << 20, 512 << 20)   # PROTOCOL.md, init
 DELETE_FREES_NOTHING = ("deleting snapshots frees no space by itself: the backup qube's garbage "
                         "collection (`qbackup gc`) frees what no snapshot uses any more")
-# The largest scrypt cost crypto accepts with its r and p (work and memory bounds).
-MAX_SCRYPT_N = min(crypto.MAX_SCRYPT_N,
-                   crypto.MAX_SCRYPT_WORK // (crypto.SCRYPT_R * crypto.SCRYPT_P),
-                   crypto.MAX_SCRYPT_MEM // (128 * crypto.SCRYPT_R))
 
 
 def check_scrypt_n(n: int) -> None:
-    if not power_of_two(n) or not crypto.MIN_SCRYPT_N <= n <= MAX_SCRYPT_N:
+    if not power_of_two(n) or not crypto.MIN_SCRYPT_N <= n <= crypto.MAX_CHOSEN_SCRYPT_N:
         raise UsageError(f"--scrypt-n must be a power of two from {crypto.MIN_SCRYPT_N} "
-                         f"to {MAX_SCRYPT_N}")
+                         f"to {crypto.MAX_CHOSEN_SCRYPT_N}")
 
 
 def cmd_init(ctx: Context, args: argparse.Namespace) -> int:
