@@ -16,6 +16,10 @@ dropped before every step, backups included:
                                              restic check --read-data,
                                              borg check --verify-data
 
+qbackup's verify runs twice: in pack order (protocol 3, `locate`), then as
+against a version-2 daemon, in the order the chunk maps first name the
+chunks.
+
 Every restored image is compared with the original (cmp). qbackup's peak
 RSS (the dom0 process, from GNU time) and the daemon's CPU time are reported.
 Prints a markdown table. Run by hand, as root (loop mounts, drop_caches):
@@ -43,6 +47,7 @@ from qbackup_sim.daemon import daemon_pid  # noqa: E402
 from qbackup_sim.inventory import create_sim  # noqa: E402
 
 DEVNULL = subprocess.DEVNULL
+UNORDERED = "qbackup, maps' order (protocol 2)"
 BACKUPS = ("full backup", "incremental day1", "incremental day2")
 
 
@@ -88,6 +93,13 @@ class Qbackup(QbackupCli):
 
     def verify(self) -> tuple[float, int]:
         return run(self.argv("verify", "--all"), stdout=DEVNULL)
+
+    def verify_unordered(self) -> tuple[float, int]:
+        """verify --all as against a version-2 qbackupd (no locate): the
+        chunks in the order the chunk maps first name them."""
+        code = ("import sys; from qbackup import proto; proto.SUPPORTED_VERSIONS = (1, 2); "
+                "from qbackup_sim.__main__ import main; sys.exit(main(sys.argv[1:]))")
+        return run([sys.executable, "-c", code, *self.argv("verify", "--all")[3:]], stdout=DEVNULL)
 
 
 class ResticRead(Restic):
@@ -175,6 +187,9 @@ def main() -> int:
                     rows[tool.name][step] = tool.verify()
                 if tool is q:
                     daemon_cpu[step] = process_cpu(daemon_pid(q.sim)) - before
+                if tool is q and step == "verify":
+                    dropped &= drop_caches()
+                    rows[UNORDERED] = {step: q.verify_unordered()}
 
         mb = size / 1e6
         print(f"\nMachine: {machine()}. Image: {size / 2**20:.0f} MiB ext4 "
@@ -186,6 +201,8 @@ def main() -> int:
         print(f"| compress the image | zstd -3 -T0 | {zstd:.1f} | {mb / zstd:.0f} | | | | |")
         for step in (*BACKUPS, "restore", "verify"):
             for name, r in rows.items():
+                if step not in r:
+                    continue
                 secs, rss = r[step]
                 ratios = [f"{secs / rows[o][step][0]:.2f}" if o in rows and o != name else ""
                           for o in ("restic", "borg")]

@@ -1,5 +1,5 @@
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""Client side of the qbackup wire protocol (docs/PROTOCOL.md, versions 1 and 2).
+"""Client side of the qbackup wire protocol (docs/PROTOCOL.md, versions 1 to 3).
 
 Written from the protocol document alone; it shares no code with the daemon.
 Everything read from the daemon is untrusted: a frame's length is checked
@@ -35,8 +35,9 @@ from .transport import Transport
 
 __all__ = ["ProtocolError", "RemoteError", "Session"]
 
-PROTOCOL_VERSION = 2
-SUPPORTED_VERSIONS = (1, 2)   # a version-1 daemon serves everything but the version-2 operations
+PROTOCOL_VERSION = 3
+# A version-1 daemon serves everything but the later operations; a version-2 one all but locate.
+SUPPORTED_VERSIONS = (1, 2, 3)
 CLIENT_NAME = "qbackup/0.1.0"
 MAX_FRAME = 8 << 20
 MAX_BATCH = 4096
@@ -287,6 +288,18 @@ class _Call:
 
     def fail(self, exc: BaseException) -> None:
         self.future.set_exception(exc)
+
+
+class _StrictCall(_Call):
+    """A call that no error frame may answer: one kills the session (raised
+    on the reader thread, it ends the read loop) after failing this call."""
+
+    def fail(self, exc: BaseException) -> None:
+        if isinstance(exc, RemoteError):
+            exc = ProtocolError(f"{self.op} (rid {self.rid}) answered by an error: {exc}")
+            super().fail(exc)
+            raise exc
+        super().fail(exc)
 
 
 class _ProgressCall(_Call):
@@ -721,10 +734,10 @@ class Session:
 
     # -- version 2: several deletions at once, garbage collection, check, usage
 
-    def _require(self, op: str) -> None:
-        if self.version < 2:
+    def _require(self, op: str, since: int = 2) -> None:
+        if self.version < since:
             raise QbackupError(f"the backup qube's qbackupd speaks protocol version {self.version}; "
-                               f"'{op}' needs version 2: update qbackupd in the backup qube")
+                               f"'{op}' needs version {since}: update qbackupd in the backup qube")
 
     def _long_call(self, op: str, parse: Callable[[dict], Any],
                    progress: Callable[[str, int, int], None] | None, **fields: Any) -> Any:
@@ -807,6 +820,26 @@ class Session:
             f["snapshots"] = rows
             return f
         return self._long_call("usage", parse, progress)
+
+    # -- version 3: where the blobs are, to read them in the daemon's order
+
+    def locate(self, ids: list[bytes]) -> Future:
+        """Future of one untrusted sort key per id, each an int 0..MAX_INT:
+        fit to order gets by, never to decide which ids are fetched. A daemon
+        answering anything else, an error frame included, is broken or
+        hostile: the session dies."""
+        self._require("locate", 3)
+        ids = list(ids)
+        _check_ids(ids, self.max_batch, "locate")
+        key = _int(0, MAX_INT)
+
+        def parse(untrusted_msg: dict) -> list[int]:
+            untrusted_keys = _fields(untrusted_msg, "locate", keys=_list)["keys"]
+            if len(untrusted_keys) != len(ids):
+                raise ProtocolError(f"locate answer has {len(untrusted_keys)} keys for {len(ids)} ids")
+            return [key(k, f"locate.keys[{i}]") for i, k in enumerate(untrusted_keys)]
+        return self._send({"op": "locate", "ids": ids},
+                          lambda rid, size: _StrictCall("locate", rid, size, parse)).future
 
     def stats(self) -> dict:
         """The repository's figures as the daemon reports them (untrusted:

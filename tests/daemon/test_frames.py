@@ -629,10 +629,10 @@ def test_valid_requests_roundtrip(msgs, chunk):
     ]
 
 
-@pytest.mark.parametrize("op", sorted(frames.V2_OPS))
-def test_version_2_ops_are_unknown_in_a_version_1_session(op):
+@pytest.mark.parametrize("op, since", sorted(frames.SINCE.items()))
+def test_later_ops_are_unknown_in_an_older_session(op, since):
     with pytest.raises(ProtocolError) as exc:
-        validate_request({"op": op, "rid": 3, "junk": object()}, version=1)
+        validate_request({"op": op, "rid": 3, "junk": object()}, version=since - 1)
     assert code_of(exc) == "unknown_op" and not exc.value.fatal
 
 
@@ -650,17 +650,24 @@ def test_version_2_ops_are_unknown_in_a_version_1_session(op):
         {"op": "delete_snapshots", "rid": 1, "ids": [ID] * (frames.MAX_BATCH + 1)},
         {"op": "delete_snapshots", "rid": 1, "ids": [b"short"]},
         {"op": "delete_snapshots", "rid": 1, "ids": ID},
+        {"op": "locate", "rid": 1, "ids": [ID] * (frames.MAX_BATCH + 1)},
+        {"op": "locate", "rid": 1, "ids": [ID, ID[:31]]},
+        {"op": "locate", "rid": 1, "ids": [ID + b"x"]},
+        {"op": "locate", "rid": 1, "ids": ID},
+        {"op": "locate", "rid": 1},
+        {"op": "locate", "rid": 1, "ids": [], "keys": []},
     ],
 )
-def test_version_2_ops_validate_their_fields(msg):
+def test_later_ops_validate_their_fields(msg):
     with pytest.raises(ProtocolError) as exc:
-        validate_request(msg, version=2)
+        validate_request(msg, version=3)
     assert code_of(exc) == "bad_request" and exc.value.rid == 1
 
 
-def test_version_2_ops_accepted():
+def test_later_ops_accepted():
     assert validate_request({"op": "gc", "rid": 1, "repack_below": 0, "dry_run": True}).args == {
         "repack_below": 0,
         "dry_run": True,
     }
     assert validate_request({"op": "delete_snapshots", "rid": 1, "ids": [ID, ID]}).args == {"ids": [ID, ID]}
+    assert validate_request({"op": "locate", "rid": 1, "ids": [ID] * frames.MAX_BATCH}).args == {"ids": [ID] * 4096}

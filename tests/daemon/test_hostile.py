@@ -388,19 +388,25 @@ def repository_with_garbage(daemon, repo: str) -> None:
         {"op": "delete_snapshots", "rid": 1, "ids": [bytes(31)]},
         {"op": "delete_snapshots", "rid": 1, "ids": bytes(32)},
         {"op": "delete_snapshots", "rid": 1},
+        {"op": "locate", "rid": 1, "ids": [bytes(32)] * 4097},
+        {"op": "locate", "rid": 1, "ids": [bytes(32), bytes(31)]},
+        {"op": "locate", "rid": 1, "ids": [bytes(33)]},
+        {"op": "locate", "rid": 1, "ids": [1]},
+        {"op": "locate", "rid": 1, "ids": bytes(32)},
+        {"op": "locate", "rid": 1},
     ],
 )
-def test_version_2_wrong_fields_are_bad_request(daemon, repo, msg):
-    client = daemon.open_repo(repo, create=True)
+def test_later_ops_wrong_fields_are_bad_request(daemon, repo, msg):
+    client = daemon.open_repo(repo, create=True, versions=(1, 2, 3))
     client.send(msg)
     expect_fatal(client, "bad_request", 1)
     assert_serving(daemon)
 
 
-@pytest.mark.parametrize("op", sorted(frames.V2_OPS))
-def test_version_2_ops_unknown_in_a_version_1_session(daemon, repo, op):
-    client = daemon.open_repo(repo, create=True, versions=(1,))
-    client.expect_error("unknown_op", op)  # whatever its fields: a version-1 daemon says so too
+@pytest.mark.parametrize("op, since", sorted(frames.SINCE.items()))
+def test_later_ops_unknown_in_an_older_session(daemon, repo, op, since):
+    client = daemon.open_repo(repo, create=True, versions=tuple(range(1, since)))
+    client.expect_error("unknown_op", op)  # whatever its fields: an older daemon says so too
     assert client.call("stats")["op"] == "stats"
     client.bye()
 
@@ -423,6 +429,19 @@ def test_version_2_ops_wrong_mode_and_arguments(daemon, repo):
     reader = daemon.open_repo(repo, write=False)
     reader.expect_error("read_only", "delete_snapshots", ids=[blob_id((repo, "s", 1))])
     reader.bye()
+
+
+def test_locate_in_a_read_only_session(daemon, repo):
+    """A reader gets a key per id, in request order: by pack, then by offset."""
+    repository_with_garbage(daemon, repo)
+    client = daemon.open_repo(repo, write=False, versions=(1, 2, 3))
+    ids = [blob_id((repo, snap, n)) for snap in range(2) for n in range(30)]
+    answer = client.call("locate", ids=ids[::-1] + [blob_id("nothing")])
+    assert set(answer) == {"op", "rid", "keys"} and answer["op"] == "locate"
+    keys = answer["keys"][::-1]
+    assert keys[0] == 2**63 - 1 and keys[1:] == sorted(keys[1:]) and len(set(keys)) == 61
+    assert client.call("locate", ids=[])["keys"] == []
+    client.bye()
 
 
 def long_op(client, op: str, **fields) -> tuple[list[dict], dict]:
@@ -466,7 +485,7 @@ def test_client_vanishing_mid_gc_stops_it_and_the_next_one_finishes(daemon, repo
     write=st.booleans(),
     requests=st.lists(
         st.fixed_dictionaries(
-            {"op": st.sampled_from(sorted(frames.V2_OPS))},
+            {"op": st.sampled_from(sorted(frames.SINCE))},
             optional={
                 "ids": st.lists(st.binary(min_size=31, max_size=33) | st.just(blob_id("x")), max_size=3),
                 "repack_below": st.integers(-2, 102) | st.booleans() | st.none(),
@@ -478,10 +497,10 @@ def test_client_vanishing_mid_gc_stops_it_and_the_next_one_finishes(daemon, repo
         max_size=4,
     ),
 )
-def test_fuzz_version_2_ops_on_a_repository(daemon, write, requests):
-    """Random version-2 requests against a repository that exists (storage code reached)."""
+def test_fuzz_later_ops_on_a_repository(daemon, write, requests):
+    """Random version-2 and 3 requests against a repository that exists (storage code reached)."""
     ended = daemon.closed_connections()
-    client = daemon.open_repo("fuzz2", create=not (daemon.storage / "fuzz2").exists(), write=write)
+    client = daemon.open_repo("fuzz2", create=not (daemon.storage / "fuzz2").exists(), write=write, versions=(1, 2, 3))
     for n, msg in enumerate(requests):
         send_quietly(client, frame({**msg, "rid": 100 + n}))
     send_quietly(client, frame({"op": "bye", "rid": 999}))

@@ -92,10 +92,10 @@ def test_forbidden_source(daemon, source):
 
 def test_unsupported_version(daemon):
     client = daemon.client(hello=False)
-    client.send({"op": "hello", "rid": 0, "versions": [3, 4], "client": "future/9"})
+    client.send({"op": "hello", "rid": 0, "versions": [4, 5], "client": "future/9"})
     answer = client.recv()
     assert answer["op"] == "error" and answer["code"] == "unsupported_version"
-    assert answer["versions"] == [1, 2] and answer["rid"] == 0
+    assert answer["versions"] == [1, 2, 3] and answer["rid"] == 0
     client.expect_eof()
 
 

@@ -310,6 +310,48 @@ def test_batch_limits(repo):
         repo.commit(ident(1), b"x" * (MAX_SNAPSHOT + 1), [])
 
 
+def test_locate_keys_follow_the_packs_and_the_offsets_in_them(storage, repo):
+    """Sorting by the keys reads the sealed packs one after the other, each
+    from its start, then the open pack; an id not held sorts last."""
+    first = fill(repo, 3)
+    repo.flush()
+    second = fill(repo, 3, start=3)
+    repo.flush()
+    unsealed = fill(repo, 2, start=6)
+    wanted = [second[2], ident(99), unsealed[1], first[1], second[0], unsealed[0], first[2], first[0], second[1]]
+    keys = repo.locate(wanted)
+    assert all(type(k) is int and 0 <= k < 2**63 for k in keys)
+    in_order = [id for _, id in sorted(zip(keys, wanted))]
+    assert in_order == first + second + unsealed + [ident(99)]
+    assert keys[1] == st.NOT_HELD
+    repo.close()
+    reader = storage.open("work", False, "reader")  # read-only; the open pack was sealed at close
+    assert reader.locate(first + second) == sorted(reader.locate(first + second))
+    assert reader.locate([ident(100)]) == [st.NOT_HELD] and reader.locate([]) == []
+    reader.close()
+
+
+@pytest.mark.parametrize("ids", [[ident(0)] * (MAX_BATCH + 1), [ident(0)[:31]], [ident(0) + b"x"], [ident(0).hex()], ident(0)])
+def test_locate_refuses_hostile_batches(repo, ids):
+    with pytest.raises(BadRequest):
+        repo.locate(ids)
+
+
+def test_locate_puts_an_index_row_out_of_bounds_last(storage, repo):
+    """A damaged index row is reported by get; locate only must not fail on it."""
+    ids = fill(repo, 2)
+    repo.close()
+    db = sqlite3.connect(storage.root / "work" / "index.sqlite")
+    with db:
+        db.execute("UPDATE blobs SET pos = ? WHERE id = ?", (1 << 40, ids[0]))
+    db.close()
+    reader = storage.open("work", False, "reader")
+    assert reader.locate(ids)[0] == st.NOT_HELD and reader.locate(ids)[1] < st.NOT_HELD
+    with pytest.raises(Corrupt):
+        reader.get(ids[0])
+    reader.close()
+
+
 # --- snapshots -------------------------------------------------------------------
 
 

@@ -15,6 +15,9 @@ class MemoryStore:
     and checks that interior nodes come after their children.
     """
 
+    version = 2  # as a version-2 daemon: no locate, verify reads in first-seen order
+    max_batch = 4096
+
     def __init__(self, keys: crypto.Keys):
         self.keys = keys
         self.blobs: dict[bytes, tuple[int, bytes]] = {}

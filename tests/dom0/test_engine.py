@@ -8,6 +8,7 @@ import itertools
 import os
 import subprocess
 import time
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -297,6 +298,14 @@ class Tamper:
     def get(self, ids, *, window=64, max_size=proto.MAX_BLOB):
         for item in self._session.get(ids, window=window, max_size=max_size):
             yield self._alter(*item)
+
+    def locate(self, ids):
+        """Equal keys: verify gets the chunks in the order the maps name them
+        (honest keys follow the records in the pack, which is the order the
+        workers' puts arrived in)."""
+        keys = Future()
+        keys.set_result([0] * len(ids))
+        return keys
 
 
 def flip(blob: bytes) -> bytes:

@@ -178,7 +178,7 @@ class FakeDaemon:
 def test_every_operation_round_trip():
     d = FakeDaemon()
     s = within(d.session)
-    assert d.hello == {"op": "hello", "rid": 0, "versions": [1, 2], "client": "qbackup/0.1.0"}
+    assert d.hello == {"op": "hello", "rid": 0, "versions": [1, 2, 3], "client": "qbackup/0.1.0"}
     s.init(b"cfg1", 64 << 20)
     assert s.open(True) == (b"cfg1", 64 << 20)
     s.set_config(b"cfg2", b"cfg1")

@@ -108,7 +108,7 @@ BAD_HELLOS = [
     (raw(msgpack.packb({"rid": 0})), "without a string 'op'"),
     (raw(msgpack.packb({"op": 1, "rid": 0})), "without a string 'op'"),
     (raw(msgpack.packb({"op": "hello"})), "without a string 'op' and a 'rid'"),
-    (frame(**{**HELLO, "version": 3}), "protocol version 3"),
+    (frame(**{**HELLO, "version": 4}), "protocol version 4"),
     (frame(**{**HELLO, "version": 0}), "protocol version 0"),
     (frame(**{**HELLO, "max_frame": 1 << 40}), "max_frame' value 1099511627776 outside"),
     (frame(**{**HELLO, "max_frame": 1024}), "max_frame' value 1024 outside"),
@@ -367,11 +367,47 @@ BAD_V2_ANSWERS = [
 ]
 
 
+HELLO3 = {**HELLO, "version": 3}
+
+
+def locate2(s):
+    return s.locate(ID[:2]).result(TIMEOUT)
+
+
+BAD_V3_ANSWERS = [
+    (locate2, answer(op="locate", keys=[1]), "locate answer has 1 keys for 2 ids"),
+    (locate2, answer(op="locate", keys=[1, 2, 3]), "locate answer has 3 keys for 2 ids"),
+    (locate2, answer(op="locate", keys=[]), "locate answer has 0 keys for 2 ids"),
+    (locate2, answer(op="locate", keys={"0": 2}), "'locate.keys' is dict, not array"),
+    (locate2, answer(op="locate", keys=b"\x01\x02"), "'locate.keys' is bytes, not array"),
+    (locate2, answer(op="locate", keys=[1, "2"]), "'locate.keys\\[1\\]' is str, not int"),
+    (locate2, answer(op="locate", keys=[True, 1]), "'locate.keys\\[0\\]' is bool, not int"),
+    (locate2, answer(op="locate", keys=[1.0, 1]), "'locate.keys\\[0\\]' is float, not int"),
+    (locate2, answer(op="locate", keys=[None, 1]), "'locate.keys\\[0\\]' is NoneType, not int"),
+    (locate2, answer(op="locate", keys=[ID[0], 1]), "'locate.keys\\[0\\]' is bytes, not int"),
+    (locate2, answer(op="locate", keys=[[1], 1]), "'locate.keys\\[0\\]' is list, not int"),
+    (locate2, answer(op="locate", keys=[0, -1]), "'locate.keys\\[1\\]' value -1 outside 0..9223372036854775807"),
+    (locate2, answer(op="locate", keys=[1 << 63, 0]), "value 9223372036854775808 outside"),
+    (locate2, answer(op="locate", keys=[1, 2], extra=0), "unknown fields: extra"),
+    (locate2, answer(op="locate"), "missing or unknown fields: keys"),
+    (locate2, answer(op="have", missing=[]), "expected 'locate', got 'have'"),
+    (locate2, lambda req: frame(op="locate", rid=req["rid"] + 1, keys=[1, 2]),
+     "'locate' frame with rid 2 while awaiting locate \\(rid 1\\)"),
+    (locate2, answer(op="error", code="io", message="disk"),
+     "locate \\(rid 1\\) answered by an error: backup qube error io: disk"),
+    (locate2, answer(op="error", code="not_found", message="x"), "locate \\(rid 1\\) answered by an error"),
+    (locate2, answer(op="error", code=5, message="x"), "'error.code' is int, not str"),
+]
+
+
 @pytest.mark.parametrize("hello, call, bad, match",
-                         [(HELLO, *case) for case in BAD_ANSWERS] + [(HELLO2, *case) for case in BAD_V2_ANSWERS])
+                         [(HELLO, *case) for case in BAD_ANSWERS] + [(HELLO2, *case) for case in BAD_V2_ANSWERS]
+                         + [(HELLO3, *case) for case in BAD_V3_ANSWERS])
 def test_bad_answer_kills_the_session(evil, hello, call, bad, match):
     """Version 1's answers, then version 2's (gc, check, usage, delete_snapshots,
-    progress frames) from a daemon that negotiated it."""
+    progress frames) and version 3's (locate: its keys decide only an order,
+    but a wrong count or a key out of range is a broken daemon) from a
+    daemon that negotiated them."""
     d = evil(hello=frame(**hello), script=lambda d: d.sock.sendall(bad(d.recv())))
     s = d.session()
     with pytest.raises(ProtocolError, match=match) as first:
@@ -595,9 +631,44 @@ def test_a_version_1_daemon_is_not_asked_version_2_operations(evil):
     d = evil(script=lambda d: (sent.append(d.recv()), d.sock.sendall(answer(op="stats", **STATS)(sent[0]))))
     s = d.session()
     assert s.version == 1
-    for call in (lambda s: s.delete_snapshots(ID[:1]), gc, check, usage):
-        with pytest.raises(QbackupError, match="speaks protocol version 1; '.*' needs version 2"):
+    for call in (lambda s: s.delete_snapshots(ID[:1]), gc, check, usage, locate2):
+        with pytest.raises(QbackupError, match="speaks protocol version 1; '.*' needs version [23]"):
             within(call, s)
+    assert within(s.stats) == STATS
+    assert sent == [{"op": "stats", "rid": 1}]     # the first request that reached it
+
+
+def test_locate_unanswered_kills_the_session(evil):
+    d = evil(hello=frame(**HELLO3), script=lambda d: (d.recv(), d.sock.shutdown(socket.SHUT_WR)))
+    s = d.session()
+    with pytest.raises(ProtocolError, match="connection closed by the daemon before answering locate"):
+        within(locate2, s)
+
+
+def test_locate_answers_pass_checked_and_pipelined(evil):
+    def script(d):
+        first, second = d.recv(), d.recv()
+        d.sock.sendall(answer(op="locate", keys=[(1 << 63) - 1, 0])(first) + answer(op="locate", keys=[7])(second))
+    d = evil(hello=frame(**HELLO3), script=script)
+    s = d.session()
+    a, b = s.locate(ID[:2]), s.locate(ID[2:3])
+    assert (a.result(TIMEOUT), b.result(TIMEOUT)) == ([(1 << 63) - 1, 0], [7])
+    with pytest.raises(ValueError, match="locate: 4097 ids, over the limit of 4096"):
+        s.locate([ID[0]] * 4097)
+
+
+def test_a_version_2_daemon_is_not_asked_to_locate(evil):
+    """dom0 offers 1 to 3; a daemon answering 2 is never sent locate: verify
+    asks for the chunks in first-seen order, with no frame but its gets."""
+    from qbackup.restore import _read_order
+    sent = []
+    d = evil(hello=frame(**HELLO2), script=lambda d: (sent.append(d.recv()),
+                                                      d.sock.sendall(answer(op="stats", **STATS)(sent[0]))))
+    s = d.session()
+    assert s.version == 2
+    with pytest.raises(QbackupError, match="speaks protocol version 2; 'locate' needs version 3"):
+        within(s.locate, ID[:1])
+    assert within(_read_order, s, ID[5:1:-1]) == ID[5:1:-1]
     assert within(s.stats) == STATS
     assert sent == [{"op": "stats", "rid": 1}]     # the first request that reached it
 

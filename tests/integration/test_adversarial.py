@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import random
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from qbackup import crypto, transport
 from qbackup.backup import VolumeSource, backup
 from qbackup.errors import BadPassphrase, ProtocolError, QbackupError, RollbackError
 from qbackup.proto import Session
-from qbackup.restore import load_history, restore, verify
+from qbackup.restore import _Plan, load_history, restore, verify, verify_snapshots
 from qbackup.state import State
 from hangguard import within
 
@@ -116,6 +117,16 @@ def latest(w: World, s: Session):
 
 # --- tampering strategies ----------------------------------------------------
 
+def relay(msg):
+    """Pass a frame on, but answer locate with equal keys: verify then gets
+    the chunks in the order the chunk maps name them (honest keys follow the
+    records in the packs, the order the workers' puts arrived in), so the
+    first data blob it sees is the volume's first chunk."""
+    if msg.get("op") == "locate":
+        msg = dict(msg, keys=[0] * len(msg["keys"]))
+    return [frame(msg)]
+
+
 class OnDataBlobs(Tamper):
     """Applies ``change`` to data-chunk blob frames sent to the client."""
 
@@ -126,7 +137,7 @@ class OnDataBlobs(Tamper):
         if msg.get("op") == "blob" and msg.get("type") == TYPE_DATA and self.count < self.limit:
             self.count += 1
             return self.change(msg)
-        return [frame(msg)]
+        return relay(msg)
 
 
 def flip_bit(msg):
@@ -156,7 +167,7 @@ class SwapTwo(Tamper):
 
     def to_client(self, msg):
         if self.done or msg.get("op") != "blob" or msg.get("type") != TYPE_DATA:
-            return [frame(msg)]
+            return relay(msg)
         if self.held is None:
             self.held = msg
             return []
@@ -177,7 +188,7 @@ class WrongId(Tamper):
                 self.first = msg["data"]
             else:
                 return [frame(dict(msg, data=self.first))]
-        return [frame(msg)]
+        return relay(msg)
 
 
 STORED = [i for i in range(29) if i % 7 != 3]  # chunks of make_image that are not zero
@@ -388,3 +399,99 @@ def test_have_lies_are_caught_by_verify(tmp_path):
         assert sum("missing" in e.lower() for e in result.errors) >= 1
     finally:
         daemon.stop()
+
+
+# --- verify's read order: locate's keys decide only the order (protocol 3) -----
+
+class Locating(Tamper):
+    """Records the ids verify gets once it has located them (data chunks,
+    and chunk map nodes if it walks them again to place errors); replaces
+    locate's keys with ``keys(n)`` (None: the daemon's own); flips a bit in
+    the chunks in ``damage``."""
+
+    def __init__(self, keys=None, damage=frozenset()) -> None:
+        self.keys, self.damage = keys, damage
+        self.located, self.fetched = False, []
+
+    def to_daemon(self, msg):
+        if msg.get("op") == "locate":
+            self.located = True
+        elif msg.get("op") == "get" and self.located:
+            self.fetched += msg["ids"]
+        return [frame(msg)]
+
+    def to_client(self, msg):
+        if msg.get("op") == "locate" and self.keys is not None:
+            return [frame(dict(msg, keys=self.keys(len(msg["keys"]))))]
+        if msg.get("op") == "blob" and msg["id"] in self.damage:
+            return flip_bit(msg)
+        return [frame(msg)]
+
+
+def newest_first(w: World, s: Session) -> tuple[list, list[bytes]]:
+    """The three snapshots, newest first; their distinct data chunks in the
+    order they first come in the chunk maps (what a version-2 daemon gets)."""
+    snapshots = w.history(s)[::-1]
+    plan = _Plan(None)
+    for snap in snapshots:
+        plan.add(s, w.keys, snap)
+    return snapshots, list(plan.expected)
+
+
+def test_verify_gets_the_chunks_in_pack_order(world):
+    """Newest snapshot first, its chunk maps name chunks of three packs (one
+    per backup) interleaved: verify gets every chunk once, sorted by pack
+    and by offset in the pack as the daemon's index has them."""
+    tamper = Locating()
+    s = world.attacked(tamper)
+    snapshots, first_seen = newest_first(world, s)
+    results = within(verify_snapshots, s, world.keys, snapshots)
+    s.close()
+    assert all(r.ok for r in results)
+    index = sqlite3.connect(f"file:{world.daemon.storage / 'repo' / 'index.sqlite'}?mode=ro", uri=True)
+    where = {row[0]: row[1:] for row in index.execute("SELECT id, pack, pos FROM blobs")}
+    index.close()
+    assert sorted(tamper.fetched) == sorted(first_seen)          # each once
+    assert tamper.fetched == sorted(first_seen, key=where.__getitem__)
+    assert len({where[i][0] for i in first_seen}) == 3 and tamper.fetched != first_seen
+
+
+ADVERSARIAL_KEYS = {
+    "all-equal": lambda n: [0] * n,
+    "reversed": lambda n: list(range(n, 0, -1)),
+    # as positions, these would fetch some ids twice and others never
+    "colliding-positions": lambda n: [i // 2 for i in range(n)],
+    "extremes": lambda n: [(1 << 63) - 1 if i % 2 else 0 for i in range(n)],
+    "shuffled": lambda n: random.Random(n).sample(range(n), n),
+}
+
+
+@pytest.mark.parametrize("keys", list(ADVERSARIAL_KEYS.values()), ids=list(ADVERSARIAL_KEYS))
+def test_lying_locate_changes_only_the_order(world, keys):
+    """Whatever keys the daemon makes up, verify gets every distinct chunk
+    exactly once, and reports each damaged one at its volume and offset in
+    every snapshot using it: chunk 0 is in all three, 5 in the newer two
+    (changed by the second backup), 9 in the newest only."""
+    image = world.image.read_bytes()
+    damage = {k: world.keys.chunk_id(image[k * CHUNK:(k + 1) * CHUNK]) for k in (0, 5, 9)}
+    tamper = Locating(keys, frozenset(damage.values()))
+    s = world.attacked(tamper)
+    snapshots, first_seen = newest_first(world, s)
+    results = within(verify_snapshots, s, world.keys, snapshots)
+    s.close()
+    data = [i for i in tamper.fetched if i in set(first_seen)]   # the second walk gets nodes too
+    assert sorted(data) == sorted(first_seen)
+    for result, chunks in zip(results, ([0, 5, 9], [0, 5], [0])):
+        assert_detected(result, chunks, "authentication failed")
+
+
+@pytest.mark.parametrize("keys, match", [
+    (lambda n: [0] * (n - 1), "locate answer has .* keys for"),
+    (lambda n: [-1] * n, "value -1 outside"),
+    (lambda n: ["0"] * n, "is str, not int"),
+])
+def test_malformed_locate_fails_verify(world, keys, match):
+    s = world.attacked(Locating(keys))
+    snapshots, _ = newest_first(world, s)
+    with pytest.raises(ProtocolError, match=match):
+        within(verify_snapshots, s, world.keys, snapshots)

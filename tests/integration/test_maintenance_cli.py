@@ -102,7 +102,8 @@ def test_gc_frees_what_prune_deleted_and_stats_show_it(sim, monkeypatch):
 def test_version_1_daemon_deletes_one_by_one_and_has_no_gc(sim, monkeypatch, capsys):
     """Against a daemon that answers hello with version 1 (dom0 offers only
     1 here, so the real daemon speaks it): prune falls back to one deletion
-    per request; gc and check-storage say the daemon needs version 2."""
+    per request; gc and check-storage say the daemon needs version 2; verify
+    works without locate (version 3)."""
     sim.init()
     for generation in range(3):
         fill(sim.image("work", "private"), 30 + generation, 0.2)
@@ -121,3 +122,4 @@ def test_version_1_daemon_deletes_one_by_one_and_has_no_gc(sim, monkeypatch, cap
     assert len(err) == 1 and "speaks protocol version 1; 'gc' needs version 2" in err[0]
     assert run_qbackup(sim.dir, ["stats", *pw]) == 0
     assert "per-snapshot unique sizes need version 2" in capsys.readouterr().out
+    assert run_qbackup(sim.dir, ["verify", "--all", *pw]) == 0   # no locate: the maps' order

@@ -238,7 +238,7 @@ def test_version_2_operations(daemon):
     client against the real daemon, with their progress frames."""
     sock, storage = daemon
     s = connect(sock)
-    assert s.version == 2
+    assert s.version == 3
     s.init(b"config", PACK)
     chunks = {n: os.urandom(300_000) for n in range(40)}
     for n, data in chunks.items():
@@ -287,4 +287,27 @@ def test_version_2_operations(daemon):
     s.version = 1                                    # as against a daemon of protocol 1
     with pytest.raises(QbackupError, match="needs version 2"):
         s.usage()
+    within(s.close)
+
+
+def test_version_3_locate(daemon):
+    """locate through the dom0 client: sorting by its keys gives the order the
+    blobs were stored in, across packs (30 blobs of 300 kB fill two)."""
+    sock, storage = daemon
+    s = connect(sock)
+    s.init(b"config", PACK)
+    for n in range(30):
+        s.put(ident(n), 1, os.urandom(300_000))
+    s.flush()
+    within(s.close)
+    assert len(list(storage.glob("repo/packs/*/*.pack"))) >= 2
+    s = connect(sock)
+    s.open(False)
+    wanted = [ident(n) for n in reversed(range(30))] + [ident(99)]
+    batches = [s.locate(wanted[:10]), s.locate(wanted[10:])]     # pipelined
+    keys = [k for f in batches for k in f.result(TIMEOUT)]
+    assert [i for _, i in sorted(zip(keys, wanted))] == [ident(n) for n in range(30)] + [ident(99)]
+    s.version = 2                                    # as against a daemon of protocol 2
+    with pytest.raises(QbackupError, match="'locate' needs version 3"):
+        s.locate(wanted[:1])
     within(s.close)

@@ -17,8 +17,8 @@ from typing import Any
 
 import msgpack
 
-PROTOCOL_VERSION = 2
-SUPPORTED_VERSIONS = (1, PROTOCOL_VERSION)
+PROTOCOL_VERSION = 3
+SUPPORTED_VERSIONS = (1, 2, PROTOCOL_VERSION)
 SERVICE = "qubes.BackupChunk"
 ALLOWED_SOURCE = "dom0"
 
@@ -342,11 +342,14 @@ _SCHEMAS: dict[str, dict[str, str]] = {
     "gc": {"repack_below": "percent", "dry_run": "bool"},
     "check": {"read_data": "bool"},
     "usage": {},
+    # version 3
+    "locate": {"ids": "ids"},
 }
 _OPTIONAL = {"put": frozenset({"refs"})}
 WRITE_OPS = frozenset({"set_config", "put", "flush", "commit", "delete_snapshot", "delete_snapshots"})
-# Operations a version-1 session does not have (answered unknown_op there).
-V2_OPS = frozenset({"delete_snapshots", "gc", "check", "usage"})
+# The version that added each later operation: a session of an older version
+# does not have it (answered unknown_op there).
+SINCE = {"delete_snapshots": 2, "gc": 2, "check": 2, "usage": 2, "locate": 3}
 _SIZE_LIMITS = {"blob": MAX_BLOB, "snapshot": MAX_SNAPSHOT, "config": MAX_CONFIG}
 _ID_LIMITS = {"ids": MAX_BATCH, "commit_refs": MAX_COMMIT_REFS}
 
@@ -413,7 +416,7 @@ def validate_request(untrusted_msg: dict[str, Any], version: int = PROTOCOL_VERS
     if type(untrusted_op) is not str:
         raise ProtocolError("bad_request", "op must be a str", rid)
     schema = _SCHEMAS.get(untrusted_op)
-    if schema is None or (untrusted_op in V2_OPS and version < 2):
+    if schema is None or SINCE.get(untrusted_op, 1) > version:
         raise ProtocolError("unknown_op", f"unknown op \"{describe(untrusted_op)}\"", rid)
     op = untrusted_op
     fields = set(untrusted_msg) - {"op", "rid"}

@@ -308,6 +308,15 @@ class Index:
             found.update(row[0] for row in self._conn.execute(query, chunk))
         return [i for i, id in enumerate(ids) if id not in found]
 
+    def positions(self, ids: Sequence[bytes]) -> dict[bytes, tuple[int, int]]:
+        """(pack row number, record offset) of each of ``ids`` that is indexed."""
+        found: dict[bytes, tuple[int, int]] = {}
+        for start in range(0, len(ids), _QUERY_CHUNK):
+            chunk = ids[start : start + _QUERY_CHUNK]
+            query = f"SELECT id, pack, pos FROM blobs WHERE id IN ({','.join('?' * len(chunk))})"
+            found.update((row[0], row[1:]) for row in self._conn.execute(query, chunk))
+        return found
+
     def packs(self) -> dict[str, int]:
         """Every indexed pack: name -> file size."""
         return dict(self._conn.execute("SELECT name, size FROM packs"))

@@ -539,6 +539,8 @@ class Connection:
         args = req.args
         if req.op == "have":
             return {"op": "have", "missing": repo.have(args["ids"])}
+        if req.op == "locate":
+            return {"op": "locate", "keys": repo.locate(args["ids"])}
         if req.op == "flush":
             repo.flush()
         elif req.op == "commit":

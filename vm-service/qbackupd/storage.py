@@ -54,6 +54,13 @@ _OPEN_PACKS = 16  # pack file descriptors a Repository keeps open for get()
 # a put of one of them needs no index lookup. 32-byte ids: a few MiB at most.
 _TOLD_MISSING = 1 << 16
 
+# locate(): a blob's sort key is its pack's row number in the index times 2**32
+# (record offsets stay below: packs are at most 512 MiB and one blob over) plus
+# its record's offset; the writer's open pack comes after every sealed one.
+_OFFSET_BITS = 32
+_OPEN_PACK = (1 << 31) - 1
+NOT_HELD = (1 << 63) - 1
+
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _SHARD_RE = re.compile(r"[0-9a-f]{2}")
 _PACK_NAME_RE = re.compile(r"[0-9a-f]{32}")
@@ -811,6 +818,24 @@ class Repository:
         if self.write and len(self._told_missing) + len(missing) <= _TOLD_MISSING:
             self._told_missing.update(ids[i] for i in missing)
         return missing
+
+    def locate(self, ids: list[bytes]) -> list[int]:
+        """A sort key for each of ``ids``, 0..2**63-1: reading blobs in ascending
+        key order reads the packs one after the other, each from its start
+        (PROTOCOL §5 ``locate``). ``NOT_HELD`` for an id not held, or whose
+        index row is out of bounds (``get`` reports that one)."""
+        self._check_open()
+        _check_ids(ids, MAX_BATCH, "ids")
+        with _io("locate"):
+            found = self._index.positions(ids)
+        keys = []
+        for id in ids:
+            entry = self._writer.find(id) if self._writer is not None else None
+            pack_number, offset = (_OPEN_PACK, entry.offset) if entry else found.get(id, (None, None))
+            in_bounds = (type(pack_number) is int and type(offset) is int
+                         and 0 <= pack_number <= _OPEN_PACK and 0 <= offset < 1 << _OFFSET_BITS)
+            keys.append(pack_number << _OFFSET_BITS | offset if in_bounds else NOT_HELD)
+        return keys
 
     def put(self, id: bytes, type: int, data: bytes, refs: list[bytes] | None) -> bool:
         """Store a blob; False (nothing written) if the id is already held."""
