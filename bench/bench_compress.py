@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 # SPDX-License-Identifier: GPL-2.0-or-later
-"""zstd levels 1-3 and the "incompressible: store raw" rule, on real chunks.
+"""zstd levels (1-3 by default) and the "incompressible: store raw" rule, on real chunks.
 
 Builds a real ext4 image (workload.make_image), cuts it into chunks of
 --chunk-size, drops the all-zero ones (never stored) and, for each zstd
@@ -14,6 +14,7 @@ level and each raw threshold, measures in this process (one core):
 Prints a markdown table (MB/s of plaintext, CPU seconds). Run by hand:
 
     .venv/bin/python bench/bench_compress.py [--size 1G] [--chunk-size 256K]
+        [--levels 1,2,3] [--thresholds 1.0,0.97]
 """
 
 from __future__ import annotations
@@ -61,6 +62,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="1G", help="image size (default 1G)")
     ap.add_argument("--chunk-size", default="256K", help="chunk size (default 256K)")
+    ap.add_argument("--levels", default="1,2,3",
+                    help="comma-separated zstd levels; negative ones are zstd's --fast "
+                         "(default 1,2,3)")
+    ap.add_argument("--thresholds", default="1.0,0.97",
+                    help="comma-separated raw thresholds (default 1.0,0.97)")
     args = ap.parse_args()
     size, cs = parse_size(args.size), parse_size(args.chunk_size)
     with tempfile.TemporaryDirectory(prefix="qbackup-bench-compress-") as work:
@@ -75,8 +81,8 @@ def main() -> int:
     print("| zstd level | raw if frame ≥ | chunks stored raw | stored MiB | ratio | "
           "seal MB/s | open MB/s |")
     print("|---:|---:|---:|---:|---:|---:|---:|")
-    for level in (1, 2, 3):
-        for threshold in (1.0, 0.97):
+    for level in (int(x) for x in args.levels.split(",")):
+        for threshold in (float(x) for x in args.thresholds.split(",")):
             r = measure(keys, chunks, level, threshold)
             print(f"| {level} | {threshold:.0%} | {r['raw']} | {r['stored'] / 2**20:.0f} | "
                   f"{r['stored'] / plain:.3f} | {plain / r['seal'] / 1e6:.0f} | "
