@@ -11,7 +11,6 @@ out through fixtures only, so this module is never imported by name.
 from __future__ import annotations
 
 import json
-import random
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from qbackup_sim import create_sim, stop_daemon
+from simdata import fill
 
 PASSPHRASE = b"integration test passphrase\n"
 SCRYPT_N = "16384"  # the cheapest cost init accepts: keeps the tests fast
@@ -58,17 +58,6 @@ class Sim:
 
     def init(self) -> None:
         self.run("init", "--scrypt-n", SCRYPT_N, "--pack-size", "8M")
-
-
-def fill(path: Path, seed: int, data_fraction: float = 0.5) -> None:
-    """Overwrite an image with random 64 KiB blocks and zero runs."""
-    rng = random.Random(seed)
-    size = path.stat().st_size
-    with open(path, "r+b") as f:
-        for offset in range(0, size, 64 << 10):
-            if rng.random() < data_fraction:
-                f.seek(offset)
-                f.write(rng.randbytes(min(64 << 10, size - offset)))
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from conftest import fill
+from simdata import fill
 from qbackup_sim.daemon import daemon_command
 
 GC_CHILD = Path(__file__).parents[1] / "daemon" / "gc_child.py"

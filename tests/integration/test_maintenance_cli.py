@@ -10,7 +10,7 @@ import json
 import sqlite3
 from pathlib import Path
 
-from conftest import fill
+from simdata import fill
 from qbackup import proto
 from qbackup_sim import run_qbackup
 
