@@ -398,16 +398,24 @@ class Connection:
         """Store consecutive puts with one hop to a storage thread, then answer
         each in order, exactly as if each had been carried out alone: a put
         that fails is answered its error, and the puts after it go on (from a
-        new hop) unless that error ends the session. True when it does."""
+        new hop) unless that error ends the session. True when it does. The
+        answers of a hop's stored puts go to the writer as one item, so they
+        leave in one send (not one send, and one wakeup of the client, each)."""
         while batch:
             done = await trio.to_thread.run_sync(self._put_all, self.repo, batch)
+            answers = []
             for req, outcome in zip(batch, done):
                 self.ops += 1
                 if isinstance(outcome, Exception):
+                    if answers:
+                        await responses.send(b"".join(answers))
                     if await self._answer_error(self._protocol_error(req, outcome), responses):
                         return True
+                    answers = []
                 else:
-                    await responses.send(frames.encode_frame({"op": "ok", "rid": req.rid, "stored": outcome}))
+                    answers.append(frames.encode_frame({"op": "ok", "rid": req.rid, "stored": outcome}))
+            if answers:
+                await responses.send(b"".join(answers))
             batch = batch[len(done) :]
         return False
 
