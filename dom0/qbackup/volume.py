@@ -160,6 +160,14 @@ class VolumeFile:
         """Read the data parts of chunk [start, end); None if it is all zero."""
         if not parts:
             return None
+        if parts == [(start, end)]:  # all data (the common case): read straight into bytes
+            data = os.pread(self.fd, end - start, start)
+            if len(data) < end - start:  # short: read the rest as the general case does
+                rest = bytearray(end - start - len(data))
+                _pread_into(self.fd, memoryview(rest), start + len(data))
+                data += rest
+            self.bytes_read += end - start
+            return None if data == (zero if len(data) == len(zero) else bytes(len(data))) else data
         buf = bytearray(end - start)
         view = memoryview(buf)
         for part_start, part_end in parts:

@@ -114,6 +114,20 @@ def test_file_shorter_than_expected(tmp_path):
         list(iter_chunks(path, 2 * CS, CS))
 
 
+@pytest.mark.parametrize("cut", [CS, CS + CS // 2])
+def test_file_that_shrinks_while_read(tmp_path, cut):
+    """A volume cut short under the reader (nothing at all, or half, of the
+    next chunk left) fails at the first missing byte: never padded, never
+    taken for zeros."""
+    data = os.urandom(4 * CS)
+    path = write_file(tmp_path / "v", 4 * CS, [(0, data)])
+    reader = iter(iter_chunks(path, 4 * CS, CS))
+    assert next(reader) == (0, data[:CS])
+    os.truncate(path, cut)
+    with pytest.raises(QbackupError, match=f"volume ended at offset {cut} while being read"):
+        next(reader)
+
+
 def test_only_a_prefix_is_read(tmp_path):
     # a size below the file's (e.g. the qube's volume size) reads only that part
     data = os.urandom(3 * CS)
