@@ -61,6 +61,7 @@ LOCK_RETRY = 0.2   # seconds between open attempts while the repository is locke
 # given up. Generous: a backup qube may rebuild a large index on open.
 STALL_TIMEOUT = 600.0
 READ_SIZE = 1 << 20
+READ_AHEAD = 16 << 10  # bytes read at once while small frames come (FrameReader)
 WRITE_COALESCE = 256 << 10  # queued frames joined into one write up to this size
 SENDER_JOIN = 5.0  # seconds close() waits for the sender thread once the transport is torn down
 ABORT_GRACE = 2.0  # seconds abort() lets the sender write the frames already queued
@@ -88,28 +89,54 @@ def encode_frame(msg: dict, max_frame: int = MAX_FRAME) -> bytes:
     return _HEADER.pack(len(payload)) + payload
 
 
-def _read_exact(transport: Transport, n: int) -> bytearray:
-    """`n` bytes (n is bounded by the caller), read straight into one buffer."""
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = transport.read_into(view[got:got + READ_SIZE])
-        if not k:
-            raise ProtocolError(f"connection closed mid-frame ({got} of {n} bytes)")
-        got += k
-    return buf
+class FrameReader:
+    """Frames from the daemon, read ahead READ_AHEAD bytes at a time: a run of
+    small answers (puts', HAVE's) costs one read, not two per frame. A frame
+    longer than what is buffered gets its own buffer, the rest of it read
+    straight in (at most READ_AHEAD bytes of it are copied)."""
 
+    def __init__(self, transport: Transport):
+        self._transport = transport
+        self._buf = bytearray(READ_AHEAD)
+        self._start = self._end = 0  # buffered, not yet taken: _buf[_start:_end]
 
-def read_frame(transport: Transport, max_frame: int = MAX_FRAME) -> dict | None:
-    """The next frame's message (untrusted, only its shape checked); None at EOF."""
-    first = transport.read(_HEADER.size)
-    if not first:
-        return None
-    head = first + _read_exact(transport, _HEADER.size - len(first))
-    (untrusted_length,) = _HEADER.unpack(head)
-    if not 1 <= untrusted_length <= max_frame:
-        raise ProtocolError(f"frame length {untrusted_length} outside 1..{max_frame}")
-    return decode_payload(_read_exact(transport, untrusted_length), max_frame)
+    def _fill(self) -> int:
+        """Read what comes (at least one byte) after what is buffered; 0 at EOF."""
+        if self._start:
+            left = bytes(memoryview(self._buf)[self._start:self._end])
+            self._buf[:len(left)] = left
+            self._start, self._end = 0, len(left)
+        k = self._transport.read_into(memoryview(self._buf)[self._end:])
+        self._end += k
+        return k
+
+    def frame(self, max_frame: int = MAX_FRAME) -> dict | None:
+        """The next frame's message (untrusted, only its shape checked); None at EOF."""
+        while self._end - self._start < _HEADER.size:
+            if not self._fill():
+                if self._end == self._start:
+                    return None
+                raise ProtocolError(f"connection closed mid-frame "
+                                    f"({self._end - self._start} of {_HEADER.size} bytes)")
+        (untrusted_length,) = _HEADER.unpack_from(self._buf, self._start)
+        if not 1 <= untrusted_length <= max_frame:
+            raise ProtocolError(f"frame length {untrusted_length} outside 1..{max_frame}")
+        self._start += _HEADER.size
+        n, got = untrusted_length, self._end - self._start
+        if got >= n:
+            payload = bytes(memoryview(self._buf)[self._start:self._start + n])
+            self._start += n
+            return decode_payload(payload, max_frame)
+        big = bytearray(n)
+        view = memoryview(big)
+        view[:got] = memoryview(self._buf)[self._start:self._end]
+        self._start = self._end = 0
+        while got < n:
+            k = self._transport.read_into(view[got:got + READ_SIZE])
+            if not k:
+                raise ProtocolError(f"connection closed mid-frame ({got} of {n} bytes)")
+            got += k
+        return decode_payload(big, max_frame)
 
 
 def decode_payload(untrusted_payload: bytes | bytearray, max_frame: int = MAX_FRAME) -> dict:
@@ -396,6 +423,7 @@ class Session:
         if max_in_flight_bytes < 1 or stall_timeout <= 0:
             raise ValueError("max_in_flight_bytes and stall_timeout must be positive")
         self._transport = transport
+        self._frames = FrameReader(transport)
         self._stall_timeout = stall_timeout
         self._heard = time.monotonic()           # last answer, or start of the wait for one
         self._max_in_flight = max_in_flight_bytes
@@ -447,7 +475,7 @@ class Session:
             unsent = None
         except OSError as exc:  # the daemon may have refused the call already: read why
             unsent = exc
-        untrusted_msg = read_frame(self._transport)
+        untrusted_msg = self._frames.frame()
         if untrusted_msg is None:
             if unsent is not None:
                 raise unsent
@@ -558,7 +586,7 @@ class Session:
 
     def _read_loop(self) -> None:
         try:
-            while self._dispatch(read_frame(self._transport, self.max_frame)):
+            while self._dispatch(self._frames.frame(self.max_frame)):
                 pass
         except QbackupError as exc:
             self._fail(exc)

@@ -19,7 +19,7 @@ import msgpack
 import pytest
 
 from qbackup.errors import ProtocolError, QbackupError, RemoteError
-from qbackup.proto import MAX_OBJECTS, Session, decode_payload
+from qbackup.proto import MAX_OBJECTS, READ_AHEAD, FrameReader, Session, decode_payload
 from qbackup.transport import SocketTransport
 from hangguard import within
 
@@ -678,3 +678,48 @@ def test_delete_snapshots_refuses_an_empty_or_repeated_batch(evil, ids):
     d = evil(hello=frame(**HELLO2))
     with pytest.raises(ValueError, match="at least one id, none twice"):
         d.session().delete_snapshots(ids)
+
+
+class Pieces:
+    """A transport that hands out `data` in reads of the sizes `cut` gives
+    (cycled), never more than asked: frames split at every possible place."""
+
+    def __init__(self, data: bytes, cut):
+        self.data, self.cut, self.reads = memoryview(data), cut, 0
+
+    def read_into(self, view: memoryview) -> int:
+        n = min(len(view), len(self.data), self.cut(self.reads))
+        view[:n] = self.data[:n]
+        self.data = self.data[n:]
+        self.reads += 1
+        return n
+
+
+def test_frame_reader_splits_and_joins_frames_wherever_the_reads_fall():
+    """Small frames many to a read, frames cut one byte at a time, frames
+    around and across the read-ahead size: each comes out whole, in order."""
+    msgs = [{"op": "ok", "rid": n, "stored": True} for n in range(300)]
+    for size in (1, READ_AHEAD - 40, READ_AHEAD - 20, READ_AHEAD, 3 * READ_AHEAD + 7):
+        msgs.append({"op": "blob", "rid": 9, "id": ID[1], "type": 1, "data": b"d" * size})
+    msgs += [{"op": "ok", "rid": n, "stored": False} for n in range(50)]
+    data = b"".join(frame(**m) for m in msgs)
+    for cut in (lambda k: 1 << 30, lambda k: 1, lambda k: (7, 4093, 3, 65536, 5)[k % 5]):
+        reader = FrameReader(Pieces(data, cut))
+        assert [reader.frame() for _ in msgs] == msgs
+        assert reader.frame() is None and reader.frame() is None
+
+
+@pytest.mark.parametrize("data, error", [
+    (b"\x00", "connection closed mid-frame \\(1 of 4 bytes\\)"),
+    (frame(op="ok", rid=1) + b"\x00\x00\x00", "connection closed mid-frame \\(3 of 4 bytes\\)"),
+    (raw(b"x" * 10, 100), "connection closed mid-frame \\(10 of 100 bytes\\)"),
+    (raw(b"x" * 40000, 50000), "connection closed mid-frame \\(40000 of 50000 bytes\\)"),
+    (frame(op="ok", rid=1) + raw(b"", 0), "frame length 0 outside"),
+    (raw(b"x" * 20, 1 << 31), "frame length 2147483648 outside"),
+])
+def test_frame_reader_refuses_truncated_and_out_of_bounds_frames(data, error):
+    for cut in (lambda k: 1 << 30, lambda k: 1):
+        reader = FrameReader(Pieces(data, cut))
+        with pytest.raises(ProtocolError, match=error):
+            while reader.frame() is not None:
+                pass
