@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import QbackupCli, machine, make_image  # noqa: E402
+from workload import QbackupCli, drop_caches, machine, make_image  # noqa: E402
 
 from qbackup.commands.common import parse_size  # noqa: E402
 from qbackup_sim.daemon import stop_daemon  # noqa: E402
@@ -37,15 +37,6 @@ from qbackup_sim.inventory import create_sim  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def daemon_cpu(sim: Path) -> float:

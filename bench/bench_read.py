@@ -39,8 +39,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import (Borg, QbackupCli, Restic, machine, make_image,  # noqa: E402
-                      process_cpu, realistic_day)
+from workload import (Borg, QbackupCli, Restic, drop_caches, machine,  # noqa: E402
+                      make_image, process_cpu, realistic_day)
 
 from qbackup.commands.common import parse_size  # noqa: E402
 from qbackup_sim.daemon import daemon_pid  # noqa: E402
@@ -49,16 +49,6 @@ from qbackup_sim.inventory import create_sim  # noqa: E402
 DEVNULL = subprocess.DEVNULL
 UNORDERED = "qbackup, maps' order (protocol 2)"
 BACKUPS = ("full backup", "incremental day1", "incremental day2")
-
-
-def drop_caches() -> bool:
-    """Write back and drop the page cache; False if this machine does not let us."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def run(argv: list[str], **kw) -> tuple[float, int]:

@@ -83,6 +83,16 @@ def day_of_use(path: Path, fraction: float, seed: int = 1) -> int:
     return n * 4096
 
 
+def drop_caches() -> bool:
+    """Write back and drop the page cache; False if this machine does not let us."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def timed(argv: list[str], **kw) -> float:
     t = time.perf_counter()
     subprocess.run(argv, check=True, **kw)
