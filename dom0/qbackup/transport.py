@@ -16,6 +16,7 @@ protocol over it. Two kinds exist:
 """
 
 import abc
+import io
 import re
 import socket
 import subprocess
@@ -115,6 +116,10 @@ class ProcessTransport(Transport):
                  explain: Callable[[int], str | None] | None = None):
         if popen.stdin is None or popen.stdout is None:
             raise ValueError("ProcessTransport needs a Popen with stdin and stdout pipes")
+        if isinstance(popen.stdout, io.BufferedIOBase):
+            # a buffered pipe's readinto waits until the whole buffer is full:
+            # a read ahead (proto.FrameReader) would wait for answers never sent
+            raise ValueError("ProcessTransport needs an unbuffered stdout (Popen bufsize=0)")
         self._proc = popen
         self._explain = explain
 

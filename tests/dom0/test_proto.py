@@ -556,7 +556,8 @@ def test_process_transport_pipes_and_abort():
     t.close_write()
     assert bytes(got) == b"x" * 100_000 and t.read(10) == b""
     t.close()
-    t = ProcessTransport(subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE))
+    t = ProcessTransport(subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          bufsize=0))
     reader = threading.Thread(target=t.read, args=(10,), daemon=True)
     reader.start()
     t.abort()                       # wakes the blocked reader
@@ -565,11 +566,24 @@ def test_process_transport_pipes_and_abort():
     t.close()
 
 
+def test_process_transport_refuses_a_buffered_stdout():
+    """A buffered pipe's readinto waits to fill the whole buffer: the session's
+    read ahead would then wait for answers the daemon never sends."""
+    proc = subprocess.Popen(["cat"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        with pytest.raises(ValueError, match="unbuffered stdout"):
+            ProcessTransport(proc)
+    finally:
+        proc.stdin.close()
+        proc.wait()
+        proc.stdout.close()
+
+
 def test_process_transport_close_does_not_wait_forever_for_the_process():
     """A backup qube that never ends the qrexec call cannot keep dom0 waiting
     in close() once the session is over."""
     t = ProcessTransport(subprocess.Popen(["sleep", "60"], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE))
+                                          stdout=subprocess.PIPE, bufsize=0))
     t.exit_grace = 0.1
     started = time.monotonic()
     within(t.close)
