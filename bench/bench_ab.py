@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -29,21 +28,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from workload import QbackupCli, drop_caches, machine, make_image  # noqa: E402
+from workload import (QbackupCli, children_cpu, drop_caches, machine, make_image,  # noqa: E402
+                      process_cpu)
 
 from qbackup.commands.common import parse_size  # noqa: E402
-from qbackup_sim.daemon import stop_daemon  # noqa: E402
+from qbackup_sim.daemon import daemon_pid, stop_daemon  # noqa: E402
 from qbackup_sim.inventory import create_sim  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def daemon_cpu(sim: Path) -> float:
-    """CPU seconds of the sim's running daemon (user + system)."""
-    fields = Path(f"/proc/{(sim / 'daemon.pid').read_text().strip()}/stat").read_text()
-    utime, stime = fields.rsplit(")", 1)[1].split()[11:13]
-    return (int(utime) + int(stime)) / TICKS
 
 
 def backup(sim: Path, fresh: Path, passphrase: Path, checkout: Path) -> tuple[float, float, float]:
@@ -55,15 +47,14 @@ def backup(sim: Path, fresh: Path, passphrase: Path, checkout: Path) -> tuple[fl
     drop_caches()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         str(checkout / d) for d in ("dom0", "vm-service", "sim")))
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = children_cpu()
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "qbackup_sim", "run", str(sim), "--passphrase-file",
                     str(passphrase), "backup", "--all"], check=True, env=env,
                    stdout=subprocess.DEVNULL)
     wall = time.perf_counter() - t
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    client = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    daemon = daemon_cpu(sim)
+    client = children_cpu() - cpu
+    daemon = process_cpu(daemon_pid(sim))
     stop_daemon(sim)
     return wall, client, daemon
 

@@ -81,8 +81,10 @@ def costs(keys: crypto.Keys, image: Path, chunk_size: int) -> dict:
     return {k: v / plain for k, v in spent.items()} | {"plain": plain}
 
 
-def digests(image: Path, chunk_size: int) -> dict[int, bytes]:
-    return {i: hashlib.blake2b(c, digest_size=16).digest() for i, c in chunks(image, chunk_size)}
+def content(image: Path, chunk_size: int) -> dict[int, tuple[bytes, int]]:
+    """Each non-zero chunk's index: (a digest of its content, its length)."""
+    return {i: (hashlib.blake2b(c, digest_size=16).digest(), len(c))
+            for i, c in chunks(image, chunk_size)}
 
 
 def main() -> int:
@@ -114,16 +116,14 @@ def main() -> int:
             c = costs(keys, images[0], chunk_size)
             for k in ("id", "seal", "open", "seal raw"):
                 print(f"| {chunk_size >> 10}K | {k} | {c[k] * 1e9:.2f} |")
-            maps = [digests(p, chunk_size) for p in images]
-            sizes = {}
-            for p, m in zip(images, maps):
-                for i, c_ in chunks(p, chunk_size):
-                    sizes[m[i]] = len(c_)
-            touched = [sum(len(ch) for i, ch in chunks(images[d], chunk_size)
-                           if maps[d - 1].get(i) != maps[d][i]) for d in (1, 2)]
-            latest = sum(len(ch) for _, ch in chunks(images[2], chunk_size))
+            maps = [content(p, chunk_size) for p in images]  # one read of each image
+            distinct = dict(entry for m in maps for entry in m.values())  # digest -> length
+            touched = [sum(length for i, (digest, length) in maps[d].items()
+                           if maps[d - 1].get(i, (None,))[0] != digest) for d in (1, 2)]
+            latest = sum(length for _, length in maps[2].values())
             backup = c["id"] + c["seal"]
-            rows.append((chunk_size, c["plain"], touched, latest, sum(sizes.values()), backup, c["open"]))
+            rows.append((chunk_size, c["plain"], touched, latest, sum(distinct.values()), backup,
+                         c["open"]))
         print("\n| chunk size | step | bytes (MiB) | floor s |")
         print("|---|---|---:|---:|")
         n = args.cores

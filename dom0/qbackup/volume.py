@@ -160,22 +160,22 @@ class VolumeFile:
         """Read the data parts of chunk [start, end); None if it is all zero."""
         if not parts:
             return None
+        data: bytes | bytearray
         if parts == [(start, end)]:  # all data (the common case): read straight into bytes
             data = os.pread(self.fd, end - start, start)
-            if len(data) < end - start:  # short: read the rest as the general case does
+            if len(data) < end - start:  # short: the rest as parts are read (fails if it ended)
                 rest = bytearray(end - start - len(data))
                 _pread_into(self.fd, memoryview(rest), start + len(data))
                 data += rest
-            self.bytes_read += end - start
-            return None if data == (zero if len(data) == len(zero) else bytes(len(data))) else data
-        buf = bytearray(end - start)
-        view = memoryview(buf)
-        for part_start, part_end in parts:
-            _pread_into(self.fd, view[part_start - start:part_end - start], part_start)
-            self.bytes_read += part_end - part_start
-        view.release()
-        expected = zero if len(buf) == len(zero) else bytes(len(buf))
-        return None if buf == expected else bytes(buf)
+        else:
+            data = bytearray(end - start)
+            view = memoryview(data)
+            for part_start, part_end in parts:
+                _pread_into(self.fd, view[part_start - start:part_end - start], part_start)
+            view.release()
+        self.bytes_read += sum(part_end - part_start for part_start, part_end in parts)
+        expected = zero if len(data) == len(zero) else bytes(len(data))
+        return None if data == expected else bytes(data)  # bytes of bytes: the same object
 
 
 class ChunkReader:
